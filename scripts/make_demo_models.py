@@ -1,0 +1,139 @@
+"""Build tiny random-weight demo models offline, deterministically, in seconds.
+
+    python scripts/make_demo_models.py [OUT_DIR]      (default: demo_models/)
+
+Creates OUT_DIR/classifier (BertForSequenceClassification, labels NEGATIVE/POSITIVE) and
+OUT_DIR/llm (LlamaForCausalLM with a chat template), sharing one byte-level BPE tokenizer
+trained on the text below. Both are saved with save_pretrained, so the service loads them
+through exactly the same Auto* code path as a real hub model. The weights are random: the
+answers are meaningless, only the plumbing is real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+VOCAB_SIZE = 1024  # a multiple of 32: bitsandbytes nf4 needs every linear output divisible by 32
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CORPUS = """
+The quick brown fox jumps over the lazy dog. A great product, I love it and would buy again.
+Terrible service, the package arrived broken and nobody answered my emails.
+Serving models in production means batching requests, bounding queues and measuring latency.
+Continuous batching lets requests join and leave the running batch at every decode step.
+The key value cache keeps the attention keys and values of every token generated so far.
+Prometheus scrapes metrics; NGINX limits the request rate and passes server-sent events.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14 2.71 42. Punctuation: ! ? , ; : ' " ( ) [ ] { }
+Unicode: héllo wörld, café, naïve, façade, smørrebrød, Ærøskøbing, 日本語のテキスト, 中文, 한국어,
+Ελληνικά, русский текст, emoji 😀 🚀 ✓ ★ — and “quotes” ‘too’.
+user assistant system: hello, how are you? I am fine, thank you. What is the weather today?
+def main(): return sum(x * x for x in range(10))  # code is text too
+"""
+
+
+def train_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE: every UTF-8 byte is a token, so any text round-trips."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [line for line in CORPUS.splitlines() if line.strip()]
+    tokenizer.train_from_iterator(lines * 4, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_classifier(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        architectures=["BertForSequenceClassification"],
+    )
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_llm(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        # A wide init makes greedy decoding vary from token to token (0.02 repeats one token),
+        # which is what the equality tests need to mean anything.
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_demo_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Build both demo models under out_dir; returns {"classifier": path, "llm": path}."""
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer()
+    paths = {"classifier": out_dir / "classifier", "llm": out_dir / "llm"}
+    build_classifier(tokenizer, paths["classifier"])
+    torch.manual_seed(seed + 1)
+    build_llm(tokenizer, paths["llm"])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="demo_models", type=Path)
+    args = parser.parse_args(argv)
+    paths = build_demo_models(args.out_dir)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

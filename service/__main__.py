@@ -1,0 +1,95 @@
+"""`python -m service`: one uvicorn worker with a graceful drain on SIGTERM.
+
+On the first SIGTERM/SIGINT: /ready turns 503 at once, new work gets 503, requests already
+running (streams included) finish for up to DRAIN_TIMEOUT_S, then uvicorn shuts down and
+the process exits 0. A second signal stops at once. If a model failed to load, exit 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+DRAIN_POLL_S = 0.05
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.fastapi_app = app
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not calling super(): uvicorn would re-raise the signal after shutdown, and the
+        # process would die by SIGTERM instead of exiting 0 after a clean drain.
+        runtime: Runtime | None = getattr(self.fastapi_app.state, "runtime", None)
+        if self.drain_task is not None:  # a second signal: stop now
+            self.force_exit = self.should_exit = True
+            return
+        if runtime is None or runtime.fatal_error or not runtime.ready:
+            self.should_exit = True  # nothing worth draining yet
+            return
+        runtime.draining = True
+        log.info(
+            "signal %d: draining (%d in flight, up to %gs)",
+            sig,
+            runtime.in_flight,
+            self.drain_timeout_s,
+        )
+        self.drain_task = asyncio.get_running_loop().create_task(self._drain(runtime))
+
+    async def _drain(self, runtime: Runtime) -> None:
+        deadline = time.monotonic() + self.drain_timeout_s
+        while runtime.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        log.info("drain finished with %d still in flight; shutting down", runtime.in_flight)
+        self.should_exit = True
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # Progress bars from weight loading are noise in a server log.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def main() -> int:
+    settings = Settings()
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=os.environ.get("HOST", "127.0.0.1"),
+        port=int(os.environ.get("PORT", "8000")),
+        workers=1,  # one process holds the model; more workers would load more copies
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )
+    server = DrainingServer(config, app, settings.drain_timeout_s)
+    server.run()
+    runtime: Runtime | None = getattr(app.state, "runtime", None)
+    if runtime is not None and runtime.fatal_error:
+        log.critical("exiting: %s", runtime.fatal_error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""create_app(): the FastAPI application, wired from one Settings object.
+
+Run it with `python -m service` (see __main__), which adds graceful draining on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import install_error_handlers
+from service.limits import RateLimiter
+from service.metrics import ServiceMetrics
+from service.request_id import RequestIdMiddleware
+from service.routes import generate, health, predict
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+UNMETERED_PATHS = ("/health", "/ready", "/metrics", "/info")
+
+
+class InFlightMiddleware:
+    """Counts requests that are being answered (streams included) so a drain can wait for them."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNMETERED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        runtime: Runtime = scope["app"].state.runtime
+        runtime.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            runtime.in_flight -= 1
+
+
+async def start_runtime(runtime: Runtime) -> None:
+    """Background start; a model that cannot load stops the process instead of idling half-alive."""
+    try:
+        await runtime.start()
+    except Exception as exc:
+        runtime.fatal_error = f"startup failed: {exc}"
+        log.critical("%s -- stopping the process", runtime.fatal_error, exc_info=exc)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = ServiceMetrics(settings.predict_max_batch_size, settings.generate_slots)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings, metrics)
+        app.state.runtime = runtime
+        starting = asyncio.create_task(start_runtime(runtime))
+        try:
+            yield
+        finally:
+            starting.cancel()
+            await runtime.stop()
+
+    app = FastAPI(
+        title="Model serving template",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    app.include_router(generate.router)
+    app.state.rate_limiter = RateLimiter(settings)
+    Instrumentator(
+        registry=metrics.registry,
+        excluded_handlers=list(UNMETERED_PATHS),
+        should_group_status_codes=False,
+    ).instrument(app)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        )
+    app.add_middleware(InFlightMiddleware)
+    # Added last, so it runs first: every response, errors included, carries the id.
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,68 @@
+"""FastAPI dependencies, as Annotated aliases the routes use."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.errors import ApiError
+from service.runtime import PredictService, Runtime
+from service.settings import Settings
+
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """401 unless the Bearer token is one of API_KEYS (no keys configured = open API)."""
+    keys = settings.api_key_set
+    if not keys:
+        return
+    token = bearer_token(request)
+    # compare_digest against every key: the time taken does not reveal how much matched.
+    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+        message = "missing API key" if not token else "invalid API key"
+        raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+ApiKeyDep = Depends(require_api_key)
+
+
+def accepting_work(runtime: Runtime) -> None:
+    if runtime.draining:
+        raise ApiError(503, "unavailable", "the server is shutting down", RETRY_AFTER)
+    if not runtime.ready:
+        raise ApiError(503, "unavailable", "the models are still loading", RETRY_AFTER)
+
+
+def get_predict_service(runtime: RuntimeDep) -> PredictService:
+    if runtime.ready and runtime.predict is None:
+        raise ApiError(404, "not_found", "/predict is disabled: PREDICT_MODEL is not set")
+    accepting_work(runtime)
+    if runtime.predict is None:  # ready implies loaded; this only guards a broken invariant
+        raise ApiError(503, "unavailable", "the predict model is not loaded", RETRY_AFTER)
+    return runtime.predict
+
+
+PredictServiceDep = Annotated[PredictService, Depends(get_predict_service)]

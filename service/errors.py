@@ -1,0 +1,106 @@
+"""One JSON error shape for every failure: {"error": {"type", "message", "request_id"}}.
+
+Engine exceptions (batching.errors) are mapped to HTTP statuses here, and only here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from batching.errors import (
+    EngineStoppedError,
+    InvalidInputError,
+    ModelExecutionError,
+    PromptTooLongError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+from service.request_id import request_id_of
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An error the API reports on purpose, with its status and type."""
+
+    def __init__(
+        self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(
+    request: Request,
+    status: int,
+    error_type: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    request_id = request_id_of(request)
+    body = {"error": {"type": error_type, "message": message, "request_id": request_id}}
+    # Set here too: a 500 answered by Starlette's outermost error middleware skips ours.
+    all_headers = {"X-Request-ID": request_id} if request_id else {}
+    return JSONResponse(body, status_code=status, headers=all_headers | (headers or {}))
+
+
+def api_error_from_engine(exc: Exception) -> ApiError:
+    """The HTTP meaning of an engine exception (also used inside SSE streams)."""
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(exc, PromptTooLongError):
+        return ApiError(422, "context_length_exceeded", str(exc))
+    if isinstance(exc, InvalidInputError):
+        return ApiError(422, "invalid_request", str(exc))
+    if isinstance(exc, QueueFullError):
+        return ApiError(503, "queue_full", str(exc), retry)
+    if isinstance(exc, EngineStoppedError):
+        return ApiError(503, "unavailable", str(exc) or "the engine is not running", retry)
+    if isinstance(exc, QueueTimeoutError):
+        return ApiError(504, "timeout", str(exc))
+    if isinstance(exc, ModelExecutionError):
+        return ApiError(500, "model_error", "the model failed on this request")
+    return ApiError(500, "internal_error", "internal server error")
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            parts.append("body: malformed JSON")
+            continue
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc.status, exc.error_type, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, 422, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        return error_response(request, exc.status_code, error_type, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Log the trace for operators; the client gets no stack trace, ever.
+        log.exception("unhandled error (request_id=%s)", request_id_of(request))
+        return error_response(request, 500, "internal_error", "internal server error")

@@ -1,0 +1,201 @@
+"""What the process holds while it serves: models, engines, metrics and lifecycle flags.
+
+Created in the lifespan and kept on `app.state.runtime`; nothing here lives at module level.
+Loading and warm-up run in the background so that /health answers (and /ready says 503)
+while big weights load; a model that fails to load stops the process (see __main__).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from batching.collector import BatchCollector
+from service.generation import GenerationService
+from service.metrics import PredictMetrics, ServiceMetrics
+from service.models import LoadedModel, load_generate_model, load_predict_model
+from service.predictor import Prediction, Predictor
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_WARNING = (
+    "Serving RANDOM-WEIGHT DEMO MODELS: answers are meaningless. Point PREDICT_MODEL / "
+    "GENERATE_MODEL at a hub id or a local folder to serve a real model."
+)
+
+
+@dataclass
+class PredictService:
+    predictor: Predictor
+    collector: BatchCollector[str, Prediction]
+    metrics: PredictMetrics
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.predictor.loaded
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: ServiceMetrics
+    predict: PredictService | None = None
+    generate: GenerationService | None = None
+    ready: bool = False
+    draining: bool = False
+    fatal_error: str | None = None
+    in_flight: int = 0
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def engines_alive(self) -> bool:
+        predict_ok = self.predict is None or self.predict.collector.is_alive
+        generate_ok = self.generate is None or self.generate.engine.is_alive
+        return predict_ok and generate_ok
+
+    async def start(self) -> None:
+        """Load, warm up, start the engines, then flip ready. Raises on any failure."""
+        s = self.settings
+        if s.predict_model:
+            loaded = await asyncio.to_thread(load_predict_model, s)
+            self._log_loaded(loaded)
+            predictor = Predictor(loaded)
+            warm_s = await asyncio.to_thread(self._warm_up_predictor, predictor)
+            log.info("predict warm-up took %.2fs", warm_s)
+            collector: BatchCollector[str, Prediction] = BatchCollector(
+                predictor.run_batch,
+                max_batch_size=s.predict_max_batch_size,
+                max_wait_ms=s.predict_max_wait_ms,
+                max_queue=s.predict_max_queue,
+                timeout_s=s.request_timeout_s,
+                size_of=predictor.token_count,
+                observer=self.metrics.predict,
+            )
+            collector.start()
+            self.predict = PredictService(predictor, collector, self.metrics.predict)
+        if s.generate_model:
+            loaded = await asyncio.to_thread(load_generate_model, s)
+            self._log_loaded(loaded)
+            self.generate = GenerationService.create(loaded, s, self.metrics)
+            warm_s = await asyncio.to_thread(self.generate.warm_up)
+            log.info(
+                "generate warm-up took %.2fs; KV cache: %d slots x %d tokens = %.1f MiB",
+                warm_s,
+                s.generate_slots,
+                s.generate_max_seq_len,
+                self.generate.engine.kv_cache_bytes / 2**20,
+            )
+            self.generate.start()
+        for model in self.loaded_models():
+            self.metrics.model_info.labels(
+                task=model.task,
+                model=model.name,
+                revision=model.revision,
+                quantization=model.quantization,
+                device=str(model.device),
+            ).set(1)
+        if any("demo_models" in m.name for m in self.loaded_models()):
+            log.warning(DEMO_WARNING)
+        self.ready = True
+        log.info("ready after %.2fs", time.time() - self.started_at)
+
+    def loaded_models(self) -> list[LoadedModel]:
+        models = []
+        if self.predict is not None:
+            models.append(self.predict.loaded)
+        if self.generate is not None:
+            models.append(self.generate.loaded)
+        return models
+
+    def _log_loaded(self, loaded: LoadedModel) -> None:
+        log.info(
+            "loaded %s model %s@%s: %.1fM params, device=%s dtype=%s quantization=%s in %.2fs",
+            loaded.task,
+            loaded.name,
+            loaded.revision,
+            loaded.parameter_count / 1e6,
+            loaded.device,
+            str(loaded.dtype).removeprefix("torch."),
+            loaded.quantization,
+            loaded.load_seconds,
+        )
+
+    def _warm_up_predictor(self, predictor: Predictor) -> float:
+        """Run every batch size the collector can form (powers of two up to the max)."""
+        started = time.perf_counter()
+        size = 1
+        while True:
+            predictor.run_batch(["warm-up text of a typical length for this service"] * size)
+            if size >= self.settings.predict_max_batch_size:
+                break
+            size = min(size * 2, self.settings.predict_max_batch_size)
+        return time.perf_counter() - started
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.generate is not None:
+            await self.generate.stop(self.settings.drain_timeout_s)
+        if self.predict is not None:
+            await self.predict.collector.stop(self.settings.drain_timeout_s)
+
+    def refresh_gauges(self) -> None:
+        """Gauges read at scrape time rather than updated on the hot path."""
+        if self.predict is not None:
+            self.metrics.predict.queue_depth.set(self.predict.collector.queue_depth)
+        if self.generate is not None:
+            self.generate.refresh_gauges()
+        if torch.cuda.is_available():
+            self.metrics.gpu_allocated.set(torch.cuda.memory_allocated())
+            self.metrics.gpu_reserved.set(torch.cuda.memory_reserved())
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        info: dict[str, Any] = {
+            "version": _version(),
+            "ready": self.ready,
+            "draining": self.draining,
+            "quantization": s.quantization,
+            "limits": {
+                "max_input_chars": s.max_input_chars,
+                "max_batch_texts": s.max_batch_texts,
+                "request_timeout_s": s.request_timeout_s,
+                "rate_limit": s.rate_limit,
+                "auth": "api_key" if s.api_key_set else "open",
+            },
+        }
+        if self.predict is not None:
+            info["predict"] = _model_info(self.predict.loaded) | {
+                "max_batch_size": s.predict_max_batch_size,
+                "max_wait_ms": s.predict_max_wait_ms,
+                "max_queue": s.predict_max_queue,
+            }
+        if self.generate is not None:
+            info["generate"] = _model_info(self.generate.loaded) | self.generate.info()
+        return info
+
+
+def _model_info(loaded: LoadedModel) -> dict[str, Any]:
+    return {
+        "model": loaded.name,
+        "revision": loaded.revision,
+        "task": loaded.task,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "quantization": loaded.quantization,
+        "parameters": loaded.parameter_count,
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("model-serving-template")
+    except PackageNotFoundError:
+        return "0.0.0+local"

@@ -1,0 +1,56 @@
+"""The one Settings object: read from the environment (and `.env`), built in create_app()."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. `.env.example` lists each field with its default."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    predict_model: str = Field("", description="Hub id or local path; empty disables /predict")
+    predict_model_revision: str = Field("main", description="Pinned revision of PREDICT_MODEL")
+    generate_model: str = Field("", description="Hub id or local path; empty disables /generate")
+    generate_model_revision: str = Field("main", description="Pinned revision of GENERATE_MODEL")
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    predict_max_batch_size: int = Field(32, ge=1, le=1024)
+    predict_max_wait_ms: float = Field(5.0, ge=0)
+    predict_max_queue: int = Field(1024, ge=1)
+    max_input_chars: int = Field(2000, ge=1)
+    max_batch_texts: int = Field(64, ge=1)
+
+    generate_slots: int = Field(16, ge=1)
+    generate_max_seq_len: int = Field(512, ge=8)
+    generate_max_new_tokens: int = Field(128, ge=1)
+    generate_max_queue: int = Field(256, ge=1)
+    generate_max_prompt_chars: int = Field(8000, ge=1)
+
+    request_timeout_s: float = Field(30.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    api_keys: str = Field(
+        "", description="Comma-separated accepted keys; empty leaves the API open"
+    )
+    rate_limit: str = Field("600/minute", description="slowapi limit per key (or client IP)")
+    cors_origins: str = Field("", description="Comma-separated allowed origins; empty = CORS off")
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper_log_level(cls, value: str) -> str:
+        return value.upper()
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -1,0 +1,335 @@
+"""Behaviour of the dynamic batcher behind /predict, driven by tiny fake models (no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from batching.collector import BatchCollector, RejectReason
+from batching.errors import (
+    EngineStoppedError,
+    InvalidInputError,
+    ModelExecutionError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+
+WAIT_S = 5.0  # generous bound for anything that should happen "at once"
+ONE_MINUTE_MS = 60_000.0  # a max_wait_ms no test ever reaches
+
+MakeCollector = Callable[..., BatchCollector[str, str]]
+
+
+class FakeModel:
+    """A run_batch stand-in: upper-cases items, records batches, can block and can fail."""
+
+    def __init__(
+        self,
+        poison: frozenset[str] = frozenset(),
+        error: type[Exception] = ValueError,
+        blocked: bool = False,
+    ) -> None:
+        self.poison = poison
+        self.error = error
+        self.batches: list[list[str]] = []
+        self.threads: set[threading.Thread] = set()
+        self.entered = threading.Event()  # set by the first call
+        self.release = threading.Event()  # calls block until it is set
+        if not blocked:
+            self.release.set()
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread())
+        self.entered.set()
+        if not self.release.wait(WAIT_S):
+            raise TimeoutError("the test never released the model")
+        bad = [item for item in items if item in self.poison]
+        if bad:
+            raise self.error(f"cannot handle {bad}")
+        return [item.upper() for item in items]
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, WAIT_S)
+
+
+class RecordingObserver:
+    """Keeps every metric hook call."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.queue_waits_s: list[float] = []
+        self.inference_s: list[float] = []
+        self.rejected: list[RejectReason] = []
+
+    def observe_batch_size(self, size: int) -> None:
+        self.batch_sizes.append(size)
+
+    def observe_queue_wait_seconds(self, seconds: float) -> None:
+        self.queue_waits_s.append(seconds)
+
+    def observe_inference_seconds(self, seconds: float) -> None:
+        self.inference_s.append(seconds)
+
+    def count_rejected(self, reason: RejectReason) -> None:
+        self.rejected.append(reason)
+
+
+@pytest.fixture
+async def make_collector() -> AsyncIterator[MakeCollector]:
+    """Start collectors with small limits; stop each one (answering everything) afterwards."""
+    made: list[BatchCollector[str, str]] = []
+    models: list[FakeModel] = []
+
+    def make(run_batch: Callable[[list[str]], list[str]], **options: Any) -> BatchCollector:
+        limits = {"max_batch_size": 4, "max_wait_ms": 20.0, "max_queue": 64, "timeout_s": WAIT_S}
+        collector: BatchCollector[str, str] = BatchCollector(run_batch, **{**limits, **options})
+        collector.start()
+        made.append(collector)
+        if isinstance(run_batch, FakeModel):
+            models.append(run_batch)
+        return collector
+
+    yield make
+    for model in models:
+        model.release.set()  # a failed test must not leave a model blocked
+    for collector in made:
+        await collector.stop(drain_timeout_s=WAIT_S)
+
+
+async def enqueue(collector: BatchCollector[str, str], items: list[str]) -> list[asyncio.Task]:
+    """Start one submit() per item and let each of them reach the queue."""
+    tasks = [asyncio.create_task(collector.submit(item)) for item in items]
+    await asyncio.sleep(0)
+    assert collector.queue_depth >= len(items)
+    return tasks
+
+
+async def gather(*awaitables: Any) -> list[Any]:
+    return await asyncio.wait_for(asyncio.gather(*awaitables, return_exceptions=True), WAIT_S)
+
+
+async def test_full_batch_closes_at_once(make_collector: MakeCollector) -> None:
+    model, observer = FakeModel(), RecordingObserver()
+    collector = make_collector(model, max_wait_ms=ONE_MINUTE_MS, observer=observer)
+
+    first = await enqueue(collector, ["a"])
+    await asyncio.sleep(0)  # the collector now waits for more items (for up to a minute)
+    rest = [collector.submit(item) for item in "bcd"]
+
+    assert await gather(*first, *rest) == ["A", "B", "C", "D"]
+    assert model.batches == [["a", "b", "c", "d"]]
+    assert threading.current_thread() not in model.threads  # the model ran off the loop
+    assert observer.batch_sizes == [4]
+    assert len(observer.queue_waits_s) == 4 and min(observer.queue_waits_s) >= 0
+    assert len(observer.inference_s) == 1
+
+
+async def test_partial_batch_is_flushed_at_the_deadline(make_collector: MakeCollector) -> None:
+    model = FakeModel()
+    collector = make_collector(model, max_batch_size=8, max_wait_ms=100.0)
+    loop = asyncio.get_running_loop()
+    started_s = loop.time()
+
+    first = asyncio.create_task(collector.submit("a"))
+    await asyncio.sleep(0)  # "a" waits in a batch that is still open
+    second = asyncio.create_task(collector.submit("b"))
+
+    assert await gather(first, second) == ["A", "B"]
+    assert model.batches == [["a", "b"]]
+    assert loop.time() - started_s >= 0.09  # it did wait for more until the deadline
+
+
+async def test_batch_is_sorted_by_length_but_results_go_to_their_callers(
+    make_collector: MakeCollector,
+) -> None:
+    model = FakeModel()
+    collector = make_collector(model, max_wait_ms=ONE_MINUTE_MS, size_of=len)
+
+    results = await gather(*(collector.submit(item) for item in ["ccc", "a", "dddd", "bb"]))
+
+    assert results == ["CCC", "A", "DDDD", "BB"]
+    assert model.batches == [["a", "bb", "ccc", "dddd"]]
+
+
+async def test_cancelled_caller_is_dropped_before_compute(make_collector: MakeCollector) -> None:
+    model = FakeModel(blocked=True)
+    collector = make_collector(model, max_wait_ms=0.0)
+    busy = asyncio.create_task(collector.submit("x"))
+    await model.wait_entered()
+    a, b, c = await enqueue(collector, ["a", "b", "c"])
+
+    b.cancel()  # what the route's task sees when its client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert collector.queue_depth == 2
+    model.release.set()
+
+    assert await gather(busy, a, c) == ["X", "A", "C"]
+    assert model.batches == [["x"], ["a", "c"]]
+
+
+async def test_full_queue_is_refused_at_once(make_collector: MakeCollector) -> None:
+    model, observer = FakeModel(blocked=True), RecordingObserver()
+    collector = make_collector(model, max_batch_size=1, max_queue=2, observer=observer)
+    busy = asyncio.create_task(collector.submit("x"))
+    await model.wait_entered()
+    queued = await enqueue(collector, ["a", "b"])
+
+    with pytest.raises(QueueFullError):
+        await collector.submit("c")
+    assert observer.rejected == ["queue_full"]
+    model.release.set()
+
+    assert await gather(busy, *queued) == ["X", "A", "B"]
+
+
+async def test_stale_waiter_times_out_without_compute(make_collector: MakeCollector) -> None:
+    model, observer = FakeModel(blocked=True), RecordingObserver()
+    collector = make_collector(model, max_wait_ms=0.0, timeout_s=0.5, observer=observer)
+    busy = asyncio.create_task(collector.submit("x"))
+    await model.wait_entered()
+
+    # Answered while the model is still busy: a timeout does not wait for the worker.
+    with pytest.raises(QueueTimeoutError):
+        await asyncio.wait_for(collector.submit("late"), WAIT_S)
+    assert collector.queue_depth == 0
+    model.release.set()
+
+    assert await gather(busy) == ["X"]  # started in time: a slow compute is not a timeout
+    assert model.batches == [["x"]]
+    assert observer.rejected == ["timeout"]
+
+
+async def test_poisoned_item_fails_alone_and_neighbours_succeed(
+    make_collector: MakeCollector,
+) -> None:
+    model = FakeModel(poison=frozenset({"bad"}))
+    collector = make_collector(model, max_batch_size=8, max_wait_ms=ONE_MINUTE_MS)
+    items = ["a", "b", "c", "bad", "d", "e", "f", "g"]
+
+    outcomes = await gather(*(collector.submit(item) for item in items))
+
+    assert outcomes[:3] == ["A", "B", "C"] and outcomes[4:] == ["D", "E", "F", "G"]
+    assert isinstance(outcomes[3], ModelExecutionError)
+    assert isinstance(outcomes[3].__cause__, ValueError)
+    assert len(model.batches) == 1 + 2 * 3  # the batch, then both halves at each of 3 levels
+    assert collector.is_alive
+
+
+async def test_two_poisoned_items_each_get_their_own_error(make_collector: MakeCollector) -> None:
+    model, observer = FakeModel(frozenset({"b", "g"}), InvalidInputError), RecordingObserver()
+    collector = make_collector(
+        model, max_batch_size=8, max_wait_ms=ONE_MINUTE_MS, observer=observer
+    )
+
+    outcomes = await gather(*(collector.submit(item) for item in "abcdefgh"))
+
+    assert [outcomes[i] for i in (0, 2, 3, 4, 5, 7)] == ["A", "C", "D", "E", "F", "H"]
+    assert type(outcomes[1]) is InvalidInputError and "'b'" in str(outcomes[1])
+    assert type(outcomes[6]) is InvalidInputError and "'g'" in str(outcomes[6])
+    assert observer.rejected == ["invalid", "invalid"]
+
+
+async def test_next_batch_is_collected_while_one_computes(make_collector: MakeCollector) -> None:
+    model = FakeModel(blocked=True)
+    collector = make_collector(model, max_wait_ms=0.0)
+    busy = asyncio.create_task(collector.submit("x"))
+    await model.wait_entered()
+
+    queued = await enqueue(collector, ["a", "b", "c", "d", "e"])
+    assert collector.queue_depth == 5 and len(model.batches) == 1
+    model.release.set()
+
+    assert await gather(busy, *queued) == ["X", "A", "B", "C", "D", "E"]
+    assert model.batches == [["x"], ["a", "b", "c", "d"], ["e"]]
+
+
+async def test_stop_answers_everything_accepted(make_collector: MakeCollector) -> None:
+    model = FakeModel(blocked=True)
+    collector = make_collector(model, max_batch_size=2, max_wait_ms=ONE_MINUTE_MS)
+    computing = await enqueue(collector, ["x", "y"])
+    await model.wait_entered()
+    queued = await enqueue(collector, ["a", "b", "c"])  # "c" alone would wait a minute
+
+    stopping = asyncio.create_task(collector.stop(drain_timeout_s=WAIT_S))
+    await asyncio.sleep(0)
+    with pytest.raises(EngineStoppedError):
+        await collector.submit("late")
+    model.release.set()
+    await asyncio.wait_for(stopping, WAIT_S)
+
+    assert await gather(*computing, *queued) == ["X", "Y", "A", "B", "C"]
+    assert model.batches == [["x", "y"], ["a", "b"], ["c"]]
+    assert not collector.is_alive
+    assert not any(thread.is_alive() for thread in model.threads)
+
+
+async def test_stop_after_drain_timeout_fails_what_is_left(make_collector: MakeCollector) -> None:
+    model = FakeModel(blocked=True)
+    collector = make_collector(model, max_batch_size=1, max_wait_ms=0.0)
+    busy = asyncio.create_task(collector.submit("x"))
+    await model.wait_entered()
+    queued = await enqueue(collector, ["a"])
+
+    await collector.stop(drain_timeout_s=0.05)
+    outcomes = await gather(busy, *queued)
+    model.release.set()
+
+    assert all(isinstance(outcome, EngineStoppedError) for outcome in outcomes)
+    assert model.batches == [["x"]]
+
+
+async def test_wrong_result_count_fails_the_batch_cleanly(make_collector: MakeCollector) -> None:
+    batches: list[list[str]] = []
+
+    def short_the_first_time(items: list[str]) -> list[str]:
+        batches.append(list(items))
+        results = [item.upper() for item in items]
+        return results[:-1] if len(batches) == 1 else results
+
+    collector = make_collector(short_the_first_time, max_batch_size=3, max_wait_ms=ONE_MINUTE_MS)
+
+    outcomes = await gather(*(collector.submit(item) for item in "abc"))
+    assert all(isinstance(outcome, ModelExecutionError) for outcome in outcomes)
+    assert len({id(outcome) for outcome in outcomes}) == 3  # each caller its own error
+    assert batches == [["a", "b", "c"]]  # a miscount is a bug, not a bad input: no re-runs
+
+    assert await gather(*(collector.submit(item) for item in "def")) == ["D", "E", "F"]
+
+
+async def test_dead_collector_is_not_alive_and_answers_its_callers(
+    make_collector: MakeCollector,
+) -> None:
+    class BrokenObserver(RecordingObserver):
+        def observe_batch_size(self, size: int) -> None:
+            raise RuntimeError("metrics backend broke")
+
+    collector = make_collector(FakeModel(), max_wait_ms=0.0, observer=BrokenObserver())
+
+    with pytest.raises(EngineStoppedError):
+        await asyncio.wait_for(collector.submit("a"), WAIT_S)
+    assert not collector.is_alive
+    with pytest.raises(EngineStoppedError):
+        await collector.submit("b")
+
+
+async def test_submit_before_start_is_refused() -> None:
+    collector: BatchCollector[str, str] = BatchCollector(FakeModel())
+    with pytest.raises(EngineStoppedError):
+        await collector.submit("a")
+    await collector.stop()
+
+
+def test_collector_imports_no_web_framework() -> None:
+    code = (
+        "import sys, batching.collector; "
+        "sys.exit(sorted({'fastapi', 'starlette', 'pydantic'} & set(sys.modules)) or 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
