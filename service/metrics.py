@@ -6,7 +6,7 @@ test process. HTTP metrics come from prometheus-fastapi-instrumentator on the sa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -160,6 +160,25 @@ class GenerateMetrics:
         )
         for reason in ("eos", "stop", "length", "cancelled", "error"):
             self.finished.labels(reason=reason)
+
+    # batching.observer.EngineObserver (called on the engine thread; prometheus is thread-safe)
+    def on_step(self, batch_size: int) -> None:
+        self.step_batch_size.observe(batch_size)
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+
+    def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
+        for gap in gaps_s:
+            self.inter_token.observe(gap)
+
+    def on_finish(self, reason: str, prompt_tokens: int, output_tokens: int, e2e_s: float) -> None:
+        self.finished.labels(reason=reason).inc()
+        self.prompt_tokens_total.inc(prompt_tokens)
+        self.output_tokens_total.inc(output_tokens)
+        if reason != "error":
+            self.output_tokens.observe(output_tokens)
+            self.e2e.observe(e2e_s)
 
 
 class ServiceMetrics:

@@ -82,7 +82,7 @@ class Runtime:
         if s.generate_model:
             loaded = await asyncio.to_thread(load_generate_model, s)
             self._log_loaded(loaded)
-            self.generate = GenerationService.create(loaded, s, self.metrics)
+            self.generate = GenerationService.create(loaded, s, self.metrics.generate)
             warm_s = await asyncio.to_thread(self.generate.warm_up)
             log.info(
                 "generate warm-up took %.2fs; KV cache: %d slots x %d tokens = %.1f MiB",

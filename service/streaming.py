@@ -1,0 +1,96 @@
+"""Plumbing shared by /generate and /v1: submit, first-token peek, disconnects, SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from batching.errors import EngineError
+from batching.handle import GenerationDelta, GenerationHandle, GenerationResult
+from batching.sampling import SamplingParams
+from service.errors import ApiError, api_error_from_engine
+from service.generation import GenerationService
+
+# Keep every proxy on the path (NGINX included) from buffering the stream.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+def sse_event(payload: Any) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def submit(
+    service: GenerationService, prompt_ids: list[int], params: SamplingParams, request_id: str
+) -> GenerationHandle:
+    try:
+        return await service.engine.submit(prompt_ids, params, request_id=request_id)
+    except EngineError as exc:
+        raise api_error_from_engine(exc) from exc
+
+
+async def first_delta(handle: GenerationHandle) -> GenerationDelta | None:
+    """Wait for generation to start, so queue errors (504, 500) still get a proper status
+    instead of arriving inside a 200 stream. None: it finished without any delta."""
+    try:
+        return await anext(handle)
+    except StopAsyncIteration:
+        return None
+    except EngineError as exc:
+        raise api_error_from_engine(exc) from exc
+    except asyncio.CancelledError:
+        handle.cancel()
+        raise
+
+
+async def _disconnected(request: Request) -> None:
+    # The body was read already, so the next ASGI message is the client's disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def wait_or_cancel_on_disconnect(
+    handle: GenerationHandle, request: Request
+) -> GenerationResult:
+    """A non-streamed generation that frees its slot if the client hangs up meanwhile."""
+    work = asyncio.ensure_future(handle.wait())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            handle.cancel()
+            work.cancel()
+    if not work.done() or work.cancelled():
+        raise ApiError(499, "client_closed", "the client closed the connection")
+    try:
+        return work.result()
+    except EngineError as exc:
+        raise api_error_from_engine(exc) from exc
+
+
+async def stream_deltas(
+    handle: GenerationHandle, first: GenerationDelta | None
+) -> AsyncIterator[GenerationDelta]:
+    """Yield the peeked delta, then the rest; cancel the request if the consumer stops early
+    (Starlette cancels the response task when the client disconnects)."""
+    try:
+        if first is not None:
+            yield first
+        async for delta in handle:
+            yield delta
+    finally:
+        if not handle.done:
+            handle.cancel()
+
+
+def error_event(exc: BaseException, request_id: str) -> dict[str, Any]:
+    api_error = api_error_from_engine(exc) if isinstance(exc, Exception) else None
+    message = api_error.message if api_error else "internal server error"
+    error_type = api_error.error_type if api_error else "internal_error"
+    return {"error": {"type": error_type, "message": message, "request_id": request_id}}
