@@ -1,0 +1,62 @@
+"""SIGTERM drains: running streams finish, new work gets 503, the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+
+DRAIN_TIMEOUT_S = 30
+STREAMS = 10
+
+
+def test_sigterm_lets_running_streams_finish_refuses_new_work_and_exits_zero(
+    start_server, demo_models
+):
+    server = start_server(
+        GENERATE_MODEL=str(demo_models["llm"]),
+        GENERATE_SLOTS=str(STREAMS),
+        GENERATE_MAX_SEQ_LEN="512",
+        GENERATE_MAX_NEW_TOKENS="400",
+        DRAIN_TIMEOUT_S=str(DRAIN_TIMEOUT_S),
+        RATE_LIMIT="100000/minute",
+        LOG_LEVEL="INFO",
+    )
+
+    async def stream(client: httpx.AsyncClient, i: int, started: asyncio.Event) -> list[str]:
+        payload = {"prompt": f"story {i}", "max_new_tokens": 400, "stream": True}
+        lines: list[str] = []
+        async with client.stream("POST", "/generate", json=payload) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    lines.append(line.removeprefix("data: "))
+                    started.set()
+        return lines
+
+    async def run() -> tuple[list[list[str]], httpx.Response, httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            events = [asyncio.Event() for _ in range(STREAMS)]
+            tasks = [asyncio.create_task(stream(client, i, events[i])) for i in range(STREAMS)]
+            await asyncio.gather(*(e.wait() for e in events))
+            signalled_at = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            ready = await client.get("/ready")
+            late = await client.post("/generate", json={"prompt": "late", "max_new_tokens": 2})
+            return await asyncio.gather(*tasks), ready, late, signalled_at
+
+    results, ready, late, signalled_at = asyncio.run(run())
+    assert ready.status_code == 503
+    assert late.status_code == 503
+    assert late.json()["error"]["message"] == "the server is shutting down"
+    for lines in results:
+        assert lines[-1] == "[DONE]"
+        final = json.loads(lines[-2])
+        assert final["finish_reason"] in {"eos", "length"}, final
+    assert server.proc.wait(timeout=DRAIN_TIMEOUT_S) == 0
+    assert time.monotonic() - signalled_at < DRAIN_TIMEOUT_S
+    assert "draining" in server.log()
