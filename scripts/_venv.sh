@@ -3,6 +3,8 @@
 ensure_venv() {
   local extra="$1"  # "" or "[dev]"
   local stamp=".venv/.installed${extra}"
+  # A dev install includes the runtime install.
+  if [ -z "$extra" ] && [ -f ".venv/.installed[dev]" ]; then stamp=".venv/.installed[dev]"; fi
   if [ ! -x .venv/bin/python ]; then
     echo "Creating .venv..."
     python3 -m venv .venv
