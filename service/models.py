@@ -131,6 +131,10 @@ def load_predict_model(settings: Settings) -> LoadedModel:
 
 
 def load_generate_model(settings: Settings) -> LoadedModel:
+    if resolve_device(settings.device).type == "cuda":
+        # cuDNN attention builds a plan per new shape, and continuous batching changes shapes
+        # every step (see batching/model_runner.py); flash / mem-efficient attention do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     loaded = _load(
         AutoModelForCausalLM,
         settings.generate_model,
