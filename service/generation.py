@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from batching.detokenizer import Tokenizer
 from batching.engine import GenerationEngine
 from batching.sampling import SamplingParams
 from service.metrics import GenerateMetrics
@@ -40,7 +41,9 @@ class GenerationService:
     ) -> GenerationService:
         engine = GenerationEngine(
             loaded.model,
-            loaded.tokenizer,
+            # HF's decode() is typed for batches too (str | list[str]); given one id list it
+            # returns one str, which is all the engine's Tokenizer protocol asks for.
+            cast(Tokenizer, loaded.tokenizer),
             eos_token_ids=eos_token_ids(loaded),
             num_slots=settings.generate_slots,
             max_seq_len=settings.generate_max_seq_len,

@@ -1,0 +1,135 @@
+"""The caller's side of one generation: an async stream of deltas, then a result.
+
+The engine thread never touches asyncio objects directly: it hands finished work to the
+handle's event loop with `loop.call_soon_threadsafe(deliver, items)`, one call per engine step
+for all the handles of that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["eos", "stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """New output: the text that became final (may be "") and the token ids it came from."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GenerationTimings:
+    queue_ms: float  # submit -> admitted into a slot
+    ttft_ms: float | None  # submit -> first token (None if it never got one)
+    total_ms: float  # submit -> finished
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens, EOS not counted
+    text: str  # the whole output, stop string excluded
+    token_ids: tuple[int, ...]
+    timings: GenerationTimings
+
+
+@dataclass(frozen=True)
+class _Finished:
+    result: GenerationResult
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+StreamItem = GenerationDelta | _Finished | _Failed
+
+
+class GenerationHandle:
+    """Returned by `GenerationEngine.submit()`; iterate it on the loop that submitted.
+
+    `async for delta in handle` yields GenerationDelta until the request ends, then
+    `handle.result` holds the GenerationResult. If the request failed, iterating (and
+    `result`) raise its error: QueueTimeoutError, ModelExecutionError or EngineStoppedError.
+    """
+
+    def __init__(
+        self, request_id: str, loop: asyncio.AbstractEventLoop, wake_engine: Callable[[], None]
+    ) -> None:
+        self.request_id = request_id
+        self._loop = loop
+        self._wake_engine = wake_engine
+        self._items: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self._cancel_requested = threading.Event()  # read by the engine thread
+
+    def __aiter__(self) -> GenerationHandle:
+        return self
+
+    async def __anext__(self) -> GenerationDelta:
+        if self._result is not None:
+            raise StopAsyncIteration
+        if self._error is not None:
+            raise self._error
+        item = await self._items.get()
+        if isinstance(item, _Finished):
+            self._result = item.result
+            raise StopAsyncIteration
+        if isinstance(item, _Failed):
+            self._error = item.error
+            raise item.error
+        return item
+
+    @property
+    def done(self) -> bool:
+        """True once the stream has been read to its end (result or error)."""
+        return self._result is not None or self._error is not None
+
+    @property
+    def result(self) -> GenerationResult:
+        """The final result; available after iteration ended (or after `await wait()`)."""
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise RuntimeError("the generation has not finished: iterate the handle first")
+        return self._result
+
+    async def wait(self) -> GenerationResult:
+        """Read the rest of the stream and return the result (non-streaming callers)."""
+        async for _ in self:
+            pass
+        return self.result
+
+    def cancel(self) -> None:
+        """The client went away: the engine frees the slot within one step ("cancelled")."""
+        if not self._cancel_requested.is_set():
+            self._cancel_requested.set()
+            self._wake_engine()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_requested.is_set()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def put_nowait(self, item: StreamItem) -> None:
+        """Called on the handle's loop (via deliver_all) only."""
+        self._items.put_nowait(item)
+
+
+def deliver_all(items: list[tuple[GenerationHandle, StreamItem]]) -> None:
+    """Runs on the event loop: hand each item to its handle, in order."""
+    for handle, item in items:
+        handle.put_nowait(item)

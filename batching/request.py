@@ -1,0 +1,95 @@
+"""Per-request state on the engine side: prompt, params, outputs so far, timings."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from batching.detokenizer import IncrementalDetokenizer, Tokenizer
+from batching.handle import (
+    FinishReason,
+    GenerationDelta,
+    GenerationHandle,
+    GenerationResult,
+    GenerationTimings,
+)
+from batching.sampling import SamplingParams, make_generator
+
+
+class Request:
+    """One request from submit() to its end. Only the engine thread mutates it after submit."""
+
+    def __init__(
+        self,
+        handle: GenerationHandle,
+        prompt_ids: list[int],
+        params: SamplingParams,
+    ) -> None:
+        self.handle = handle
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrival_s = time.perf_counter()
+        self.admitted_s: float | None = None
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.generator: torch.Generator | None = make_generator(params)
+        self.detokenizer: IncrementalDetokenizer | None = None  # made on admission
+        self.output_ids: list[int] = []
+        self.next_token = -1  # the last sampled token, fed to the model in the next decode
+        self.finish_reason: FinishReason | None = None
+        self.tokens_sampled = 0  # EOS included
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.handle.cancel_requested
+
+    def admit(self, tokenizer: Tokenizer, now_s: float) -> None:
+        """The request got a slot (engine thread: the only user of its tokenizer copy)."""
+        self.admitted_s = now_s
+        self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids, self.params.stop)
+
+    def accept(self, token_id: int, eos_token_ids: frozenset[int], now_s: float) -> GenerationDelta:
+        """Take one sampled token; sets finish_reason when this token ends the request."""
+        if self.detokenizer is None:
+            raise RuntimeError("accept() before admit()")
+        self.tokens_sampled += 1
+        if self.first_token_s is None:
+            self.first_token_s = now_s
+        self.last_token_s = now_s
+        if token_id in eos_token_ids and not self.params.ignore_eos:
+            self.finish_reason = "eos"
+            return GenerationDelta(self.detokenizer.finish(), ())
+        self.output_ids.append(token_id)
+        self.next_token = token_id
+        text = self.detokenizer.add(token_id)
+        if self.detokenizer.stopped:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+            text += self.detokenizer.finish()
+        return GenerationDelta(text, (token_id,))
+
+    def result(self, now_s: float) -> GenerationResult:
+        if self.finish_reason is None:
+            raise RuntimeError("the request has not finished")
+
+        admitted_s = self.admitted_s if self.admitted_s is not None else now_s
+        return GenerationResult(
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.output_ids),
+            text=self.detokenizer.text if self.detokenizer is not None else "",
+            token_ids=tuple(self.output_ids),
+            timings=GenerationTimings(
+                queue_ms=(admitted_s - self.arrival_s) * 1000.0,
+                ttft_ms=None
+                if self.first_token_s is None
+                else (self.first_token_s - self.arrival_s) * 1000.0,
+                total_ms=(now_s - self.arrival_s) * 1000.0,
+            ),
+        )

@@ -1,0 +1,120 @@
+"""How the next token is chosen: `SamplingParams` per request, and one batched sampling call.
+
+Greedy rows (temperature 0) take the argmax. Sampled rows apply temperature, then top-k, then
+top-p, and draw with their own `torch.Generator`: a request's random stream is never shared with
+its batch neighbours, so a seeded request yields the same tokens whatever else is running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from batching.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the sampler and of the stopping rules."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None = a fresh random seed per request
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    ignore_eos: bool = False  # keep going past EOS (benchmarks want fixed lengths)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidInputError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise InvalidInputError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """The request's own random stream (CPU, so a seed means the same on every device)."""
+    if params.greedy:
+        return None
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """One token per row. logits: [B, V]; params and generators: one per row."""
+    tokens = logits.argmax(dim=-1)  # [B]; the answer for every greedy row
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        chosen = _sample_rows(
+            logits.index_select(0, rows).float(),
+            [params[i] for i in sampled_rows],
+            [generators[i] for i in sampled_rows],
+        )
+        tokens = tokens.index_copy(0, rows, chosen)
+    return [int(t) for t in tokens.tolist()]
+
+
+def _sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Temperature, top-k, top-p, then one draw per row. logits: [S, V] float32 -> [S]."""
+    device = logits.device
+    temperatures = torch.tensor([p.temperature for p in params], device=device)  # [S]
+    logits = logits / temperatures[:, None]
+    if any(p.top_k > 0 for p in params):
+        logits = _apply_top_k(logits, [p.top_k for p in params])
+    if any(p.top_p < 1.0 for p in params):
+        logits = _apply_top_p(logits, [p.top_p for p in params])
+    probs = torch.softmax(logits, dim=-1)  # [S, V]
+    cdf = probs.cumsum(dim=-1)  # [S, V]
+    # One uniform number per row from that row's own generator: inverse-CDF sampling keeps
+    # each request's random stream independent of how many rows share the batch.
+    uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)  # [S]
+    targets = uniforms[:, None] * cdf[:, -1:]  # [S, 1]; scaled by the total against rounding
+    chosen = torch.searchsorted(cdf, targets, right=True)[:, 0]  # first index with cdf > u
+    return chosen.clamp_(max=logits.shape[-1] - 1)
+
+
+def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    """Keep each row's k largest logits (k = 0: keep all). logits: [S, V]."""
+    vocab = logits.shape[-1]
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
+    sorted_desc = logits.sort(dim=-1, descending=True).values  # [S, V]
+    kth_largest = sorted_desc.gather(1, (ks - 1)[:, None])  # [S, 1]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    """Keep each row's smallest set of tokens whose probability reaches p. logits: [S, V]."""
+    # p = 1 means off: rounding could push the running mass to 1.0 before the tail ends.
+    ps = torch.tensor([p if p < 1.0 else 2.0 for p in top_ps], device=logits.device)[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V] each
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p; the top one never is.
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = mass_above >= ps
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))

@@ -1,0 +1,93 @@
+"""Where a /generate request waits: a bounded FCFS queue in front of the KV-cache slots.
+
+Plain Python, no threads of its own: the engine guards it with one lock (submit() adds from the
+event loop, the engine thread takes), so it can be unit-tested without a model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Generic, Protocol, TypeVar
+
+from batching.errors import QueueFullError
+
+
+class Waiting(Protocol):
+    """What the scheduler needs to know about a waiting request."""
+
+    @property
+    def arrival_s(self) -> float:
+        """time.perf_counter() at submit."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+
+WaitingT = TypeVar("WaitingT", bound=Waiting)
+
+
+class Scheduler(Generic[WaitingT]):
+    """First come, first served admission from a bounded waiting queue."""
+
+    def __init__(self, max_queue: int, timeout_s: float) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self._waiting: deque[WaitingT] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def __iter__(self) -> Iterator[WaitingT]:
+        return iter(self._waiting)
+
+    def add(self, request: WaitingT) -> None:
+        """Queue a request, or refuse it at once (QueueFullError) if max_queue already wait."""
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFullError(self.max_queue)
+        self._waiting.append(request)
+
+    def drop_stale(self, now_s: float) -> tuple[list[WaitingT], list[WaitingT]]:
+        """Remove (cancelled, timed_out) requests, before they cost any compute."""
+        cancelled: list[WaitingT] = []
+        timed_out: list[WaitingT] = []
+        kept: deque[WaitingT] = deque()
+        for request in self._waiting:
+            if request.cancelled:
+                cancelled.append(request)
+            elif now_s - request.arrival_s > self.timeout_s:
+                timed_out.append(request)
+            else:
+                kept.append(request)
+        self._waiting = kept
+        return cancelled, timed_out
+
+    def admit(self, free_slots: int, prefill_token_budget: int) -> list[WaitingT]:
+        """Take requests from the front while a slot is free and the prefill budget allows.
+
+        The budget counts padded tokens (rows x longest prompt), which is what a batched
+        prefill computes. The front request is always taken when a slot is free, even if it
+        alone exceeds the budget, so a long prompt cannot starve. Strict FCFS: a request that
+        does not fit the budget stops admission for this step rather than being overtaken.
+        """
+        admitted: list[WaitingT] = []
+        longest = 0
+        while self._waiting and len(admitted) < free_slots:
+            candidate = self._waiting[0]
+            new_longest = max(longest, candidate.prompt_tokens)
+            if admitted and (len(admitted) + 1) * new_longest > prefill_token_budget:
+                break
+            admitted.append(self._waiting.popleft())
+            longest = new_longest
+        return admitted
+
+    def take_all(self) -> list[WaitingT]:
+        """Empty the queue (engine stopping or dead); the caller fails each request."""
+        taken = list(self._waiting)
+        self._waiting.clear()
+        return taken

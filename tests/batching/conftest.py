@@ -1,0 +1,170 @@
+"""Tiny models and a real byte-level BPE tokenizer, built offline in well under a second."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from batching.engine import GenerationEngine
+from batching.observer import FinishLabel
+
+WAIT_S = 10.0  # bound for anything that should happen promptly; never reached when all is well
+VOCAB_SIZE = 384  # a multiple of 32 (bitsandbytes nf4 needs it), small enough to be fast
+EOS_ID = 2
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Continuous batching lets requests join and leave the batch at every step.",
+    "héllo wörld ✓ 日本語 😀 café naïve smørrebrød 中文 한국어 Ελληνικά русский",
+    "stop here. END of the line. STOP STOP stop! numbers 0 1 2 3 42 3.14",
+]
+
+
+def tiny_llama_config(attn_implementation: str = "sdpa") -> LlamaConfig:
+    """2 layers, 4 query heads sharing 2 KV heads (GQA); a wide init so greedy tokens vary."""
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
+        attn_implementation=attn_implementation,
+    )
+
+
+def build_tiny_llama(attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(attn_implementation)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LlamaForCausalLM:
+    return build_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few lines that include multi-byte text."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+EngineFactory = Callable[..., GenerationEngine]
+
+
+@pytest.fixture
+async def make_engine(
+    tiny_llama: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> AsyncIterator[EngineFactory]:
+    """Build and start engines (tiny Llama by default); all are stopped after the test."""
+    engines: list[GenerationEngine] = []
+
+    def make(**overrides: object) -> GenerationEngine:
+        options: dict[str, object] = {
+            "eos_token_ids": [EOS_ID],
+            "num_slots": 4,
+            "max_seq_len": 96,
+            "max_queue": 64,
+            "timeout_s": 30.0,
+        }
+        options.update(overrides)
+        model = options.pop("model", tiny_llama)
+        engine = GenerationEngine(model, tokenizer, **options)  # type: ignore[arg-type]
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.stop(drain_timeout_s=0.0)
+
+
+class Gate:
+    """A forward pre-hook that can hold the engine inside a model step, or make one raise."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.is_open = threading.Event()
+        self.is_open.set()
+        self.entered = threading.Event()
+        self.failures_left = 0
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any) -> None:
+        self.entered.set()
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise RuntimeError("injected model failure")
+        if not self.is_open.wait(timeout=WAIT_S):
+            raise RuntimeError("the test never opened the gate")
+
+    def close(self) -> None:
+        self.entered.clear()
+        self.is_open.clear()
+
+    def open(self) -> None:
+        self.is_open.set()
+
+    async def wait_until_entered(self) -> None:
+        """Wait (bounded) until the engine thread is inside a forward pass."""
+        if not await asyncio.to_thread(self.entered.wait, WAIT_S):
+            raise TimeoutError("the engine never ran a forward pass")
+
+    def remove(self) -> None:
+        self.open()
+        self._handle.remove()
+
+
+@pytest.fixture
+def gated_llama() -> Iterator[tuple[LlamaForCausalLM, Gate]]:
+    """A fresh tiny Llama whose forward passes a test can hold or fail."""
+    model = build_tiny_llama()
+    gate = Gate(model)
+    yield model, gate
+    gate.remove()
+
+
+class RecordingObserver:
+    """An EngineObserver that keeps everything it is told."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.ttfts_s: list[float] = []
+        self.gaps_s: list[float] = []
+        self.finished: list[tuple[FinishLabel, int, int, float]] = []
+
+    def on_step(self, batch_size: int) -> None:
+        self.steps.append(batch_size)
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self.ttfts_s.append(ttft_s)
+
+    def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
+        self.gaps_s.extend(gaps_s)
+
+    def on_finish(
+        self, reason: FinishLabel, prompt_tokens: int, output_tokens: int, e2e_s: float
+    ) -> None:
+        self.finished.append((reason, prompt_tokens, output_tokens, e2e_s))

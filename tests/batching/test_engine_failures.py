@@ -1,0 +1,174 @@
+"""Failures: a model step that raises, a dying loop, refused and timed-out requests, stopping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from transformers import LlamaForCausalLM
+
+from batching.engine import GenerationEngine
+from batching.errors import (
+    EngineStoppedError,
+    InvalidInputError,
+    ModelExecutionError,
+    PromptTooLongError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+from batching.sampling import SamplingParams
+from tests.batching.conftest import WAIT_S, EngineFactory, Gate, RecordingObserver
+
+PROMPT = [5, 6, 7, 8]
+
+
+async def test_a_failing_decode_step_fails_only_its_requests(
+    gated_llama: tuple[LlamaForCausalLM, Gate], make_engine: EngineFactory
+) -> None:
+    model, gate = gated_llama
+    observer = RecordingObserver()
+    engine = make_engine(model=model, num_slots=1, observer=observer)
+    running = await engine.submit(PROMPT, SamplingParams(50, ignore_eos=True))
+    await anext(running)
+    waiting = await engine.submit(PROMPT, SamplingParams(5, ignore_eos=True))
+    gate.failures_left = 1  # the running request's next decode raises
+    with pytest.raises(ModelExecutionError):
+        await asyncio.wait_for(running.wait(), WAIT_S)
+    assert (await asyncio.wait_for(waiting.wait(), WAIT_S)).completion_tokens == 5
+    assert engine.is_alive
+    assert engine.slots_in_use == 0
+    assert [f[0] for f in observer.finished] == ["error", "length"]
+
+
+async def test_a_failing_prefill_fails_its_request_and_the_next_one_succeeds(
+    gated_llama: tuple[LlamaForCausalLM, Gate], make_engine: EngineFactory
+) -> None:
+    model, gate = gated_llama
+    engine = make_engine(model=model)
+    gate.failures_left = 1
+    with pytest.raises(ModelExecutionError):
+        await (await engine.submit(PROMPT, SamplingParams(5))).wait()
+    result = await (await engine.submit(PROMPT, SamplingParams(5, ignore_eos=True))).wait()
+    assert result.completion_tokens == 5
+    assert engine.is_alive
+    assert engine.slots_in_use == 0
+
+
+class ExplodingObserver(RecordingObserver):
+    def on_step(self, batch_size: int) -> None:
+        raise RuntimeError("a bug outside the model step")
+
+
+async def test_a_dead_loop_is_reported_and_refuses_requests(make_engine: EngineFactory) -> None:
+    engine = make_engine(observer=ExplodingObserver())
+    with pytest.raises(EngineStoppedError):
+        await (await engine.submit(PROMPT, SamplingParams(5))).wait()
+    assert not engine.is_alive
+    with pytest.raises(EngineStoppedError):
+        await engine.submit(PROMPT, SamplingParams(5))
+
+
+async def test_a_full_queue_is_refused_at_once(
+    gated_llama: tuple[LlamaForCausalLM, Gate], make_engine: EngineFactory
+) -> None:
+    model, gate = gated_llama
+    engine = make_engine(model=model, num_slots=1, max_queue=2)
+    gate.close()
+    handles = [await engine.submit(PROMPT, SamplingParams(3, ignore_eos=True))]
+    await gate.wait_until_entered()  # the first one holds the only slot
+    handles += [await engine.submit(PROMPT, SamplingParams(3, ignore_eos=True)) for _ in range(2)]
+    assert engine.waiting_requests == 2
+    with pytest.raises(QueueFullError):
+        await engine.submit(PROMPT, SamplingParams(3))
+    gate.open()
+    results = await asyncio.wait_for(asyncio.gather(*(h.wait() for h in handles)), WAIT_S)
+    assert [r.completion_tokens for r in results] == [3, 3, 3]
+
+
+async def test_a_too_long_prompt_is_refused_with_the_numbers(make_engine: EngineFactory) -> None:
+    engine = make_engine(max_seq_len=64)
+    with pytest.raises(PromptTooLongError) as caught:
+        await engine.submit(list(range(3, 63)), SamplingParams(max_new_tokens=10))
+    error = caught.value
+    assert (error.prompt_tokens, error.max_new_tokens, error.max_seq_len) == (60, 10, 64)
+    assert "70" in str(error) and "64" in str(error)
+
+
+@pytest.mark.parametrize("prompt", [[], [5, -1], [5, 10_000]], ids=["empty", "negative", "big"])
+async def test_invalid_token_ids_are_refused(prompt: list[int], make_engine: EngineFactory) -> None:
+    engine = make_engine()
+    with pytest.raises(InvalidInputError):
+        await engine.submit(prompt, SamplingParams(4))
+
+
+async def test_a_request_waiting_past_the_timeout_fails_without_compute(
+    gated_llama: tuple[LlamaForCausalLM, Gate], make_engine: EngineFactory
+) -> None:
+    model, gate = gated_llama
+    observer = RecordingObserver()
+    engine = make_engine(model=model, num_slots=1, timeout_s=0.05, observer=observer)
+    gate.close()
+    running = await engine.submit(PROMPT, SamplingParams(3, ignore_eos=True))
+    await gate.wait_until_entered()
+    late = await engine.submit(PROMPT, SamplingParams(3))
+    await asyncio.sleep(0.1)  # longer than timeout_s while the only slot is busy
+    gate.open()
+    with pytest.raises(QueueTimeoutError) as caught:
+        await asyncio.wait_for(late.wait(), WAIT_S)
+    assert caught.value.waited_s > 0.05
+    assert (await running.wait()).completion_tokens == 3
+    assert len(observer.ttfts_s) == 1  # the late request was never prefilled
+
+
+async def test_stop_lets_running_requests_finish_and_fails_waiting_ones(
+    gated_llama: tuple[LlamaForCausalLM, Gate], make_engine: EngineFactory
+) -> None:
+    model, gate = gated_llama
+    engine = make_engine(model=model, num_slots=1)
+    gate.close()
+    running = await engine.submit(PROMPT, SamplingParams(6, ignore_eos=True))
+    await gate.wait_until_entered()
+    waiting = await engine.submit(PROMPT, SamplingParams(6))
+    stopping = asyncio.create_task(engine.stop(drain_timeout_s=WAIT_S))
+    await asyncio.sleep(0)  # let stop() flip the engine to draining
+    gate.open()
+    await asyncio.wait_for(stopping, WAIT_S + 10)
+    assert (await running.wait()).finish_reason == "length"
+    with pytest.raises(EngineStoppedError):
+        await waiting.wait()
+    assert not engine.is_alive
+    with pytest.raises(EngineStoppedError):
+        await engine.submit(PROMPT, SamplingParams(4))
+
+
+async def test_stop_fails_running_requests_after_the_drain_timeout(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(max_seq_len=256)
+    running = await engine.submit(PROMPT, SamplingParams(240, ignore_eos=True))
+    await anext(running)
+    await engine.stop(drain_timeout_s=0.0)
+    with pytest.raises(EngineStoppedError):
+        await running.wait()
+    assert engine.slots_in_use == 0
+
+
+async def test_warm_up_runs_before_start_and_submit_needs_start(
+    tiny_llama: LlamaForCausalLM, make_engine: EngineFactory, tokenizer: object
+) -> None:
+    engine = GenerationEngine(
+        tiny_llama,
+        tokenizer,  # type: ignore[arg-type]
+        eos_token_ids=[2],
+        num_slots=3,
+        max_seq_len=32,
+        max_queue=4,
+        timeout_s=1.0,
+    )
+    engine.warm_up()
+    with pytest.raises(EngineStoppedError):
+        await engine.submit(PROMPT, SamplingParams(4))
+    assert engine.kv_cache_bytes == 2 * 2 * 3 * 2 * 32 * 16 * 4  # K,V x layers x slots x ...
+    started = make_engine()
+    with pytest.raises(RuntimeError):
+        started.warm_up()

@@ -1,0 +1,54 @@
+"""SlotKVCache and its per-forward views, without a model."""
+
+from __future__ import annotations
+
+import torch
+
+from batching.kv_cache import SlotKVCache
+
+
+def small_cache() -> SlotKVCache:
+    return SlotKVCache(
+        num_layers=2,
+        num_slots=3,
+        kv_heads=2,
+        max_seq_len=8,
+        head_dim=4,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+
+
+def test_memory_bytes_count_every_layer_of_keys_and_values() -> None:
+    assert small_cache().nbytes == 2 * 2 * (3 * 2 * 8 * 4) * 4
+
+
+def test_prefill_moves_left_padded_prompts_to_position_zero() -> None:
+    cache = small_cache()
+    # Row 0: 3 real tokens after 1 pad; row 1: 4 real tokens. Values = input column + 1.
+    keys = torch.arange(1, 5, dtype=torch.float32)[None, None, :, None].expand(2, 2, 4, 4)
+    gather_index = torch.tensor([[1, 2, 3, 3], [0, 1, 2, 3]])  # column p + pad, clamped
+    cache.prefill_view(first_slot=1, gather_index=gather_index).update(keys, keys * 10, 0)
+    assert cache.keys[0][1, 0, :3, 0].tolist() == [2.0, 3.0, 4.0]
+    assert cache.keys[0][2, 0, :4, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert cache.values[0][2, 1, :4, 0].tolist() == [10.0, 20.0, 30.0, 40.0]
+    assert cache.keys[0][0].abs().sum() == 0  # slot 0 untouched
+
+
+def test_decode_writes_each_row_at_its_position_and_returns_a_view() -> None:
+    cache = small_cache()
+    new = torch.tensor([1.0, 2.0])[:, None, None, None].expand(2, 2, 1, 4)  # [B, H, 1, D]
+    positions = torch.tensor([5, 2])
+    keys, values = cache.decode_view(positions, kv_len=6).update(new, new, layer_idx=1)
+    assert keys.shape == (2, 2, 6, 4)
+    assert cache.keys[1][0, :, 5].eq(1.0).all() and cache.keys[1][1, :, 2].eq(2.0).all()
+    assert keys.data_ptr() == cache.keys[1].data_ptr()  # packed rows: no copy of the cache
+    assert values.untyped_storage().data_ptr() == cache.values[1].untyped_storage().data_ptr()
+
+
+def test_move_slot_copies_one_sequence_in_every_layer() -> None:
+    cache = small_cache()
+    for tensor in (*cache.keys, *cache.values):
+        tensor[2, :, :5] = 7.0
+    cache.move_slot(source=2, target=0, length=5)
+    assert all(t[0, :, :5].eq(7.0).all() for t in (*cache.keys, *cache.values))
