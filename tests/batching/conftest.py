@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -15,6 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from batching.engine import GenerationEngine
 from batching.observer import FinishLabel
 
+# The same tests run on a GPU box with TEST_DEVICE=cuda (and TEST_DTYPE=bfloat16 if wanted).
+TEST_DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
+TEST_DTYPE: torch.dtype = getattr(torch, os.environ.get("TEST_DTYPE", "float32"))
 WAIT_S = 10.0  # bound for anything that should happen promptly; never reached when all is well
 VOCAB_SIZE = 384  # a multiple of 32 (bitsandbytes nf4 needs it), small enough to be fast
 EOS_ID = 2
@@ -46,7 +50,8 @@ def tiny_llama_config(attn_implementation: str = "sdpa") -> LlamaConfig:
 
 def build_tiny_llama(attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(attn_implementation)).eval()
+    model = LlamaForCausalLM(tiny_llama_config(attn_implementation))
+    return model.to(TEST_DEVICE, TEST_DTYPE).eval()
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,14 @@ from transformers import (
 from batching.engine import GenerationEngine
 from batching.handle import GenerationHandle, GenerationResult
 from batching.sampling import SamplingParams
-from tests.batching.conftest import EOS_ID, VOCAB_SIZE, EngineFactory, build_tiny_llama
+from tests.batching.conftest import (
+    EOS_ID,
+    TEST_DEVICE,
+    TEST_DTYPE,
+    VOCAB_SIZE,
+    EngineFactory,
+    build_tiny_llama,
+)
 
 PROMPT_LENGTHS = [7, 1, 19, 4, 12, 3, 23, 9]
 MAX_NEW_TOKENS = [12, 20, 6, 16, 9, 24, 5, 14]
@@ -38,7 +45,7 @@ def reference(model: PreTrainedModel, prompt: list[int], max_new_tokens: int) ->
     """generate() on this prompt alone; EOS is not part of the engine's output."""
     with torch.inference_mode():
         output = model.generate(  # type: ignore[operator]
-            torch.tensor([prompt]),
+            torch.tensor([prompt], device=model.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=EOS_ID,
@@ -98,7 +105,7 @@ def tiny_qwen2() -> Qwen2ForCausalLM:
         initializer_range=0.3,
         eos_token_id=EOS_ID,
     )
-    return Qwen2ForCausalLM(config).eval()
+    return Qwen2ForCausalLM(config).to(TEST_DEVICE, TEST_DTYPE).eval()
 
 
 def tiny_mistral() -> MistralForCausalLM:
@@ -116,7 +123,7 @@ def tiny_mistral() -> MistralForCausalLM:
         initializer_range=0.3,
         eos_token_id=EOS_ID,
     )
-    return MistralForCausalLM(config).eval()
+    return MistralForCausalLM(config).to(TEST_DEVICE, TEST_DTYPE).eval()
 
 
 @pytest.mark.parametrize("build", [tiny_qwen2, tiny_mistral], ids=["qwen2", "mistral"])

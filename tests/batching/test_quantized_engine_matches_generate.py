@@ -1,4 +1,4 @@
-"""bitsandbytes int8 and nf4 models (CPU) through the engine vs the same model's generate().
+"""bitsandbytes int8 and nf4 models (CPU or TEST_DEVICE) through the engine vs generate().
 
 nf4 dequantises weights and multiplies in float, row by row: batched output equals generate().
 
@@ -18,11 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from batching.sampling import SamplingParams
-from tests.batching.conftest import EngineFactory, build_tiny_llama
+from tests.batching.conftest import TEST_DEVICE, TEST_DTYPE, EngineFactory, build_tiny_llama
 from tests.batching.test_engine_matches_generate import (
     MAX_NEW_TOKENS,
     assert_matches_generate,
@@ -52,14 +51,14 @@ def saved_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def load_quantized(path: Path, config: BitsAndBytesConfig) -> PreTrainedModel:
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, device_map="cpu"
+        path, quantization_config=config, device_map=str(TEST_DEVICE), dtype=TEST_DTYPE
     )
     return model.eval()
 
 
 async def test_nf4_engine_equals_generate(saved_llama: Path, make_engine: EngineFactory) -> None:
     config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=TEST_DTYPE
     )
     await assert_matches_generate(load_quantized(saved_llama, config), make_engine)
 
