@@ -21,7 +21,7 @@ from service.errors import install_error_handlers
 from service.limits import RateLimiter
 from service.metrics import ServiceMetrics
 from service.request_id import RequestIdMiddleware
-from service.routes import generate, health, predict
+from service.routes import generate, health, openai, predict
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(generate.router)
+    app.include_router(openai.router)
     app.state.rate_limiter = RateLimiter(settings)
     Instrumentator(
         registry=metrics.registry,

@@ -1,0 +1,84 @@
+"""OpenAI request -> engine input: prompt token ids (chat template or raw prompt) and
+SamplingParams with OpenAI's defaults, refusing what this server cannot honour."""
+
+from __future__ import annotations
+
+from jinja2 import TemplateError
+
+from batching.sampling import SamplingParams
+from service.generation import GenerationService, sampling_params
+from service.openai_errors import OpenAIError
+from service.openai_schemas import ChatMessage, SamplingRequest
+
+
+def reject_unsupported(body: SamplingRequest) -> None:
+    for param, asked in body.unsupported().items():
+        if asked:
+            hint = " (one choice per request)" if param == "n" else ""
+            value = getattr(body, param)
+            raise OpenAIError(f"{param}={value!r} is not supported by this server{hint}", param)
+
+
+def checked_prompt_text(text: str, param: str, service: GenerationService) -> str:
+    limit = service.settings.generate_max_prompt_chars
+    if len(text) > limit:
+        raise OpenAIError(f"{param}: {len(text)} characters, more than the limit of {limit}", param)
+    return text
+
+
+def chat_prompt_ids(messages: list[ChatMessage], service: GenerationService) -> list[int]:
+    tokenizer = service.loaded.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError("the served model has no chat template: use /v1/completions", None)
+    conversation = [message.for_template() for message in messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+    except TemplateError as exc:  # templates raise on conversations they refuse
+        raise OpenAIError(f"messages: {exc}", "messages") from exc
+    # The template writes any special tokens (BOS, role markers) itself: add none twice.
+    ids: list[int] = tokenizer.encode(
+        checked_prompt_text(str(text), "messages", service), add_special_tokens=False
+    )
+    return ids
+
+
+def completion_prompt_ids(
+    prompt: str | list[str] | list[int], service: GenerationService
+) -> list[int]:
+    if isinstance(prompt, str):
+        return service.encode(checked_prompt_text(prompt, "prompt", service))
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return service.encode(checked_prompt_text(prompt[0], "prompt", service))
+    if prompt and all(isinstance(token, int) for token in prompt):
+        return [int(token) for token in prompt]  # token ids; the engine checks the range
+    raise OpenAIError("prompt: one prompt per request (a string or a list of token ids)", "prompt")
+
+
+def checked_max_tokens(
+    body: SamplingRequest, prompt_tokens: int, service: GenerationService
+) -> int:
+    limit = service.settings.generate_max_new_tokens
+    param, requested = body.requested_max_tokens()
+    if requested is None:
+        # Like OpenAI: by default, as many as fit (the engine explains a prompt with no room).
+        return max(1, min(limit, service.engine.max_seq_len - prompt_tokens))
+    if requested > limit:
+        raise OpenAIError(f"{param}: {requested} is above the limit of {limit}", param)
+    return requested
+
+
+def to_sampling_params(body: SamplingRequest, max_tokens: int) -> SamplingParams:
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if top_p == 0:  # keeping only the most likely token is greedy decoding
+        temperature, top_p = 0.0, 1.0
+    return sampling_params(
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        stop=body.stop_list,
+    )
