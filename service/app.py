@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import install_error_handlers
 from service.limits import RateLimiter
-from service.metrics import ServiceMetrics
+from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from service.request_id import RequestIdMiddleware
 from service.routes import generate, health, openai, predict
 from service.runtime import Runtime
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry=metrics.registry,
         excluded_handlers=list(UNMETERED_PATHS),
         should_group_status_codes=False,
-    ).instrument(app)
+    ).instrument(app, latency_lowr_buckets=LATENCY_BUCKETS_S)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,

@@ -54,6 +54,10 @@ class GenerationService:
         metrics.slots_total.set(settings.generate_slots)
         return cls(loaded, engine, settings, metrics)
 
+    @property
+    def cancel_on_disconnect(self) -> bool:
+        return self.settings.generate_cancel_on_disconnect
+
     def warm_up(self) -> float:
         started = time.perf_counter()
         self.engine.warm_up()

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     generate_max_new_tokens: int = Field(128, ge=1)
     generate_max_queue: int = Field(256, ge=1)
     generate_max_prompt_chars: int = Field(8000, ge=1)
+    # false only on a shadow behind NGINX `mirror`, which hangs up on the shadow's streams
+    generate_cancel_on_disconnect: bool = True
 
     request_timeout_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)

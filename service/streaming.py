@@ -33,7 +33,15 @@ async def submit(
         raise api_error_from_engine(exc) from exc
 
 
-async def first_delta(handle: GenerationHandle) -> GenerationDelta | None:
+def let_go(handle: GenerationHandle, cancel: bool) -> None:
+    """The client is gone. Normally the slot is freed at once; a shadow deployment sets
+    GENERATE_CANCEL_ON_DISCONNECT=false so that mirrored requests (whose reader NGINX drops)
+    still do the full work and the shadow sees production load."""
+    if cancel:
+        handle.cancel()
+
+
+async def first_delta(handle: GenerationHandle, cancel: bool = True) -> GenerationDelta | None:
     """Wait for generation to start, so queue errors (504, 500) still get a proper status
     instead of arriving inside a 200 stream. None: it finished without any delta."""
     try:
@@ -43,7 +51,7 @@ async def first_delta(handle: GenerationHandle) -> GenerationDelta | None:
     except EngineError as exc:
         raise api_error_from_engine(exc) from exc
     except asyncio.CancelledError:
-        handle.cancel()
+        let_go(handle, cancel)
         raise
 
 
@@ -54,7 +62,7 @@ async def _disconnected(request: Request) -> None:
 
 
 async def wait_or_cancel_on_disconnect(
-    handle: GenerationHandle, request: Request
+    handle: GenerationHandle, request: Request, cancel: bool = True
 ) -> GenerationResult:
     """A non-streamed generation that frees its slot if the client hangs up meanwhile."""
     work = asyncio.ensure_future(handle.wait())
@@ -64,8 +72,11 @@ async def wait_or_cancel_on_disconnect(
     finally:
         gone.cancel()
         if not work.done():
-            handle.cancel()
-            work.cancel()
+            let_go(handle, cancel)
+            if cancel:
+                work.cancel()
+            else:  # let it run to the end; nobody reads the result
+                work.add_done_callback(lambda task: task.cancelled() or task.exception())
     if not work.done() or work.cancelled():
         raise ApiError(499, "client_closed", "the client closed the connection")
     try:
@@ -75,7 +86,7 @@ async def wait_or_cancel_on_disconnect(
 
 
 async def stream_deltas(
-    handle: GenerationHandle, first: GenerationDelta | None
+    handle: GenerationHandle, first: GenerationDelta | None, cancel: bool = True
 ) -> AsyncIterator[GenerationDelta]:
     """Yield the peeked delta, then the rest; cancel the request if the consumer stops early
     (Starlette cancels the response task when the client disconnects)."""
@@ -86,7 +97,7 @@ async def stream_deltas(
             yield delta
     finally:
         if not handle.done:
-            handle.cancel()
+            let_go(handle, cancel)
 
 
 def error_event(exc: BaseException, request_id: str) -> dict[str, Any]:

@@ -83,10 +83,14 @@ def to_response(result: GenerationResult, model: str, request_id: str) -> Genera
 
 
 async def sse_stream(
-    handle: GenerationHandle, first: GenerationDelta | None, model: str, request_id: str
+    handle: GenerationHandle,
+    first: GenerationDelta | None,
+    model: str,
+    request_id: str,
+    cancel_on_disconnect: bool,
 ) -> AsyncIterator[str]:
     try:
-        async for delta in stream_deltas(handle, first):
+        async for delta in stream_deltas(handle, first, cancel_on_disconnect):
             yield sse_event({"text": delta.text, "token_ids": list(delta.token_ids)})
         result = to_response(handle.result, model, request_id)
         yield sse_event(
@@ -125,13 +129,13 @@ async def generate(
         stop=body.stop,
     )
     handle = await submit(service, checked_prompt_ids(body.prompt, service), params, request_id)
-    model = service.loaded.name
+    model, cancel = service.loaded.name, service.cancel_on_disconnect
     if not body.stream:
-        result = await wait_or_cancel_on_disconnect(handle, request)
+        result = await wait_or_cancel_on_disconnect(handle, request, cancel)
         return to_response(result, model, request_id)
-    first = await first_delta(handle)
+    first = await first_delta(handle, cancel)
     return StreamingResponse(
-        sse_stream(handle, first, model, request_id),
+        sse_stream(handle, first, model, request_id, cancel),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )

@@ -74,6 +74,7 @@ class Completion:
     id: str
     model: str
     created: int
+    cancel_on_disconnect: bool
 
     def chunk(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -97,7 +98,13 @@ async def start(
             code = exc.error_type if exc.error_type == "context_length_exceeded" else None
             raise OpenAIError(exc.message, param, code) from exc
         raise
-    return Completion(handle, f"{id_prefix}-{request_id}", service.loaded.name, int(time.time()))
+    return Completion(
+        handle,
+        f"{id_prefix}-{request_id}",
+        service.loaded.name,
+        int(time.time()),
+        service.cancel_on_disconnect,
+    )
 
 
 def finish_reason(result: GenerationResult) -> FinishReason:
@@ -124,7 +131,7 @@ async def sse_chunks(
     try:
         if opening is not None:
             yield sse_event(run.chunk(kind, [opening]))
-        async for delta in stream_deltas(run.handle, first):
+        async for delta in stream_deltas(run.handle, first, run.cancel_on_disconnect):
             if delta.text:  # "" while a multi-byte character is still incomplete
                 yield sse_event(run.chunk(kind, [choice(delta.text, None)]))
         result = run.handle.result
@@ -145,7 +152,8 @@ async def streamed(
     body: SamplingRequest,
     opening: dict[str, Any] | None = None,
 ) -> StreamingResponse:
-    first = await first_delta(run.handle)  # queue errors still get a real status
+    # Peek the first token so that queue errors still get a real status.
+    first = await first_delta(run.handle, run.cancel_on_disconnect)
     chunks = sse_chunks(run, first, kind, choice, body.include_usage, opening)
     return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -175,7 +183,7 @@ async def chat_completions(
     if body.stream:
         opening = chat_choice("", None) | {"delta": {"role": "assistant", "content": ""}}
         return await streamed(run, "chat.completion.chunk", chat_choice, body, opening)
-    result = await wait_or_cancel_on_disconnect(run.handle, request)
+    result = await wait_or_cancel_on_disconnect(run.handle, request, run.cancel_on_disconnect)
     choice = ChatChoice(
         message=AssistantMessage(content=result.text), finish_reason=finish_reason(result)
     )
@@ -193,7 +201,7 @@ async def completions(
     run = await start(body, prompt_ids, "prompt", request, service, "cmpl")
     if body.stream:
         return await streamed(run, "text_completion", completion_choice, body)
-    result = await wait_or_cancel_on_disconnect(run.handle, request)
+    result = await wait_or_cancel_on_disconnect(run.handle, request, run.cancel_on_disconnect)
     choice = CompletionChoice(text=result.text, finish_reason=finish_reason(result))
     return CompletionResponse(
         id=run.id, created=run.created, model=run.model, choices=[choice], usage=usage(result)

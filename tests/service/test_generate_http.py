@@ -227,6 +227,25 @@ def test_clients_that_hang_up_free_their_slots_and_count_as_cancelled(server):
     assert counted == 20
 
 
+def test_a_shadow_keeps_generating_after_its_client_hangs_up(start_server, demo_models):
+    shadow = start_server(
+        GENERATE_MODEL=str(demo_models["llm"]), GENERATE_CANCEL_ON_DISCONNECT="false"
+    )
+    payload = {"prompt": "mirrored", "max_new_tokens": 48, "stream": True}
+    with httpx.Client(base_url=shadow.url, timeout=60) as client:
+        with client.stream("POST", "/generate", json=payload) as response:
+            assert response.status_code == 200  # hang up right after the headers, as NGINX does
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            metrics = client.get("/metrics").text
+            if metric(metrics, "generate_slots_in_use") == 0:
+                break
+            time.sleep(0.05)
+    finished = 'generate_requests_finished_total{reason="%s"}'
+    assert metric(metrics, finished % "cancelled") == 0
+    assert metric(metrics, finished % "eos") + metric(metrics, finished % "length") == 1
+
+
 def test_stop_strings_end_the_text_before_the_stop_string(server, reference):
     prompt = PROMPTS[1]
     full = reference.tokenizer.decode(reference(prompt, 40), skip_special_tokens=True)  # type: ignore[attr-defined]
