@@ -1,0 +1,252 @@
+"""Our engine without HTTP on one device: throughput per concurrency, decode step time, and
+the memory-bandwidth bound of a decode step, against generate() (one at a time, and as one
+static left-padded batch). Used for the GPU figures in BENCHMARKS.md.
+
+    python scripts/bench_engine.py --shape qwen2.5-0.5b --device cuda --dtypes bfloat16 nf4
+    python scripts/bench_engine.py --shape tiny --device cpu --concurrency 1 4   # smoke run
+
+Random weights, greedy, ignore_eos: every request decodes exactly --new-tokens tokens.
+Needs only torch, transformers, bitsandbytes (for nf4) and this repo (no web stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from batching.engine import GenerationEngine
+from batching.observer import NoopEngineObserver
+from batching.sampling import SamplingParams
+
+SHAPES = {
+    # Qwen2.5-0.5B: 24 layers, hidden 896, 14 heads / 2 KV heads, tied embeddings.
+    "qwen2.5-0.5b": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+    ),
+    "tiny": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+    ),
+}  # fmt: skip
+
+
+class _NoText:
+    """Detokenization is not what is measured here."""
+
+    def decode(self, token_ids: list[int], **_: object) -> str:
+        return ""
+
+
+class StepClock(NoopEngineObserver):
+    """Times decode steps: the gap between consecutive on_step calls with a full batch."""
+
+    def __init__(self) -> None:
+        self.stamps: list[tuple[float, int]] = []
+
+    def on_step(self, batch_size: int) -> None:
+        self.stamps.append((time.perf_counter(), batch_size))
+
+    def median_step_s(self, batch_size: int) -> float:
+        gaps = [
+            later - earlier
+            for (earlier, size), (later, _) in zip(self.stamps, self.stamps[1:], strict=False)
+            if size == batch_size
+        ]
+        return statistics.median(gaps[2:] or gaps) if gaps else float("nan")
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    system: str
+    concurrency: int
+    output_tokens: int
+    seconds: float
+    tok_per_s: float
+    decode_step_ms: float | None = None
+    bound_step_ms: float | None = None
+
+
+def build(shape: str, dtype: str, device: torch.device, scratch: Path) -> PreTrainedModel:
+    torch.manual_seed(0)
+    config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=True, max_position_embeddings=4096)
+    if dtype != "nf4":
+        with torch.device(device):
+            return Qwen2ForCausalLM(config).to(getattr(torch, dtype)).eval()
+    folder = scratch / f"{shape}-bf16"
+    if not folder.exists():
+        with torch.device(device):
+            Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant, device_map={"": str(device)}, dtype=torch.bfloat16
+    )
+    return model.eval()
+
+
+def bytes_read_per_step(model: PreTrainedModel) -> int:
+    """Weights a decode step must stream from memory: every parameter except the input
+    embedding table (only B rows of it are read), unless it doubles as the tied lm_head."""
+    embedding = model.get_input_embeddings()
+    tied = model.get_output_embeddings().weight is embedding.weight  # type: ignore[union-attr]
+    total = 0
+    for param in model.parameters():
+        if param is embedding.weight and not tied:
+            continue
+        total += param.numel() * param.element_size()
+    return total
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2  # K,V bf16
+
+
+def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
+
+
+async def run_engine(
+    model: PreTrainedModel, batch: list[list[int]], new_tokens: int
+) -> tuple[float, int, float]:
+    clock = StepClock()
+    engine = GenerationEngine(
+        model, _NoText(), eos_token_ids=[], num_slots=len(batch),
+        max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch), timeout_s=600.0,
+        prefill_token_budget=max(2048, sum(map(len, batch))), observer=clock,
+    )  # fmt: skip
+    engine.warm_up()
+    engine.start()
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    started = time.perf_counter()
+    handles = [await engine.submit(p, params) for p in batch]
+    results = [await h.wait() for h in handles]
+    seconds = time.perf_counter() - started
+    await engine.stop(1.0)
+    tokens = sum(r.completion_tokens for r in results)
+    assert tokens == len(batch) * new_tokens, "every request must decode exactly new_tokens"
+    return seconds, tokens, clock.median_step_s(len(batch))
+
+
+def run_generate(model: PreTrainedModel, batch: list[list[int]], new_tokens: int) -> float:
+    """One static left-padded batch through generate(); returns seconds."""
+    width = max(map(len, batch))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=model.device)
+    mask = (torch.arange(width, device=model.device)[None] >= (width - torch.tensor(
+        [len(p) for p in batch], device=model.device))[:, None]).long()  # fmt: skip
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(  # type: ignore[operator]
+            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0, eos_token_id=None,
+        )  # fmt: skip
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape[1] == width + new_tokens
+    return time.perf_counter() - started
+
+
+def bench(args: argparse.Namespace, dtype: str, scratch: Path) -> list[Row]:
+    device = torch.device(args.device)
+    model = build(args.shape, dtype, device, scratch)
+    weights, kv_token = bytes_read_per_step(model), kv_bytes_per_token(model)
+    vocab = model.config.vocab_size
+    print(f"{args.shape} {dtype}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params,"
+          f" {weights / 2**20:.0f} MiB read per decode step", flush=True)  # fmt: skip
+    rows: list[Row] = []
+    asyncio.run(run_engine(model, prompts(2, args.prompt_tokens, vocab), 4))  # warm-up
+    for n in args.concurrency:
+        batch = prompts(n, args.prompt_tokens, vocab)
+        seconds, tokens, step_s = asyncio.run(run_engine(model, batch, args.new_tokens))
+        mean_len = args.prompt_tokens + args.new_tokens / 2
+        bound_s = (weights + n * mean_len * kv_token) / (args.bandwidth_gbs * 1e9)
+        rows.append(Row(args.shape, dtype, "engine", n, tokens, seconds, tokens / seconds,
+                        step_s * 1e3, bound_s * 1e3))  # fmt: skip
+        print(f"  engine x{n:<3} {tokens / seconds:9.0f} tok/s  step {step_s * 1e3:6.2f} ms"
+              f"  (bandwidth bound {bound_s * 1e3:.2f} ms)", flush=True)  # fmt: skip
+    one = prompts(1, args.prompt_tokens, vocab)
+    run_generate(model, one, 4)  # warm-up
+    seconds = run_generate(model, one, args.new_tokens)
+    rows.append(Row(args.shape, dtype, "generate() one request", 1, args.new_tokens, seconds,
+                    args.new_tokens / seconds))  # fmt: skip
+    static_n = args.static_batch
+    seconds = run_generate(model, prompts(static_n, args.prompt_tokens, vocab), args.new_tokens)
+    tokens = static_n * args.new_tokens
+    rows.append(Row(args.shape, dtype, "generate() static batch", static_n, tokens, seconds,
+                    tokens / seconds))  # fmt: skip
+    for row in rows[-2:]:
+        print(f"  {row.system} x{row.concurrency}: {row.tok_per_s:9.0f} tok/s", flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[Row], device_name: str, bandwidth_gbs: float) -> str:
+    lines = [
+        f"Device: {device_name}; bandwidth bound at {bandwidth_gbs:g} GB/s.",
+        "",
+        "| shape | dtype | system | concurrency | output tok/s | decode step ms | bound ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        step = f"{r.decode_step_ms:.2f}" if r.decode_step_ms is not None else ""
+        bound = f"{r.bound_step_ms:.2f}" if r.bound_step_ms is not None else ""
+        lines.append(f"| {r.shape} | {r.dtype} | {r.system} | {r.concurrency} | "
+                     f"{r.tok_per_s:,.0f} | {step} | {bound} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "nf4"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 32, 64])
+    parser.add_argument("--static-batch", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="H100 SXM HBM3")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"))
+    args = parser.parse_args()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if args.device == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as the service does (model_runner.py)
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for dtype in args.dtypes:
+            rows += bench(args, dtype, Path(scratch))
+    table = markdown(rows, device_name, args.bandwidth_gbs)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"engine_{args.shape}_{args.device}.json").write_text(
+        json.dumps({"device": device_name, "rows": [asdict(r) for r in rows]}, indent=1)
+    )
+    (args.out / f"engine_{args.shape}_{args.device}.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
