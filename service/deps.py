@@ -1,4 +1,8 @@
-"""FastAPI dependencies, as Annotated aliases the routes use."""
+"""FastAPI dependencies, as Annotated aliases the routes use.
+
+They are `async def` on purpose: none of them blocks, and FastAPI would send each plain
+`def` dependency through its thread pool, a thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from service.settings import Settings
 RETRY_AFTER = {"Retry-After": "1"}
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -22,7 +26,7 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_settings(runtime: RuntimeDep) -> Settings:
+async def get_settings(runtime: RuntimeDep) -> Settings:
     return runtime.settings
 
 
@@ -34,7 +38,7 @@ def bearer_token(request: Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """401 unless the Bearer token is one of API_KEYS (no keys configured = open API)."""
     keys = settings.api_key_set
     if not keys:
@@ -56,7 +60,7 @@ def accepting_work(runtime: Runtime) -> None:
         raise ApiError(503, "unavailable", "the models are still loading", RETRY_AFTER)
 
 
-def get_predict_service(runtime: RuntimeDep) -> PredictService:
+async def get_predict_service(runtime: RuntimeDep) -> PredictService:
     if runtime.ready and runtime.predict is None:
         raise ApiError(404, "not_found", "/predict is disabled: PREDICT_MODEL is not set")
     accepting_work(runtime)

@@ -52,7 +52,7 @@ class RateLimiter:
                 )
 
 
-def enforce_rate_limit(request: Request) -> None:
+async def enforce_rate_limit(request: Request) -> None:
     rate_limiter: RateLimiter = request.app.state.rate_limiter
     rate_limiter.check(request)
 

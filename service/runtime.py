@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -23,11 +25,25 @@ from service.predictor import Prediction, Predictor
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEMO_WARNING = (
     "Serving RANDOM-WEIGHT DEMO MODELS: answers are meaningless. Point PREDICT_MODEL / "
     "GENERATE_MODEL at a hub id or a local folder to serve a real model."
 )
+
+
+async def on_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run model set-up work on a thread that then ends.
+
+    torch's CPU backend keeps a pool of worker threads for every thread that ever ran model
+    work. Loading, allocating and warming up on long-lived threads (asyncio.to_thread's pool,
+    or the event loop) leaves pools that outnumber the cores beside the engine's own, and
+    then the engine's workers sleep between ops: on a 2-core box /generate went from 628 to
+    901 tok/s over HTTP with this (BENCHMARKS.md).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="model-setup") as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
 @dataclass
@@ -63,10 +79,10 @@ class Runtime:
         """Load, warm up, start the engines, then flip ready. Raises on any failure."""
         s = self.settings
         if s.predict_model:
-            loaded = await asyncio.to_thread(load_predict_model, s)
+            loaded = await on_fresh_thread(load_predict_model, s)
             self._log_loaded(loaded)
             predictor = Predictor(loaded)
-            warm_s = await asyncio.to_thread(self._warm_up_predictor, predictor)
+            warm_s = await on_fresh_thread(self._warm_up_predictor, predictor)
             log.info("predict warm-up took %.2fs", warm_s)
             collector: BatchCollector[str, Prediction] = BatchCollector(
                 predictor.run_batch,
@@ -80,10 +96,12 @@ class Runtime:
             collector.start()
             self.predict = PredictService(predictor, collector, self.metrics.predict)
         if s.generate_model:
-            loaded = await asyncio.to_thread(load_generate_model, s)
+            loaded = await on_fresh_thread(load_generate_model, s)
             self._log_loaded(loaded)
-            self.generate = GenerationService.create(loaded, s, self.metrics.generate)
-            warm_s = await asyncio.to_thread(self.generate.warm_up)
+            self.generate = await on_fresh_thread(
+                GenerationService.create, loaded, s, self.metrics.generate
+            )
+            warm_s = await on_fresh_thread(self.generate.warm_up)
             log.info(
                 "generate warm-up took %.2fs; KV cache: %d slots x %d tokens = %.1f MiB",
                 warm_s,

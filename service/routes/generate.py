@@ -30,7 +30,7 @@ from service.streaming import (
 router = APIRouter(tags=["generate"], dependencies=[ApiKeyDep, RateLimitDep])
 
 
-def get_generation_service(runtime: RuntimeDep) -> GenerationService:
+async def get_generation_service(runtime: RuntimeDep) -> GenerationService:
     if runtime.ready and runtime.generate is None:
         raise ApiError(404, "not_found", "generation is disabled: GENERATE_MODEL is not set")
     accepting_work(runtime)

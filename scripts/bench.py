@@ -1,0 +1,294 @@
+"""Benchmark our service against the model alone, the HTTP floor, a naive server and peers.
+
+    python scripts/bench.py --quick          # ~2 minutes on a 2-core box, prints the ratios
+    python scripts/bench.py                  # ~8 minutes: the full run in BENCHMARKS.md
+
+One run, the same models and the same inputs for every system:
+  /predict   512 single-text requests (8-40 words), closed loop at concurrency 1, 16, 64 and
+             open loop (Poisson) at fractions of the ceiling: ours, LitServe, naive, HTTP floor.
+  /generate  32 prompts (16-32 tokens) x 64 new tokens, all sent at once, streamed: ours over
+             HTTP, our engine without HTTP, static generate(), transformers' continuous batching
+             (offline and `transformers serve --continuous-batching`), naive, HTTP floor.
+Offline measurements run first, each in a fresh process. Then every server starts; all but
+the one being measured are paused (SIGSTOP: LitServe polls even when idle), and the runs
+interleave the systems, repeat after repeat, so that a change in the machine's background
+load hits every system alike. The median repeat is reported.
+Results: bench_results/bench-<time>.json and PNG plots. See BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # batching/ for bench_offline
+
+import bench_load as load
+import bench_offline as offline
+import bench_report
+import bench_servers as servers
+from make_bench_models import build_bench_models, generate_prompts, predict_texts
+
+PREDICT_SYSTEMS = ("floor", "ours", "litserve", "naive")
+# Ours runs as two processes, one model each, as LitServe and transformers serve do: on a small
+# CPU box two engine threads in one process slow each other down (see BENCHMARKS.md).
+GENERATE_SERVERS = ("floor", "ours-generate", "naive", "transformers-serve")
+SHOWN_AS = {"ours-generate": "ours"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, one repeat")
+    parser.add_argument("--predict-model", default="", help="a model folder (default: bench)")
+    parser.add_argument("--generate-model", default="", help="a model folder (default: bench)")
+    parser.add_argument("--models-dir", type=Path, default=Path("bench_models"))
+    parser.add_argument("--out", type=Path, default=Path("bench_results"))
+    parser.add_argument("--concurrency", type=_ints, default=[1, 16, 64])
+    parser.add_argument("--predict-requests", type=int, default=None, help="512; quick: 256")
+    parser.add_argument(
+        "--open-rates",
+        type=_floats,
+        default=None,
+        help="open-loop rates as fractions of the ceiling (0.5,0.8; quick 0.6)",
+    )
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=None, help="3; quick: 1")
+    parser.add_argument(
+        "--naive-streams",
+        type=int,
+        default=None,
+        help="streams sent to the naive /generate (0 = all; quick: 8, it makes ~50 tok/s)",
+    )
+    parser.add_argument(
+        "--ours-dir",
+        type=Path,
+        default=servers.REPO,
+        help="run `python -m service` from this checkout (before/after comparisons)",
+    )
+    parser.add_argument(
+        "--skip",
+        type=_names,
+        default=[],
+        help="systems to leave out, e.g. naive,transformers-serve",
+    )
+    args = parser.parse_args(argv)
+    defaults = {"predict_requests": 512, "open_rates": [0.5, 0.8], "repeats": 3, "naive_streams": 0}
+    if args.quick:  # 512 -> 256 requests, no open loop, naive /generate on 8 of the 32 streams
+        defaults = {"predict_requests": 256, "open_rates": [], "repeats": 1, "naive_streams": 8}
+        args.skip = [*args.skip, "transformers-cb"]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.repeats < 1 or args.predict_requests < 1 or min(args.concurrency) < 1:
+        parser.error("--repeats, --predict-requests and --concurrency must be >= 1")
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The repeat with the median `key` (an actual run, so its fields stay consistent)."""
+    ordered = sorted(runs, key=lambda r: r.get(key) or 0.0)
+    return ordered[len(ordered) // 2] | {"repeats": [r.get(key) for r in runs]}
+
+
+async def predict_phase(
+    args: argparse.Namespace, systems: servers.Systems, texts: list[str], results: dict[str, Any]
+) -> None:
+    names = [n for n in PREDICT_SYSTEMS if n in systems.specs]
+    calls = {n: load.predict_call(systems.specs[n].url) for n in names}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
+    for repeat in range(args.repeats):  # systems interleaved: drift in load hits all alike
+        for c in args.concurrency:
+            for n in names:
+                desc = f"predict {n} c{c} #{repeat + 1}"
+                run = await systems.measure(n, calls[n], calls[n], texts, c, desc=desc)
+                runs[n].setdefault(f"c{c}", []).append(run)
+    by_system = {
+        n: {run: median_run(r, "req_per_s") for run, r in by_run.items()}
+        for n, by_run in runs.items()
+    }
+    predict = results["predict"]
+    floor_runs = by_system.get("floor", {}).values()
+    floor = max((s.get("req_per_s", 0.0) for s in floor_runs), default=0.0)
+    predict |= {"floor": floor, "ceiling": bench_report.ceiling(predict["limit"], floor)}
+    for fraction in args.open_rates if floor else []:
+        rate = round(fraction * predict["ceiling"], 1)
+        for n in (n for n in names if n != "floor"):
+            desc = f"predict {n} open {rate}/s"
+            run = await systems.measure(n, calls[n], calls[n], texts, rate=rate, desc=desc)
+            by_system[n][f"open@{rate}/s"] = run
+    predict["systems"] = by_system
+
+
+def generate_call(name: str, url: str, model: str, new_tokens: int) -> load.Call:
+    if name == "transformers-serve":
+        return load.completions_call(url, model, new_tokens)
+    return load.generate_call(url, new_tokens)
+
+
+async def generate_phase(
+    args: argparse.Namespace, systems: servers.Systems, prompts: list[str], results: dict[str, Any]
+) -> None:
+    names = [n for n in GENERATE_SERVERS if n in systems.specs]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for repeat in range(args.repeats):
+        for n in names:
+            url = systems.specs[n].url
+            call = generate_call(n, url, args.generate_model, args.new_tokens)
+            warm = generate_call(n, url, args.generate_model, 4)
+            desc = f"generate {n} #{repeat + 1}"
+            items = (
+                prompts[: args.naive_streams] if n == "naive" and args.naive_streams else prompts
+            )
+            runs[n].append(
+                await systems.measure(
+                    n,
+                    call,
+                    warm,
+                    items,
+                    len(items),
+                    desc=desc,
+                    histogram="generate_step_batch_size",
+                )
+            )
+    by_system = results["generate"]["systems"]
+    for n, by_repeat in runs.items():
+        by_system[SHOWN_AS.get(n, n)] = {"streams": median_run(by_repeat, "tok_per_s")}
+    floor = by_system.get("floor", {}).get("streams", {}).get("tok_per_s", 0.0)
+    limit = by_system["static"]["streams"]["tok_per_s"]
+    results["generate"] |= {"floor": floor, "ceiling": bench_report.ceiling(limit, floor)}
+
+
+def offline_phase(
+    args: argparse.Namespace, texts: list[str], prompts: list[str], results: dict[str, Any]
+) -> None:
+    """Each system in a fresh process (see bench_offline.isolated)."""
+    print("offline: the model alone, our engine, transformers continuous batching ...")
+    iso, g, n, r = offline.isolated, args.generate_model, args.new_tokens, args.repeats
+    results["predict"]["limit"] = iso(
+        offline.predict_limit, args.predict_model, texts, args.max_batch, r
+    )["req_per_s"]
+    static = iso(offline.generate_limit, g, prompts, n, r)
+    generate = results["generate"]
+    generate["prefill_s"] = static.pop("prefill_s")
+    systems = generate["systems"]
+    systems["static"] = {"streams": static}
+    systems["engine"] = {"streams": iso(offline.engine_run, g, prompts, n, r)}
+    if "transformers-cb" not in args.skip:
+        systems["transformers-cb"] = {"streams": iso(offline.transformers_cb, g, prompts, n, r)}
+
+
+def server_specs(args: argparse.Namespace, prompts_max_tokens: int) -> dict[str, Any]:
+    p, g, n = args.predict_model, args.generate_model, args.new_tokens
+    ours = functools.partial(
+        servers.ours, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        slots=args.prompts, max_seq_len=prompts_max_tokens + n, max_new_tokens=n,
+        checkout=args.ours_dir.resolve(),
+    )  # fmt: skip
+    specs = {
+        "ours": ours(p, ""),
+        "ours-generate": ours("", g),
+        "floor": servers.peer("floor"),
+        "naive": servers.peer("naive", p, g),
+        "litserve": servers.peer("litserve", p, "", args.max_batch, args.max_wait_ms),
+        "transformers-serve": servers.transformers_serve(g),
+    }
+    skipped = {*args.skip, *("ours-generate" for x in args.skip if x == "ours")}
+    if "litserve" not in skipped and importlib.util.find_spec("litserve") is None:
+        print("litserve is not installed (pip install --no-deps litserve pyzmq): skipped")
+        skipped.add("litserve")
+    return {name: spec for name, spec in specs.items() if name not in skipped}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (args.predict_model and args.generate_model):
+        built = build_bench_models(args.models_dir)
+        args.predict_model = args.predict_model or str(built["classifier"].resolve())
+        args.generate_model = args.generate_model or str(built["llm"].resolve())
+    _, tokenizer = offline.load_llm(args.generate_model)
+    texts = predict_texts(args.predict_requests)
+    prompts = generate_prompts(tokenizer, args.prompts)
+    prompt_tokens = [len(tokenizer.encode(p)) for p in prompts]
+    results: dict[str, Any] = {
+        "meta": bench_report.machine()
+        | {
+            "command": " ".join(sys.argv),
+            "args": _jsonable(vars(args)),
+            "started": dt.datetime.now().isoformat(timespec="seconds"),
+            "prompt_tokens": [min(prompt_tokens), max(prompt_tokens)],
+        },
+        "predict": {},
+        "generate": {"systems": {}},
+    }
+    clock = _Clock(results["meta"])
+    offline_phase(args, texts, prompts, results)
+    clock.lap("offline")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out / "logs"
+    log_dir.mkdir(exist_ok=True)
+    specs = server_specs(args, max(prompt_tokens))
+    print(f"starting {', '.join(specs)} (logs in {log_dir}) ...")
+    with contextlib.closing(servers.Systems(specs, log_dir)) as systems:
+        systems.wait_ready()
+        results["meta"]["idle_cpu_percent"] = systems.idle_cpu_percent
+        clock.lap("servers ready")
+        asyncio.run(predict_phase(args, systems, texts, results))
+        clock.lap("/predict runs")
+        asyncio.run(generate_phase(args, systems, prompts, results))
+        clock.lap("/generate runs")
+    targets = bench_report.predict_targets(results) + bench_report.generate_targets(results)
+    results["targets"] = [t.as_dict() for t in targets]
+    stem = "bench-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = args.out / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=2))
+    plots = bench_report.write_plots(results, args.out, stem)
+    print(bench_report.report(results))
+    print(f"\nwrote {json_path} and {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+class _Clock:
+    """Seconds per phase, printed as it goes and kept in the results."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.phases_s: dict[str, float] = meta.setdefault("phases_s", {})
+        self.last_s = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now_s = time.perf_counter()
+        self.phases_s[phase] = round(now_s - self.last_s, 1)
+        self.last_s = now_s
+        print(f"{phase}: {self.phases_s[phase]:.0f} s", flush=True)
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
