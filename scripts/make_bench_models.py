@@ -22,10 +22,9 @@ import sys
 from pathlib import Path
 
 import torch
+from make_demo_models import build_classifier
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -93,23 +92,6 @@ def train_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     )
 
 
-def build_classifier(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    config = BertConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1},
-        architectures=["BertForSequenceClassification"],
-    )
-    BertForSequenceClassification(config).eval().save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
 def build_llm(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
@@ -140,7 +122,14 @@ def build_bench_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
         return paths
     tokenizer = train_tokenizer(seed)
     torch.manual_seed(seed)
-    build_classifier(tokenizer, paths["classifier"])
+    build_classifier(
+        tokenizer,
+        paths["classifier"],
+        vocab_size=VOCAB_SIZE,
+        hidden_size=256,
+        num_layers=4,
+        intermediate_size=1024,
+    )
     torch.manual_seed(seed + 1)
     build_llm(tokenizer, paths["llm"])
     return paths

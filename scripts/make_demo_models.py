@@ -72,13 +72,22 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def build_classifier(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+def build_classifier(
+    tokenizer: PreTrainedTokenizerFast,
+    out_dir: Path,
+    *,
+    vocab_size: int = VOCAB_SIZE,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    intermediate_size: int = 128,
+) -> None:
+    """A NEGATIVE/POSITIVE BertForSequenceClassification (the bench builds a bigger one)."""
     config = BertConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
-        intermediate_size=128,
+        intermediate_size=intermediate_size,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         id2label={0: "NEGATIVE", 1: "POSITIVE"},

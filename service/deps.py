@@ -11,11 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import ApiError
+from service.errors import RETRY_AFTER, ApiError
 from service.runtime import PredictService, Runtime
 from service.settings import Settings
-
-RETRY_AFTER = {"Retry-After": "1"}
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -25,6 +25,7 @@ from service.request_id import request_id_of
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class ApiError(Exception):
@@ -56,15 +57,14 @@ def error_response(
 
 def api_error_from_engine(exc: Exception) -> ApiError:
     """The HTTP meaning of an engine exception (also used inside SSE streams)."""
-    retry = {"Retry-After": str(RETRY_AFTER_S)}
     if isinstance(exc, PromptTooLongError):
         return ApiError(422, "context_length_exceeded", str(exc))
     if isinstance(exc, InvalidInputError):
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, QueueFullError):
-        return ApiError(503, "queue_full", str(exc), retry)
+        return ApiError(503, "queue_full", str(exc), RETRY_AFTER)
     if isinstance(exc, EngineStoppedError):
-        return ApiError(503, "unavailable", str(exc) or "the engine is not running", retry)
+        return ApiError(503, "unavailable", str(exc) or "the engine is not running", RETRY_AFTER)
     if isinstance(exc, QueueTimeoutError):
         return ApiError(504, "timeout", str(exc))
     if isinstance(exc, ModelExecutionError):

@@ -11,8 +11,8 @@ from fastapi.responses import StreamingResponse
 
 from batching.errors import EngineError
 from batching.handle import GenerationDelta, GenerationHandle, GenerationResult
-from service.deps import RETRY_AFTER, ApiKeyDep, RuntimeDep, accepting_work
-from service.errors import ApiError
+from service.deps import ApiKeyDep, RuntimeDep, accepting_work
+from service.errors import RETRY_AFTER, ApiError
 from service.generation import GenerationService, sampling_params
 from service.limits import RateLimitDep
 from service.request_id import request_id_of

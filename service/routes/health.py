@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import RuntimeDep
-from service.errors import error_response
+from service.errors import RETRY_AFTER, error_response
 
 router = APIRouter(tags=["operations"])
 
@@ -27,9 +27,9 @@ async def health(request: Request, runtime: RuntimeDep) -> Response:
 async def ready(request: Request, runtime: RuntimeDep) -> Response:
     """200 only once models are loaded and warmed up, and while not draining."""
     if runtime.draining:
-        return error_response(request, 503, "unavailable", "draining", {"Retry-After": "1"})
+        return error_response(request, 503, "unavailable", "draining", RETRY_AFTER)
     if not runtime.ready:
-        return error_response(request, 503, "unavailable", "loading", {"Retry-After": "1"})
+        return error_response(request, 503, "unavailable", "loading", RETRY_AFTER)
     return JSONResponse({"status": "ready"})
 
 

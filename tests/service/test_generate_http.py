@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import threading
 import time
 
 import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .scrape import metric, peak_slots_in_use
 
 SLOTS = 4
 MAX_NEW_TOKENS = 24
@@ -59,12 +59,6 @@ def reference(demo_models):
 
     generate.tokenizer = tokenizer  # type: ignore[attr-defined]
     return generate
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
 
 
 async def stream_events(client: httpx.AsyncClient, payload: dict) -> list[dict | str]:
@@ -164,19 +158,6 @@ def test_a_seeded_sampled_request_is_the_same_alone_and_amid_fifteen_others(serv
 
 
 def test_sixty_four_streams_all_complete_within_the_slot_limit(server):
-    peak = {"slots": 0.0}
-    done = threading.Event()
-
-    def watch_slots() -> None:
-        with httpx.Client(base_url=server.url, timeout=10) as client:
-            while not done.is_set():
-                value = metric(client.get("/metrics").text, "generate_slots_in_use")
-                peak["slots"] = max(peak["slots"], value)
-                time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch_slots)
-    watcher.start()
-
     async def run() -> list[list[dict | str]]:
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
@@ -187,11 +168,8 @@ def test_sixty_four_streams_all_complete_within_the_slot_limit(server):
                 )
             )
 
-    try:
+    with peak_slots_in_use(server.url) as peak:
         results = asyncio.run(run())
-    finally:
-        done.set()
-        watcher.join()
     assert all(events[-1] == "[DONE]" and "finish_reason" in events[-2] for events in results)
     assert 1 <= peak["slots"] <= SLOTS
     after = httpx.get(f"{server.url}/metrics").text

@@ -19,6 +19,7 @@ from service.app import create_app
 from service.settings import Settings
 
 from .inprocess import wait_ready
+from .scrape import metric, peak_slots_in_use
 
 SLOTS = 8
 KEY = "sk-test-key"
@@ -61,12 +62,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def tokenizer(demo_models):
     return AutoTokenizer.from_pretrained(demo_models["llm"])
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
 
 
 def generate_text(server, prompt: str, max_new_tokens: int) -> str:
@@ -226,16 +221,6 @@ def test_a_client_that_closes_its_stream_frees_its_slot(client, server):
 
 
 def test_sixteen_concurrent_streaming_chats_share_the_slots(server):
-    peak = {"slots": 0.0}
-    done = threading.Event()
-
-    def watch_slots() -> None:
-        with httpx.Client(base_url=server.url, timeout=10) as http:
-            while not done.is_set():
-                value = metric(http.get("/metrics").text, "generate_slots_in_use")
-                peak["slots"] = max(peak["slots"], value)
-                time.sleep(0.02)
-
     async def chat(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
         messages = [{"role": "user", "content": f"Tell me story number {i}"}]
         stream = await client.chat.completions.create(
@@ -252,13 +237,8 @@ def test_sixteen_concurrent_streaming_chats_share_the_slots(server):
         async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
             return await asyncio.gather(*(chat(client, i) for i in range(16)))
 
-    watcher = threading.Thread(target=watch_slots)
-    watcher.start()
-    try:
+    with peak_slots_in_use(server.url) as peak:
         results = asyncio.run(run())
-    finally:
-        done.set()
-        watcher.join()
     assert len(results) == 16
     assert all(reason in {"stop", "length"} for _, reason in results)
     assert 1 < peak["slots"] <= SLOTS

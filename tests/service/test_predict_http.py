@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
 import httpx
 import pytest
+
+from .scrape import metric
 
 CONCURRENT_REQUESTS = 200
 
@@ -27,12 +28,6 @@ def server(start_server, demo_models):
 def http(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
-
-
-def metric_value(metrics_text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics_text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def test_predict_answers_with_label_score_and_request_id(server, http):
@@ -71,12 +66,8 @@ def test_concurrent_requests_are_batched_and_equal_to_each_text_alone(server, ht
             assert score == pytest.approx(expected[label], abs=1e-4)
 
     after = http.get("/metrics").text
-    batches = metric_value(after, "predict_batch_size_count") - metric_value(
-        before, "predict_batch_size_count"
-    )
-    items = metric_value(after, "predict_batch_size_sum") - metric_value(
-        before, "predict_batch_size_sum"
-    )
+    batches = metric(after, "predict_batch_size_count") - metric(before, "predict_batch_size_count")
+    items = metric(after, "predict_batch_size_sum") - metric(before, "predict_batch_size_sum")
     assert items == CONCURRENT_REQUESTS
     assert items / batches > 2, f"mean batch size {items / batches:.2f}: batching did not happen"
 
