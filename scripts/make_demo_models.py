@@ -16,14 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from tiny_models import classifier_config, decoder_config, train_byte_bpe
+from transformers import BertForSequenceClassification, LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1024  # a multiple of 32: bitsandbytes nf4 needs every linear output divisible by 32
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -47,75 +41,42 @@ def main(): return sum(x * x for x in range(10))  # code is text too
 
 
 def train_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE: every UTF-8 byte is a token, so any text round-trips."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
+    """The demo's byte-level BPE, with a chat template so /v1/chat/completions works."""
+    lines = [line for line in CORPUS.splitlines() if line.strip()]
+    tokenizer = train_byte_bpe(
+        lines * 4,
         vocab_size=VOCAB_SIZE,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = [line for line in CORPUS.splitlines() if line.strip()]
-    tokenizer.train_from_iterator(lines * 4, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        unk_token="<unk>",
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
-        unk_token="<unk>",
         model_max_length=512,
     )
-    wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_classifier(
-    tokenizer: PreTrainedTokenizerFast,
-    out_dir: Path,
-    *,
-    vocab_size: int = VOCAB_SIZE,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    intermediate_size: int = 128,
+    tokenizer: PreTrainedTokenizerFast, out_dir: Path, vocab_size: int = VOCAB_SIZE, **shape: int
 ) -> None:
     """A NEGATIVE/POSITIVE BertForSequenceClassification (the bench builds a bigger one)."""
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1},
-        architectures=["BertForSequenceClassification"],
-    )
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(out_dir)
+    config = classifier_config(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, **shape)
+    BertForSequenceClassification(config).eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
 def build_llm(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    config = LlamaConfig(
+    config = decoder_config(
+        "llama",
         vocab_size=VOCAB_SIZE,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=1024,
-        # A wide init makes greedy decoding vary from token to token (0.02 repeats one token),
-        # which is what the equality tests need to mean anything.
-        initializer_range=0.3,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
     )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id

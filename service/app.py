@@ -20,8 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.errors import install_error_handlers
 from service.limits import RateLimiter
 from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
+from service.openai import routes as openai_routes
 from service.request_id import RequestIdMiddleware
-from service.routes import generate, health, openai, predict
+from service.routes import generate, health, predict
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(generate.router)
-    app.include_router(openai.router)
+    app.include_router(openai_routes.router)
     app.state.rate_limiter = RateLimiter(settings)
     Instrumentator(
         registry=metrics.registry,

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from batching.detokenizer import Tokenizer
-from batching.engine import GenerationEngine
-from batching.sampling import SamplingParams
+from batching.generation.detokenizer import Tokenizer
+from batching.generation.engine import GenerationEngine
+from batching.generation.sampling import SamplingParams
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel
 from service.settings import Settings

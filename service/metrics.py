@@ -46,7 +46,7 @@ class TotalOnlyCounter(Collector):
 
 
 class PredictMetrics:
-    """The `predict_*` family; also the collector's observer (see batching.collector)."""
+    """The `predict_*` family; also the collector's observer (see batching.dynamic.collector)."""
 
     def __init__(self, registry: CollectorRegistry, max_batch_size: int) -> None:
         self.queue_depth = Gauge(
@@ -85,7 +85,7 @@ class PredictMetrics:
         for reason in ("queue_full", "timeout", "invalid"):
             self.rejected.labels(reason=reason)
 
-    # batching.collector.CollectorObserver
+    # batching.dynamic.collector.CollectorObserver
     def observe_batch_size(self, size: int) -> None:
         self.batch_size.observe(size)
 
@@ -161,7 +161,7 @@ class GenerateMetrics:
         for reason in ("eos", "stop", "length", "cancelled", "error"):
             self.finished.labels(reason=reason)
 
-    # batching.observer.EngineObserver (called on the engine thread; prometheus is thread-safe)
+    # batching.generation.observer.EngineObserver (engine thread; prometheus is thread-safe)
     def on_step(self, batch_size: int) -> None:
         self.step_batch_size.observe(batch_size)
 

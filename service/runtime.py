@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from batching.collector import BatchCollector
+from batching.dynamic.collector import BatchCollector
 from service.generation import GenerationService
 from service.metrics import PredictMetrics, ServiceMetrics
 from service.models import LoadedModel, load_generate_model, load_predict_model

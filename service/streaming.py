@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import Request
 
 from batching.errors import EngineError
-from batching.handle import GenerationDelta, GenerationHandle, GenerationResult
-from batching.sampling import SamplingParams
+from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
+from batching.generation.sampling import SamplingParams
 from service.errors import ApiError, api_error_from_engine
 from service.generation import GenerationService
 

@@ -119,9 +119,11 @@ def test_mean_batch_size_is_the_difference_of_two_scrapes() -> None:
     assert metrics.histogram_mean({}, {}, "absent") is None
 
 
-def test_metric_parsing_skips_comments_and_junk() -> None:
-    text = '# HELP x y\n# TYPE x counter\nx_total 3\nlabelled{a="1",b="2"} 2.5e3\nnot a metric\n'
+def test_metric_parsing_reads_labelled_samples_and_refuses_junk() -> None:
+    text = '# HELP x y\n# TYPE x counter\nx_total 3\nlabelled{b="2",a="1"} 2.5e3\n'
     assert metrics.parse_metrics(text) == {"x_total": 3.0, 'labelled{a="1",b="2"}': 2500.0}
+    with pytest.raises(ValueError):
+        metrics.parse_metrics(text + "not a metric\n")
 
 
 def test_sse_lines_and_usage_are_read_for_both_api_shapes() -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
+from harness import start_service
 
-from tests.conftest import REPO, ServerProcess, free_port
+from tests.conftest import REPO
 
 README = REPO / "README.md"
 
@@ -32,27 +30,16 @@ def test_readme_starts_with_the_serve_and_test_commands():
     assert os.access(REPO / "scripts" / "test", os.X_OK)
 
 
-class ScriptServer(ServerProcess):
-    """./scripts/serve itself, with no model configured: it must build the demo models."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k not in {"PREDICT_MODEL", "GENERATE_MODEL"}}
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [str(REPO / "scripts" / "serve")],
-            cwd=REPO,
-            env=env | {"PORT": str(self.port), "LOG_LEVEL": "WARNING"},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_quick_start_curl_commands_answer_from_scripts_serve(tmp_path):
-    server = ScriptServer(tmp_path / "serve.log")
+def test_quick_start_curl_commands_answer_from_scripts_serve(tmp_path, monkeypatch):
+    # ./scripts/serve itself, with no model configured: it must build the demo models.
+    monkeypatch.delenv("PREDICT_MODEL", raising=False)
+    monkeypatch.delenv("GENERATE_MODEL", raising=False)
+    server = start_service(
+        tmp_path / "serve.log",
+        {"LOG_LEVEL": "WARNING"},
+        cwd=REPO,
+        command=[str(REPO / "scripts" / "serve")],
+    )
     try:
         server.wait_ready(timeout_s=300)
         curl_lines = [

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from batching.errors import EngineError
-from batching.handle import GenerationDelta, GenerationHandle, GenerationResult
+from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from service.deps import ApiKeyDep, RuntimeDep, accepting_work
 from service.errors import RETRY_AFTER, ApiError
 from service.generation import GenerationService, sampling_params

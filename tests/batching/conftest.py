@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import decoder_config, train_byte_bpe
+from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
-from batching.engine import GenerationEngine
-from batching.observer import FinishLabel
+from batching.generation.engine import GenerationEngine
+from batching.generation.observer import FinishLabel
 
 # The same tests run on a GPU box with TEST_DEVICE=cuda (and TEST_DTYPE=bfloat16 if wanted).
 TEST_DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
@@ -30,17 +30,12 @@ CORPUS = [
 ]
 
 
-def tiny_llama_config(attn_implementation: str = "sdpa") -> LlamaConfig:
+def tiny_llama_config(attn_implementation: str = "sdpa") -> PretrainedConfig:
     """2 layers, 4 query heads sharing 2 KV heads (GQA); a wide init so greedy tokens vary."""
-    return LlamaConfig(
+    return decoder_config(
+        "llama",
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
-        initializer_range=0.3,
         bos_token_id=1,
         eos_token_id=EOS_ID,
         pad_token_id=0,
@@ -62,18 +57,13 @@ def tiny_llama() -> LlamaForCausalLM:
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few lines that include multi-byte text."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    return train_byte_bpe(
+        CORPUS * 4,
         vocab_size=VOCAB_SIZE,
         special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
     )
 
 

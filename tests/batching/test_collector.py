@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from batching.collector import BatchCollector, RejectReason
+from batching.dynamic.collector import BatchCollector, RejectReason
 from batching.errors import (
     EngineStoppedError,
     InvalidInputError,
@@ -329,7 +329,7 @@ async def test_submit_before_start_is_refused() -> None:
 
 def test_collector_imports_no_web_framework() -> None:
     code = (
-        "import sys, batching.collector; "
+        "import sys, batching.dynamic.collector; "
         "sys.exit(sorted({'fastapi', 'starlette', 'pydantic'} & set(sys.modules)) or 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

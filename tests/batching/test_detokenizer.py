@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from batching.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from batching.generation.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 
 MULTIBYTE = "héllo wörld ✓ 日本語 😀 café"
 

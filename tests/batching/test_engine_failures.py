@@ -7,7 +7,6 @@ import asyncio
 import pytest
 from transformers import LlamaForCausalLM
 
-from batching.engine import GenerationEngine
 from batching.errors import (
     EngineStoppedError,
     InvalidInputError,
@@ -16,7 +15,8 @@ from batching.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
-from batching.sampling import SamplingParams
+from batching.generation.engine import GenerationEngine
+from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import WAIT_S, EngineFactory, Gate, RecordingObserver
 
 PROMPT = [5, 6, 7, 8]

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from tiny_models import decoder_config
+from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
-from batching.engine import GenerationEngine
-from batching.handle import GenerationHandle, GenerationResult
-from batching.sampling import SamplingParams
+from batching.generation.engine import GenerationEngine
+from batching.generation.handle import GenerationHandle, GenerationResult
+from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import (
     EOS_ID,
     TEST_DEVICE,
@@ -95,32 +89,19 @@ async def test_a_small_prefill_budget_still_equals_generate(make_engine: EngineF
 def tiny_qwen2() -> Qwen2ForCausalLM:
     """Qwen2 shape: biases on q/k/v."""
     torch.manual_seed(1)
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-        eos_token_id=EOS_ID,
-    )
+    config = decoder_config("qwen2", vocab_size=VOCAB_SIZE, eos_token_id=EOS_ID)
     return Qwen2ForCausalLM(config).to(TEST_DEVICE, TEST_DTYPE).eval()
 
 
 def tiny_mistral() -> MistralForCausalLM:
     """Mistral shape: a (large) sliding window, head_dim set explicitly."""
     torch.manual_seed(2)
-    config = MistralConfig(
+    config = decoder_config(
+        "mistral",
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=32,
         sliding_window=128,
-        initializer_range=0.3,
         eos_token_id=EOS_ID,
     )
     return MistralForCausalLM(config).to(TEST_DEVICE, TEST_DTYPE).eval()

@@ -7,7 +7,7 @@ import asyncio
 import torch
 from transformers import LlamaForCausalLM
 
-from batching.sampling import SamplingParams
+from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import (
     VOCAB_SIZE,
     WAIT_S,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from batching.detokenizer import REPLACEMENT_CHAR
-from batching.sampling import SamplingParams
+from batching.generation.detokenizer import REPLACEMENT_CHAR
+from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import EngineFactory
 
 PROMPT = [40, 41, 42, 43, 44]

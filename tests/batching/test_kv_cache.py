@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from batching.kv_cache import SlotKVCache
+from batching.generation.kv_cache import SlotKVCache
 
 
 def small_cache() -> SlotKVCache:

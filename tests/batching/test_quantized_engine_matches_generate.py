@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from batching.sampling import SamplingParams
+from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import TEST_DEVICE, TEST_DTYPE, EngineFactory, build_tiny_llama
 from tests.batching.test_engine_matches_generate import (
     MAX_NEW_TOKENS,

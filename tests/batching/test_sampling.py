@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from batching.errors import InvalidInputError
-from batching.sampling import SamplingParams, make_generator, sample_next_tokens
+from batching.generation.sampling import SamplingParams, make_generator, sample_next_tokens
 
 
 def draw(logits: torch.Tensor, params: list[SamplingParams]) -> list[int]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from batching.errors import QueueFullError
-from batching.scheduler import Scheduler
+from batching.generation.scheduler import Scheduler
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batching.slots import SlotMove, SlotTable
+from batching.generation.slots import SlotMove, SlotTable
 
 
 def test_allocate_takes_the_next_slot_and_reserves_the_whole_sequence() -> None:

@@ -11,15 +11,11 @@ import getpass
 import json
 import os
 import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+from harness import HttpServer, ManagedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_DIR = REPO / "nginx"
@@ -46,73 +42,6 @@ needs_prometheus = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def log_tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
-
-@dataclass
-class Process:
-    """A child process with its combined stdout/stderr in a log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def fail(self, why: str) -> None:
-        pytest.fail(f"{self.name}: {why}\n--- log tail ---\n{log_tail(self.log_path)}")
-
-
-def spawn(
-    name: str,
-    args: list[str],
-    log_path: Path,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-) -> Process:
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-    return Process(name, popen, log_path)
-
-
-def wait_until(proc: Process, check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll `check` (every 50 ms, bounded) until it is true; fail with the process log if not."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            proc.fail(f"exited with {proc.popen.returncode} before {what}")
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.05)
-    proc.fail(f"not {what} after {timeout_s:g}s")
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def http_ok(url: str) -> bool:
-    return httpx.get(url, timeout=2).status_code == 200
-
-
 # --- Stand-in upstreams ------------------------------------------------------------------
 
 
@@ -122,7 +51,7 @@ class Upstream:
 
     name: str
     port: int
-    process: Process
+    process: ManagedProcess
     requests_log: Path
 
     @property
@@ -173,11 +102,7 @@ def render_nginx(
 @dataclass
 class Nginx:
     url: str
-    process: Process
+    process: ManagedProcess
 
 
-@dataclass
-class App:
-    url: str
-    port: int
-    process: Process
+App = HttpServer  # the real app: `python -m service` on a free port

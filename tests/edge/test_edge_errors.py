@@ -6,8 +6,9 @@ import re
 from collections.abc import Callable
 
 import httpx
+from harness import free_port
 
-from tests.edge.processes import Nginx, Upstream, free_port, needs_nginx
+from tests.edge.processes import Nginx, Upstream, needs_nginx
 
 pytestmark = needs_nginx
 

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from harness import free_port
 
-from tests.edge.processes import NGINX_DIR, Nginx, Upstream, free_port, needs_nginx
+from tests.edge.processes import NGINX_DIR, Nginx, Upstream, needs_nginx
 
 pytestmark = needs_nginx
 

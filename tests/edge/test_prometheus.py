@@ -12,17 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from harness import ManagedProcess, free_port, http_ok
 
-from tests.edge.processes import (
-    PROMETHEUS,
-    REPO,
-    App,
-    free_port,
-    http_ok,
-    needs_prometheus,
-    spawn,
-    wait_until,
-)
+from tests.edge.processes import PROMETHEUS, REPO, App, needs_prometheus
 
 pytestmark = needs_prometheus
 
@@ -82,10 +74,10 @@ def prometheus(app: App, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         f"--storage.tsdb.path={tmp_path / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
-    proc = spawn("prometheus", args, tmp_path / "prometheus.log")
+    proc = ManagedProcess("prometheus", args, tmp_path / "prometheus.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(proc, lambda: http_ok(url + "/-/ready"), 30, "ready")
+        proc.wait_until(lambda: http_ok(url + "/-/ready"), 30, "ready")
         yield Prometheus(url)
     finally:
         proc.stop()

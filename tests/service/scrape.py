@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+from metrics_text import sample_value
 
 POLL_S = 0.02
 
 
-def metric(text: str, name: str) -> float:
-    """The value of one unlabelled (or fully spelled-out labelled) sample."""
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a /metrics page, parsed as Prometheus text."""
+    return sample_value(text, name, **labels)
 
 
 @contextmanager

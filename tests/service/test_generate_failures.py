@@ -7,12 +7,13 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from batching.engine import GenerationEngine
-from batching.model_runner import ModelRunner
+from batching.generation.engine import GenerationEngine
+from batching.generation.model_runner import ModelRunner
 from service.app import create_app
 from service.settings import Settings
 
 from .inprocess import wait_ready
+from .scrape import metric
 
 GATE_TIMEOUT_S = 30
 
@@ -46,7 +47,7 @@ def test_a_failing_step_fails_only_its_requests_and_the_engine_keeps_serving(
         assert after.status_code == 200
         assert after.json()["completion_tokens"] >= 1
         metrics = client.get("/metrics").text
-        assert 'generate_requests_finished_total{reason="error"} 1.0' in metrics
+        assert metric(metrics, "generate_requests_finished_total", reason="error") == 1
 
 
 def test_health_turns_503_when_the_engine_loop_dies(demo_models, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
-from batching.model_runner import ModelRunner
+from batching.generation.model_runner import ModelRunner
 from service.app import create_app
 from service.settings import Settings
 
@@ -203,8 +203,8 @@ def test_api_keys_and_rate_limits_apply_to_v1(servers):
 
 
 def test_a_client_that_closes_its_stream_frees_its_slot(client, server):
-    cancelled = 'generate_requests_finished_total{reason="cancelled"}'
-    before = metric(httpx.get(f"{server.url}/metrics").text, cancelled)
+    cancelled = {"name": "generate_requests_finished_total", "reason": "cancelled"}
+    before = metric(httpx.get(f"{server.url}/metrics").text, **cancelled)
     stream = client.chat.completions.create(  # greedily, this runs to the 64-token limit
         model="m", messages=MESSAGES, temperature=0, max_tokens=64, stream=True
     )
@@ -213,10 +213,10 @@ def test_a_client_that_closes_its_stream_frees_its_slot(client, server):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         metrics = httpx.get(f"{server.url}/metrics").text
-        if metric(metrics, cancelled) > before:
+        if metric(metrics, **cancelled) > before:
             break
         time.sleep(0.05)
-    assert metric(metrics, cancelled) == before + 1
+    assert metric(metrics, **cancelled) == before + 1
     assert metric(metrics, "generate_slots_in_use") == 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+from metrics_text import family_names
 
 from .scrape import metric
 
@@ -122,8 +123,11 @@ def test_info_and_metrics_describe_the_loaded_model(server, http):
     assert info["predict"]["device"] == "cpu"
     assert info["predict"]["max_batch_size"] == 32
     metrics = http.get("/metrics").text
-    assert 'model_info{device="cpu"' in metrics
-    for name in ("predict_queue_depth", "predict_queue_wait_seconds", "predict_inference_seconds"):
-        assert name in metrics
-    assert 'predict_requests_rejected_total{reason="queue_full"}' in metrics
-    assert "http_requests_total" in metrics
+    model = info["predict"]
+    labels = {"task": "classification", "model": model["model"], "revision": model["revision"]}
+    assert metric(metrics, "model_info", **labels, quantization="none", device="cpu") == 1
+    assert metric(metrics, "predict_queue_depth") >= 0
+    for name in ("predict_queue_wait_seconds", "predict_inference_seconds"):
+        assert metric(metrics, f"{name}_count") >= 0
+    assert metric(metrics, "predict_requests_rejected_total", reason="queue_full") >= 0
+    assert "http_requests" in family_names(metrics)

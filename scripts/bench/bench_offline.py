@@ -32,8 +32,8 @@ from transformers import (
     GenerationConfig,
 )
 
-from batching.engine import GenerationEngine
-from batching.sampling import SamplingParams
+from batching.generation.engine import GenerationEngine
+from batching.generation.sampling import SamplingParams
 
 T = TypeVar("T")
 

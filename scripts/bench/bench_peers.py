@@ -1,8 +1,8 @@
 """The servers we compare against, each a small app launched as its own process.
 
-    python scripts/bench_peers.py floor    --port P
-    python scripts/bench_peers.py naive    --port P --predict-model DIR --generate-model DIR
-    python scripts/bench_peers.py litserve --port P --predict-model DIR [--max-batch-size 32]
+    python scripts/bench/bench_peers.py floor    --port P
+    python scripts/bench/bench_peers.py naive    --port P --predict-model DIR --generate-model DIR
+    python scripts/bench/bench_peers.py litserve --port P --predict-model DIR [--max-batch-size 32]
 
 * floor: the same web stack as ours (FastAPI + uvicorn, pydantic bodies, SSE framing) answering
   without any model. Its throughput bounds what any server on this stack can reach.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from batching.kv_cache import SlotKVCache
+from batching.generation.kv_cache import SlotKVCache
 
 
 class ModelRunner:

@@ -1,6 +1,6 @@
 """Bench models and workloads, built offline and deterministically (random weights).
 
-    python scripts/make_bench_models.py [OUT_DIR]          (default: bench_models/)
+    python scripts/bench/make_bench_models.py [OUT_DIR]          (default: bench_models/)
 
 * A byte-level BPE tokenizer with 8,192 tokens, trained on a seeded synthetic corpus of
   made-up words (the demo corpus is far too small to learn 8k merges). It has no EOS token.
@@ -22,13 +22,12 @@ import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
+
 from make_demo_models import build_classifier
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from tiny_models import decoder_config, train_byte_bpe
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB_SIZE = 8192
 SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>"]  # deliberately no EOS token
@@ -72,28 +71,20 @@ def train_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     source = WordSource(seed)
     lines = [source.sentence(source.rng.randint(4, 30)) for _ in range(20_000)]
     lines += source.words  # every word at least once, so rare words can become tokens too
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
+    return train_byte_bpe(
+        lines,
         vocab_size=VOCAB_SIZE,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(lines, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        unk_token="<unk>",
         pad_token="<pad>",
         bos_token="<s>",
-        unk_token="<unk>",
         model_max_length=512,
     )
 
 
 def build_llm(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    config = LlamaConfig(
+    config = decoder_config(
+        "llama",
         vocab_size=VOCAB_SIZE,
         hidden_size=512,
         intermediate_size=1408,
@@ -106,7 +97,6 @@ def build_llm(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
-        architectures=["LlamaForCausalLM"],
     )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None

@@ -1,7 +1,7 @@
 """Generation tokens/s over HTTP with 1 and with N concurrent streaming clients, in one run.
 
     ./scripts/serve &                      # the demo models
-    python scripts/demo_throughput.py [--url http://127.0.0.1:8000] [--clients 16]
+    python scripts/bench/demo_throughput.py [--url http://127.0.0.1:8000] [--clients 16]
 
 Each client sends streaming /generate requests one after another for --seconds; tokens are
 counted from the SSE events the client receives. The figure in the README comes from here.

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,19 +15,12 @@ from typing import Any
 
 import bench_load as load
 import bench_metrics as metrics
-import httpx
+from harness import HttpServer, free_port
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
+REPO = Path(__file__).resolve().parents[2]
+BENCH_DIR = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 5.0
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -90,7 +80,7 @@ def peer(
 ) -> ServerSpec:
     """floor, naive or litserve (see bench_peers.py)."""
     port = free_port()
-    command = [sys.executable, str(SCRIPTS / "bench_peers.py"), kind, "--port", str(port)]
+    command = [sys.executable, str(BENCH_DIR / "bench_peers.py"), kind, "--port", str(port)]
     command += ["--predict-model", predict_model, "--generate-model", generate_model]
     command += ["--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
     return ServerSpec(kind, command, {}, "/health", port)
@@ -105,70 +95,25 @@ def transformers_serve(generate_model: str) -> ServerSpec:
     return ServerSpec("transformers-serve", command, {"HF_HUB_OFFLINE": "1"}, "/health", port)
 
 
-class ServerProcess:
-    def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
-        self.spec = spec
-        self.log_path = log_dir / f"{spec.name}.log"
-        self._log = self.log_path.open("wb")
-        env = os.environ | {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"} | spec.env
-        self.proc = subprocess.Popen(
-            spec.command,
-            cwd=spec.cwd,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: LitServe forks workers
-        )
+def start_server(spec: ServerSpec, log_dir: Path) -> HttpServer:
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"} | spec.env
+    return HttpServer(
+        spec.name,
+        spec.command,
+        log_dir / f"{spec.name}.log",
+        port=spec.port,
+        ready_path=spec.ready_path,
+        env=env,
+        cwd=spec.cwd,
+    )
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.spec.name} exited early:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.spec.url + self.spec.ready_path, timeout=2).status_code == 200:
-                    return
-            time.sleep(0.25)
-        raise TimeoutError(f"{self.spec.name} not ready in {timeout_s}s:\n{self.log_tail()}")
 
-    def pause(self) -> None:
-        """SIGSTOP the whole process group: a paused server takes no CPU from the one measured
-        (LitServe's worker polls its queue every millisecond even when idle)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGCONT)
-
-    def idle_cpu_percent(self, seconds: float = 2.0) -> float:
-        """CPU used by the process group while nobody calls it, in % of one core."""
-        before = group_cpu_ticks(self.proc.pid)
-        time.sleep(seconds)
-        used = group_cpu_ticks(self.proc.pid) - before
-        return round(100.0 * used / CLOCK_TICKS_PER_S / seconds, 1)
-
-    def interrupt(self) -> None:
-        """SIGCONT + SIGINT the process group: a clean uvicorn shutdown begins."""
-        if self.proc.poll() is None:
-            self.resume()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGINT)
-
-    def stop(self) -> None:
-        """interrupt(), wait a little, then SIGKILL whatever is left of the process group."""
-        if self.proc.poll() is None:
-            self.interrupt()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(STOP_TIMEOUT_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers (forked workers) too
-        self.proc.wait()
-        self._log.close()
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
+def idle_cpu_percent(server: HttpServer, seconds: float = 2.0) -> float:
+    """CPU used by the process group while nobody calls it, in % of one core."""
+    before = group_cpu_ticks(server.proc.pid)
+    time.sleep(seconds)
+    used = group_cpu_ticks(server.proc.pid) - before
+    return round(100.0 * used / CLOCK_TICKS_PER_S / seconds, 1)
 
 
 class Systems:
@@ -176,22 +121,20 @@ class Systems:
 
     def __init__(self, specs: dict[str, ServerSpec], log_dir: Path) -> None:
         self.specs = specs
-        self.procs: dict[str, ServerProcess] = {}
-        for name, spec in specs.items():
-            self.procs[name] = ServerProcess(spec, log_dir)
+        self.procs = {name: start_server(spec, log_dir) for name, spec in specs.items()}
         self.idle_cpu_percent: dict[str, float] = {}
 
     def wait_ready(self) -> None:
         for name, proc in self.procs.items():
-            proc.wait_ready()
-            self.idle_cpu_percent[name] = proc.idle_cpu_percent(1.0)
+            proc.wait_ready(READY_TIMEOUT_S)
+            self.idle_cpu_percent[name] = idle_cpu_percent(proc, 1.0)
             proc.pause()
 
     def close(self) -> None:
         for proc in self.procs.values():  # all at once: some take seconds to shut down
             proc.interrupt()
         for proc in self.procs.values():
-            proc.stop()
+            proc.stop(timeout_s=5.0)
 
     async def measure(
         self,
@@ -241,11 +184,11 @@ def group_cpu_ticks(pgid: int) -> int:
 
 
 @contextlib.contextmanager
-def running(spec: ServerSpec, log_dir: Path | None = None) -> Iterator[ServerProcess]:
+def running(spec: ServerSpec, log_dir: Path | None = None) -> Iterator[HttpServer]:
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    server = ServerProcess(spec, log_dir)
+    server = start_server(spec, log_dir)
     try:
-        server.wait_ready()
+        server.wait_ready(READY_TIMEOUT_S)
         yield server
     finally:
-        server.stop()
+        server.stop(timeout_s=5.0)

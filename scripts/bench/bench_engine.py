@@ -2,8 +2,8 @@
 the memory-bandwidth bound of a decode step, against generate() (one at a time, and as one
 static left-padded batch). Used for the GPU figures in BENCHMARKS.md.
 
-    python scripts/bench_engine.py --shape qwen2.5-0.5b --device cuda --dtypes bfloat16 nf4
-    python scripts/bench_engine.py --shape tiny --device cpu --concurrency 1 4   # smoke run
+    python scripts/bench/bench_engine.py --shape qwen2.5-0.5b --device cuda --dtypes bfloat16 nf4
+    python scripts/bench/bench_engine.py --shape tiny --device cpu --concurrency 1 4   # smoke run
 
 Random weights, greedy, ignore_eos: every request decodes exactly --new-tokens tokens.
 Needs only torch, transformers, bitsandbytes (for nf4) and this repo (no web stack).
@@ -16,23 +16,22 @@ import asyncio
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, Qwen2ForCausalLM
 
-from batching.engine import GenerationEngine
-from batching.observer import NoopEngineObserver
-from batching.sampling import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
+
+from tiny_models import decoder_config
+
+from batching.generation.engine import GenerationEngine
+from batching.generation.observer import NoopEngineObserver
+from batching.generation.sampling import SamplingParams
 
 SHAPES = {
     # Qwen2.5-0.5B: 24 layers, hidden 896, 14 heads / 2 KV heads, tied embeddings.
@@ -87,7 +86,13 @@ class Row:
 
 def build(shape: str, dtype: str, device: torch.device, scratch: Path) -> PreTrainedModel:
     torch.manual_seed(0)
-    config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=True, max_position_embeddings=4096)
+    config = decoder_config(
+        "qwen2",
+        **SHAPES[shape],
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
     if dtype != "nf4":
         with torch.device(device):
             return Qwen2ForCausalLM(config).to(getattr(torch, dtype)).eval()

@@ -16,20 +16,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batching.errors import EngineError
-from batching.handle import GenerationDelta, GenerationHandle, GenerationResult
+from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from service.deps import ApiKeyDep, RuntimeDep
 from service.errors import ApiError, api_error_from_engine
 from service.generation import GenerationService
 from service.limits import RateLimitDep
-from service.openai_errors import OpenAIError, OpenAIRoute, openai_error_body
-from service.openai_requests import (
+from service.openai.errors import OpenAIError, OpenAIRoute, openai_error_body
+from service.openai.requests import (
     chat_prompt_ids,
     checked_max_tokens,
     completion_prompt_ids,
     reject_unsupported,
     to_sampling_params,
 )
-from service.openai_schemas import (
+from service.openai.schemas import (
     ERROR_RESPONSES,
     AssistantMessage,
     ChatChoice,

@@ -6,10 +6,10 @@ that run (the difference of `_sum` and `_count`).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import httpx
+from metrics_text import parse_metrics
 
 
 def tcp_counters() -> dict[str, int]:
@@ -29,23 +29,6 @@ def tcp_counters() -> dict[str, int]:
     return counters
 
 
-_SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {"name{labels}": value}; comments and junk skipped."""
-    series: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SERIES.match(line.strip())
-        if match is None or line.startswith("#"):
-            continue
-        try:
-            series[match.group(1)] = float(match.group(2))
-        except ValueError:
-            continue
-    return series
-
-
 def histogram_mean(before: dict[str, float], after: dict[str, float], name: str) -> float | None:
     """Mean of the observations a histogram got between two scrapes (None if none)."""
     count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
@@ -60,4 +43,9 @@ async def scrape_metrics(url: str) -> dict[str, float]:
             response = await http.get(f"{url}/metrics")
     except httpx.HTTPError:
         return {}
-    return parse_metrics(response.text) if response.status_code == 200 else {}
+    if response.status_code != 200:
+        return {}
+    try:
+        return parse_metrics(response.text)
+    except ValueError:  # a peer whose /metrics is not Prometheus text
+        return {}

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from batching.detokenizer import Tokenizer
 from batching.errors import (
     EngineStoppedError,
     InvalidInputError,
@@ -28,14 +27,15 @@ from batching.errors import (
     PromptTooLongError,
     QueueTimeoutError,
 )
-from batching.handle import GenerationHandle
-from batching.model_runner import ModelRunner, build_slot_cache
-from batching.observer import EngineObserver, NoopEngineObserver
-from batching.outbox import Outbox
-from batching.request import Request
-from batching.sampling import SamplingParams, sample_next_tokens
-from batching.scheduler import Scheduler
-from batching.slots import SlotTable
+from batching.generation.detokenizer import Tokenizer
+from batching.generation.handle import GenerationHandle
+from batching.generation.model_runner import ModelRunner, build_slot_cache
+from batching.generation.observer import EngineObserver, NoopEngineObserver
+from batching.generation.outbox import Outbox
+from batching.generation.request import Request
+from batching.generation.sampling import SamplingParams, sample_next_tokens
+from batching.generation.scheduler import Scheduler
+from batching.generation.slots import SlotTable
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 
-from batching.handle import (
+from batching.generation.handle import (
     GenerationDelta,
     GenerationHandle,
     StreamItem,
@@ -19,8 +19,8 @@ from batching.handle import (
     _Finished,
     deliver_all,
 )
-from batching.observer import EngineObserver
-from batching.request import Request
+from batching.generation.observer import EngineObserver
+from batching.generation.request import Request
 
 
 class Outbox:

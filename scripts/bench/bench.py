@@ -1,7 +1,7 @@
 """Benchmark our service against the model alone, the HTTP floor, a naive server and peers.
 
-    python scripts/bench.py --quick          # ~2 minutes on a 2-core box, prints the ratios
-    python scripts/bench.py                  # ~8 minutes: the full run in BENCHMARKS.md
+    python scripts/bench/bench.py --quick          # ~2 minutes on a 2-core box, prints the ratios
+    python scripts/bench/bench.py                  # ~8 minutes: the full run in BENCHMARKS.md
 
 One run, the same models and the same inputs for every system:
   /predict   512 single-text requests (8-40 words), closed loop at concurrency 1, 16, 64 and
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # batching/ for bench_offline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
 
 import bench_load as load
 import bench_offline as offline

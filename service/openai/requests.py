@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from jinja2 import TemplateError
 
-from batching.sampling import SamplingParams
+from batching.generation.sampling import SamplingParams
 from service.generation import GenerationService, sampling_params
-from service.openai_errors import OpenAIError
-from service.openai_schemas import ChatMessage, SamplingRequest
+from service.openai.errors import OpenAIError
+from service.openai.schemas import ChatMessage, SamplingRequest
 
 
 def reject_unsupported(body: SamplingRequest) -> None:

@@ -6,15 +6,15 @@ import time
 
 import torch
 
-from batching.detokenizer import IncrementalDetokenizer, Tokenizer
-from batching.handle import (
+from batching.generation.detokenizer import IncrementalDetokenizer, Tokenizer
+from batching.generation.handle import (
     FinishReason,
     GenerationDelta,
     GenerationHandle,
     GenerationResult,
     GenerationTimings,
 )
-from batching.sampling import SamplingParams, make_generator
+from batching.generation.sampling import SamplingParams, make_generator
 
 
 class Request:

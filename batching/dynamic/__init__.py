@@ -1,0 +1,1 @@
+"""The dynamic batcher for one-shot work (/predict): BatchCollector."""
