@@ -70,18 +70,27 @@ def configure_logging(level: str) -> None:
     hf_logging.disable_progress_bar()
 
 
-def main() -> int:
-    settings = Settings()
-    configure_logging(settings.log_level)
-    app = create_app(settings)
-    config = uvicorn.Config(
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=os.environ.get("HOST", "127.0.0.1"),
         port=int(os.environ.get("PORT", "8000")),
         workers=1,  # one process holds the model; more workers would load more copies
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        # uvicorn's default of 5 s is shorter than NGINX's 60 s for idle upstream connections:
+        # NGINX could reuse a connection just as uvicorn closes it, and that POST would fail.
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
+
+
+def main() -> int:
+    settings = Settings()
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, app, settings.drain_timeout_s)
     server.run()
     runtime: Runtime | None = getattr(app.state, "runtime", None)

@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.body_limit import BodySizeLimitMiddleware
 from service.errors import install_error_handlers
 from service.limits import RateLimiter
 from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
@@ -74,15 +75,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             starting.cancel()
             await runtime.stop()
 
+    # With API keys configured the schema (every route and limit) is not public: no /docs
+    # page, and /openapi.json needs a key. An open API serves both as FastAPI does.
+    is_open = not settings.api_key_set
     app = FastAPI(
         title="Model serving template",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url="/docs" if is_open else None,
+        openapi_url="/openapi.json" if is_open else None,
         redoc_url=None,
     )
     install_error_handlers(app)
     app.include_router(health.router)
+    if not is_open:
+        app.include_router(health.keyed_schema_router)
     app.include_router(predict.router)
     app.include_router(generate.router)
     app.include_router(openai_routes.router)
@@ -100,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
     app.add_middleware(InFlightMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     # Added last, so it runs first: every response, errors included, carries the id.
     app.add_middleware(RequestIdMiddleware)
     return app

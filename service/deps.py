@@ -36,15 +36,19 @@ def bearer_token(request: Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+def configured_key(request: Request, keys: frozenset[str]) -> str | None:
+    """The request's Bearer token if it is one of API_KEYS, else None."""
+    token = bearer_token(request)
+    # compare_digest against every key: the time taken does not reveal how much matched.
+    matches = [hmac.compare_digest(token.encode(), key.encode()) for key in keys]
+    return token if token and any(matches) else None
+
+
 async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """401 unless the Bearer token is one of API_KEYS (no keys configured = open API)."""
     keys = settings.api_key_set
-    if not keys:
-        return
-    token = bearer_token(request)
-    # compare_digest against every key: the time taken does not reveal how much matched.
-    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
-        message = "missing API key" if not token else "invalid API key"
+    if keys and configured_key(request, keys) is None:
+        message = "invalid API key" if bearer_token(request) else "missing API key"
         raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
 
 

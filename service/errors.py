@@ -1,6 +1,8 @@
 """One JSON error shape for every failure: {"error": {"type", "message", "request_id"}}.
 
-Engine exceptions (batching.errors) are mapped to HTTP statuses here, and only here.
+Engine exceptions (batching.errors) are mapped to HTTP statuses here, and only here:
+`as_api_error` is what every route, SSE stream and the /v1 adapter use. Server-side failures
+get fixed messages; what went wrong inside goes to the log, with the request id.
 """
 
 from __future__ import annotations
@@ -55,20 +57,31 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=all_headers | (headers or {}))
 
 
-def api_error_from_engine(exc: Exception) -> ApiError:
-    """The HTTP meaning of an engine exception (also used inside SSE streams)."""
+HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def as_api_error(exc: BaseException, request_id: str = "") -> ApiError:
+    """What a client sees of any failure: as an HTTP error or as a stream's last event."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, StarletteHTTPException):
+        error_type = HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
+        return ApiError(exc.status_code, error_type, str(exc.detail))
     if isinstance(exc, PromptTooLongError):
         return ApiError(422, "context_length_exceeded", str(exc))
     if isinstance(exc, InvalidInputError):
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, QueueFullError):
         return ApiError(503, "queue_full", str(exc), RETRY_AFTER)
-    if isinstance(exc, EngineStoppedError):
-        return ApiError(503, "unavailable", str(exc) or "the engine is not running", RETRY_AFTER)
     if isinstance(exc, QueueTimeoutError):
         return ApiError(504, "timeout", str(exc))
+    if isinstance(exc, EngineStoppedError):
+        log.warning("engine not running (request_id=%s): %s", request_id, exc)
+        return ApiError(503, "unavailable", "the engine is not running; retry later", RETRY_AFTER)
     if isinstance(exc, ModelExecutionError):
+        log.error("model failure (request_id=%s): %s", request_id, exc)
         return ApiError(500, "model_error", "the model failed on this request")
+    log.error("unexpected error (request_id=%s)", request_id, exc_info=exc)
     return ApiError(500, "internal_error", "internal server error")
 
 
@@ -93,14 +106,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, 422, "invalid_request", _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = {404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "http_error"
-        )
-        return error_response(request, exc.status_code, error_type, str(exc.detail))
-
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Log the trace for operators; the client gets no stack trace, ever.
-        log.exception("unhandled error (request_id=%s)", request_id_of(request))
-        return error_response(request, 500, "internal_error", "internal server error")
+    async def _other(request: Request, exc: Exception) -> JSONResponse:
+        # Unexpected errors are logged with their trace; the client never sees one.
+        error = as_api_error(exc, request_id_of(request))
+        return error_response(request, error.status, error.error_type, error.message, error.headers)

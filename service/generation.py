@@ -28,6 +28,15 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
+def special_token_strings(loaded: LoadedModel) -> list[str]:
+    """The text of every special token (BOS, EOS, role markers, ...): generated text never
+    carries them (see batching/generation/detokenizer.py)."""
+    tokenizer = loaded.tokenizer
+    strings = set(tokenizer.all_special_tokens)
+    strings.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted(s for s in strings if s)
+
+
 @dataclass
 class GenerationService:
     loaded: LoadedModel
@@ -50,6 +59,7 @@ class GenerationService:
             max_queue=settings.generate_max_queue,
             timeout_s=settings.request_timeout_s,
             observer=metrics,
+            special_tokens=special_token_strings(loaded),
         )
         metrics.slots_total.set(settings.generate_slots)
         return cls(loaded, engine, settings, metrics)

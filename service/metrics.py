@@ -85,7 +85,7 @@ class PredictMetrics:
         for reason in ("queue_full", "timeout", "invalid"):
             self.rejected.labels(reason=reason)
 
-    # batching.dynamic.collector.CollectorObserver
+    # batching.dynamic.observer.CollectorObserver
     def observe_batch_size(self, size: int) -> None:
         self.batch_size.observe(size)
 

@@ -69,11 +69,30 @@ class Runtime:
     in_flight: int = 0
     started_at: float = field(default_factory=time.time)
 
-    @property
-    def engines_alive(self) -> bool:
-        predict_ok = self.predict is None or self.predict.collector.is_alive
-        generate_ok = self.generate is None or self.generate.engine.is_alive
-        return predict_ok and generate_ok
+    def health_problem(self) -> str | None:
+        """Why the process needs a restart (a fixed text: the details are in the log), or None.
+
+        A dead engine loop, or a model step that has run past ENGINE_STEP_TIMEOUT_S (a hung
+        kernel or a deadlock: the loop is alive but will never answer anyone again).
+        """
+        if self.fatal_error:
+            return "startup failed; see the server log"
+        collector = self.predict.collector if self.predict is not None else None
+        engine = self.generate.engine if self.generate is not None else None
+        if (collector is not None and not collector.is_alive) or (
+            engine is not None and not engine.is_alive
+        ):
+            return "an engine loop has died"
+        longest_s = max(
+            collector.batch_running_s if collector is not None else 0.0,
+            engine.step_running_s if engine is not None else 0.0,
+        )
+        if longest_s > self.settings.engine_step_timeout_s:
+            return (
+                f"a model step has been running for {longest_s:.0f}s, longer than the "
+                f"{self.settings.engine_step_timeout_s:g}s ENGINE_STEP_TIMEOUT_S"
+            )
+        return None
 
     async def start(self) -> None:
         """Load, warm up, start the engines, then flip ready. Raises on any failure."""

@@ -7,6 +7,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
+# Stop strings are matched against every new piece of text on the engine thread, at a cost
+# that grows with their length: long ones would slow every stream in the batch.
+MAX_STOP_CHARS = 64
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class PredictRequest(BaseModel):
@@ -42,7 +46,7 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[NonEmptyText] = Field(default_factory=list, max_length=8)
+    stop: list[StopString] = Field(default_factory=list, max_length=8)
     stream: bool = False
 
 

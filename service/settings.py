@@ -32,15 +32,31 @@ class Settings(BaseSettings):
     generate_max_new_tokens: int = Field(128, ge=1)
     generate_max_queue: int = Field(256, ge=1)
     generate_max_prompt_chars: int = Field(8000, ge=1)
+    generate_max_messages: int = Field(256, ge=1, description="Most chat messages per request")
     # false only on a shadow behind NGINX `mirror`, which hangs up on the shadow's streams
     generate_cancel_on_disconnect: bool = True
 
     request_timeout_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    engine_step_timeout_s: float = Field(
+        60.0, gt=0, description="/health is 503 while one model step runs longer than this"
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body the app reads (413 beyond)"
+    )
+    # Longer than every proxy's idle timeout for upstream connections (NGINX: 60 s), so the
+    # proxy always closes an idle connection first and never sends on one uvicorn just closed.
+    keep_alive_timeout_s: int = Field(75, ge=1)
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="Proxies whose X-Forwarded-For names the client (uvicorn); '*' behind NGINX",
+    )
     api_keys: str = Field(
         "", description="Comma-separated accepted keys; empty leaves the API open"
     )
-    rate_limit: str = Field("600/minute", description="slowapi limit per key (or client IP)")
+    rate_limit: str = Field(
+        "600/minute", description="slowapi limit per configured API key, else per client IP"
+    )
     cors_origins: str = Field("", description="Comma-separated allowed origins; empty = CORS off")
     log_level: str = "INFO"
 

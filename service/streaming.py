@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from batching.errors import EngineError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from batching.generation.sampling import SamplingParams
-from service.errors import ApiError, api_error_from_engine
+from service.errors import ApiError, as_api_error
 from service.generation import GenerationService
+
+T = TypeVar("T")
 
 # Keep every proxy on the path (NGINX included) from buffering the stream.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
@@ -30,7 +32,7 @@ async def submit(
     try:
         return await service.engine.submit(prompt_ids, params, request_id=request_id)
     except EngineError as exc:
-        raise api_error_from_engine(exc) from exc
+        raise as_api_error(exc, request_id) from exc
 
 
 def let_go(handle: GenerationHandle, cancel: bool) -> None:
@@ -41,48 +43,58 @@ def let_go(handle: GenerationHandle, cancel: bool) -> None:
         handle.cancel()
 
 
-async def first_delta(handle: GenerationHandle, cancel: bool = True) -> GenerationDelta | None:
-    """Wait for generation to start, so queue errors (504, 500) still get a proper status
-    instead of arriving inside a 200 stream. None: it finished without any delta."""
-    try:
-        return await anext(handle)
-    except StopAsyncIteration:
-        return None
-    except EngineError as exc:
-        raise api_error_from_engine(exc) from exc
-    except asyncio.CancelledError:
-        let_go(handle, cancel)
-        raise
-
-
 async def _disconnected(request: Request) -> None:
     # The body was read already, so the next ASGI message is the client's disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
+async def unless_disconnected(
+    work: Awaitable[T], handle: GenerationHandle, request: Request, cancel: bool
+) -> T:
+    """Await `work` (the first token, or the whole result), but if the client hangs up first,
+    let the request go (a queued one is then dropped before it costs any compute) and answer
+    499. Engine errors become their HTTP errors."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            let_go(handle, cancel)
+            if cancel:
+                task.cancel()
+            else:  # let it run to the end; nobody reads the result
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    if not task.done() or task.cancelled():
+        raise ApiError(499, "client_closed", "the client closed the connection")
+    try:
+        return task.result()
+    except EngineError as exc:
+        raise as_api_error(exc, handle.request_id) from exc
+
+
+async def _first_or_none(handle: GenerationHandle) -> GenerationDelta | None:
+    try:
+        return await anext(handle)
+    except StopAsyncIteration:
+        return None
+
+
+async def first_delta(
+    handle: GenerationHandle, request: Request, cancel: bool = True
+) -> GenerationDelta | None:
+    """Wait for generation to start, so queue errors (504, 500) still get a proper status
+    instead of arriving inside a 200 stream. None: it finished without any delta."""
+    return await unless_disconnected(_first_or_none(handle), handle, request, cancel)
+
+
 async def wait_or_cancel_on_disconnect(
     handle: GenerationHandle, request: Request, cancel: bool = True
 ) -> GenerationResult:
     """A non-streamed generation that frees its slot if the client hangs up meanwhile."""
-    work = asyncio.ensure_future(handle.wait())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            let_go(handle, cancel)
-            if cancel:
-                work.cancel()
-            else:  # let it run to the end; nobody reads the result
-                work.add_done_callback(lambda task: task.cancelled() or task.exception())
-    if not work.done() or work.cancelled():
-        raise ApiError(499, "client_closed", "the client closed the connection")
-    try:
-        return work.result()
-    except EngineError as exc:
-        raise api_error_from_engine(exc) from exc
+    return await unless_disconnected(handle.wait(), handle, request, cancel)
 
 
 async def stream_deltas(
@@ -101,7 +113,6 @@ async def stream_deltas(
 
 
 def error_event(exc: BaseException, request_id: str) -> dict[str, Any]:
-    api_error = api_error_from_engine(exc) if isinstance(exc, Exception) else None
-    message = api_error.message if api_error else "internal server error"
-    error_type = api_error.error_type if api_error else "internal_error"
-    return {"error": {"type": error_type, "message": message, "request_id": request_id}}
+    """The last event of a /generate stream that failed after its headers were sent."""
+    error = as_api_error(exc, request_id)
+    return {"error": {"type": error.error_type, "message": error.message, "request_id": request_id}}

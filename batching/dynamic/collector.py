@@ -10,9 +10,7 @@ keep queueing, so the next batch forms meanwhile; when the worker frees, that ba
 once if it is full or its first item is already `max_wait_ms` old. Batches are taken only when
 the worker is free, so callers that left or waited past `timeout_s` are still dropped then.
 
-Isolation: if `run_batch` raises, the batch is re-run in halves, recursively, until each failing
-item is alone; only those callers get an error. Cost: one bad item in a batch of n adds about
-2*log2(n) calls recomputing about 2n items; if every item fails it takes 2n - 1 calls.
+Isolation: one bad input fails only its own caller (see isolation.py).
 """
 
 from __future__ import annotations
@@ -20,18 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, TypeVar
 
+from batching.dynamic.isolation import Failed, run_sorted
+from batching.dynamic.observer import CollectorObserver, NoopObserver
 from batching.errors import (
-    EngineError,
     EngineStoppedError,
     InvalidInputError,
-    ModelExecutionError,
     QueueFullError,
     QueueTimeoutError,
 )
@@ -40,39 +37,6 @@ logger = logging.getLogger(__name__)
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
-RejectReason = Literal["queue_full", "timeout", "invalid"]
-
-
-class CollectorObserver(Protocol):
-    """Metric hooks (the service maps them to Prometheus); called on the event loop thread."""
-
-    def observe_batch_size(self, size: int) -> None:
-        """A batch of `size` live items starts computing (predict_batch_size)."""
-
-    def observe_queue_wait_seconds(self, seconds: float) -> None:
-        """An item waited this long from submit() to batch start (predict_queue_wait_seconds)."""
-
-    def observe_inference_seconds(self, seconds: float) -> None:
-        """A batch spent this long in run_batch, re-runs included (predict_inference_seconds)."""
-
-    def count_rejected(self, reason: RejectReason) -> None:
-        """An item got no result: queue_full, timeout, invalid (predict_requests_rejected_total)."""
-
-
-class NoopObserver:
-    """The default observer: records nothing."""
-
-    def observe_batch_size(self, size: int) -> None:
-        pass
-
-    def observe_queue_wait_seconds(self, seconds: float) -> None:
-        pass
-
-    def observe_inference_seconds(self, seconds: float) -> None:
-        pass
-
-    def count_rejected(self, reason: RejectReason) -> None:
-        pass
 
 
 @dataclass(eq=False)  # hashed by identity: entries are keys of the waiting set
@@ -83,13 +47,6 @@ class _Entry(Generic[ItemT, ResultT]):
     future: asyncio.Future[ResultT]
     enqueued_at_s: float  # loop.time() at submit()
     expiry: asyncio.TimerHandle | None = None
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """One item's own error, as handed back from the worker thread."""
-
-    error: EngineError
 
 
 class BatchCollector(Generic[ItemT, ResultT]):
@@ -126,6 +83,7 @@ class BatchCollector(Generic[ItemT, ResultT]):
         self._wakeup = asyncio.Event()  # set for: a first waiting item, a full batch, stop()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
+        self._batch_started_s: float | None = None  # loop.time() while run_batch computes
 
     @property
     def queue_depth(self) -> int:
@@ -136,6 +94,13 @@ class BatchCollector(Generic[ItemT, ResultT]):
     def is_alive(self) -> bool:
         """True while the collector task runs: False before start(), after stop(), or if it died."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def batch_running_s(self) -> float:
+        """How long the batch in run_batch has been computing (0 when none): a model call that
+        never returns shows here, and /health turns 503 past ENGINE_STEP_TIMEOUT_S."""
+        started_s = self._batch_started_s
+        return 0.0 if started_s is None else asyncio.get_running_loop().time() - started_s
 
     def start(self) -> None:
         """Start the collector task on the running event loop (call once)."""
@@ -244,13 +209,18 @@ class BatchCollector(Generic[ItemT, ResultT]):
         batch = self._computing
         self._observer.observe_batch_size(len(batch))
         items = [entry.item for entry in batch]
-        outcomes, inference_s = await asyncio.get_running_loop().run_in_executor(
-            self._executor, _run_sorted, self._run_batch, self._size_of, items
-        )
+        loop = asyncio.get_running_loop()
+        self._batch_started_s = loop.time()
+        try:
+            outcomes, inference_s = await loop.run_in_executor(
+                self._executor, run_sorted, self._run_batch, self._size_of, items
+            )
+        finally:
+            self._batch_started_s = None
         for entry, outcome in zip(batch, outcomes, strict=True):
             if entry.future.done():
                 continue  # the caller left while its batch ran
-            if isinstance(outcome, _Failed):
+            if isinstance(outcome, Failed):
                 entry.future.set_exception(outcome.error)
                 if isinstance(outcome.error, InvalidInputError):
                     self._observer.count_rejected("invalid")
@@ -284,64 +254,3 @@ class BatchCollector(Generic[ItemT, ResultT]):
     def _log_death(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             logger.error("batch collector task died", exc_info=task.exception())
-
-
-# Worker-thread side: plain functions of their arguments, no collector state.
-
-
-def _run_sorted(
-    run_batch: Callable[[list[ItemT]], list[ResultT]],
-    size_of: Callable[[ItemT], int] | None,
-    items: list[ItemT],
-) -> tuple[list[ResultT | _Failed], float]:
-    """Sort by size (less padding), run with isolation, restore the callers' order; time it."""
-    started_s = time.perf_counter()
-    order = _order_by_size(items, size_of)
-    outcomes = _run_isolating(run_batch, [items[i] for i in order])
-    by_position = dict(zip(order, outcomes, strict=True))
-    return [by_position[i] for i in range(len(items))], time.perf_counter() - started_s
-
-
-def _order_by_size(items: list[ItemT], size_of: Callable[[ItemT], int] | None) -> list[int]:
-    """Indices shortest first; the original order if there is no size_of or it fails."""
-    indices = list(range(len(items)))
-    if size_of is None:
-        return indices
-    try:
-        return sorted(indices, key=lambda i: size_of(items[i]))
-    except Exception:
-        logger.exception("size_of failed; running this batch unsorted")
-        return indices
-
-
-def _run_isolating(
-    run_batch: Callable[[list[ItemT]], list[ResultT]], items: list[ItemT]
-) -> list[ResultT | _Failed]:
-    """Run items as one batch; if that raises, re-run each half so only the culprits fail."""
-    try:
-        results = run_batch(items)
-    except Exception as exc:
-        if len(items) == 1:
-            return [_Failed(_as_engine_error(exc))]
-        middle = len(items) // 2
-        return _run_isolating(run_batch, items[:middle]) + _run_isolating(run_batch, items[middle:])
-    return _checked(results, len(items))
-
-
-def _checked(results: list[ResultT], expected: int) -> list[ResultT | _Failed]:
-    """One result per item, or a ModelExecutionError for each item: a miscount is a bug."""
-    count = len(results) if isinstance(results, Sized) else None
-    if count == expected:
-        outcomes: list[ResultT | _Failed] = list(results)
-        return outcomes
-    message = f"run_batch returned {count} results for {expected} items"
-    return [_Failed(ModelExecutionError(message)) for _ in range(expected)]
-
-
-def _as_engine_error(exc: Exception) -> EngineError:
-    """Our own errors pass through (InvalidInputError -> 422); anything else is a model failure."""
-    if isinstance(exc, EngineError):
-        return exc
-    error = ModelExecutionError(f"the model failed on this input ({type(exc).__name__})")
-    error.__cause__ = exc
-    return error

@@ -1,11 +1,18 @@
-"""Token ids in, text pieces out: never half a character, never (part of) a stop string.
+"""Token ids in, text pieces out: never half a character, never (part of) a stop string, never
+a special token or a control character.
 
 Two holds keep the stream honest:
 * UTF-8: a byte-level token can end in the middle of a multi-byte character; the tokenizer then
   decodes it as U+FFFD. Text that ends in U+FFFD is held until the next token completes it.
-* Stop strings: a stop string can span tokens, so the longest tail of the text that is a prefix
-  of some stop string is held until it either becomes the stop string (generation ends there;
-  the stop string itself is never returned) or stops matching (then it is released).
+* Stop strings and special tokens: either can span tokens, so the longest tail of the text that
+  is a prefix of one of them is held until it either completes (a stop string ends generation
+  there and is never returned; a special token's text is dropped) or stops matching (then it is
+  released).
+
+Sanitising: special token ids are skipped when decoding, the *text* of a special token spelled
+out by ordinary tokens (e.g. "<|im_end|>" byte by byte) is removed, since a client that pastes
+the output into its next prompt would otherwise inject a real role marker, and so are control
+characters other than newline and tab (terminal escapes, NUL, carriage returns).
 
 Decoding uses a short window of ids (the vLLM/TGI "prefix/read offset" trick), so each token costs
 O(1) tokenizer work however long the output grows.
@@ -13,11 +20,14 @@ O(1) tokenizer work however long the output grows.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
 PROMPT_CONTEXT_TOKENS = 4  # prompt tail decoded with the output, see __init__
+# C0 and C1 control characters and DEL, except tab (\x09) and newline (\x0a).
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 class Tokenizer(Protocol):
@@ -35,10 +45,16 @@ class IncrementalDetokenizer:
     """Turns one request's generated ids into text deltas; watches for its stop strings."""
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        stop: Sequence[str] = (),
+        special_tokens: Sequence[str] = (),
     ) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
+        self._special = tuple(t for t in special_tokens if t)
+        self._held_for = self._stop + self._special  # tails that may still become one of these
         # Some tokenizers (SentencePiece) drop the leading space of a text's first token, so a
         # few prompt tokens are decoded along with the output and their text is cut off again.
         context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
@@ -70,15 +86,15 @@ class IncrementalDetokenizer:
             return ""
         tail = self._decode(self._ids[self._prefix_offset :])
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        pending = self._held + tail[len(prefix_text) :]
+        pending = self._scrub(self._held + self._clean(tail[len(prefix_text) :]))
         self._held = ""
         self._read_offset = self._prefix_offset = len(self._ids)
         self.text += pending
         return pending
 
     def _release(self, piece: str) -> str:
-        text = self._held + piece
-        if not self._stop:
+        text = self._scrub(self._held + self._clean(piece))
+        if not self._held_for:
             self.text += text
             return text
         cut = _first_stop_index(text, self._stop)
@@ -87,15 +103,35 @@ class IncrementalDetokenizer:
             self._held = ""
             self.text += text[:cut]
             return text[:cut]
-        keep = _stop_prefix_length(text, self._stop)
+        keep = _held_tail_length(text, self._held_for)
         released, self._held = text[: len(text) - keep], text[len(text) - keep :]
         self.text += released
         return released
+
+    @staticmethod
+    def _clean(piece: str) -> str:
+        return strip_control_characters(piece)
+
+    def _scrub(self, text: str) -> str:
+        """Remove special-token text; repeated, since a removal can join a new occurrence."""
+        changed = True
+        while changed:
+            changed = False
+            for special in self._special:
+                if special in text:
+                    text = text.replace(special, "")
+                    changed = True
+        return text
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
+
+
+def strip_control_characters(text: str) -> str:
+    """`text` without control characters other than newline and tab."""
+    return CONTROL_CHARS.sub("", text)
 
 
 def _first_stop_index(text: str, stops: Sequence[str]) -> int | None:
@@ -104,12 +140,14 @@ def _first_stop_index(text: str, stops: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+def _held_tail_length(text: str, patterns: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of one of `patterns`."""
     longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
+    for pattern in patterns:
+        if pattern[0] not in text[-len(pattern) :]:
+            continue  # the cheap common case: this pattern cannot start in the tail
+        for size in range(min(len(pattern) - 1, len(text)), longest, -1):
+            if text.endswith(pattern[:size]):
                 longest = size
                 break
     return longest

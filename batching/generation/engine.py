@@ -63,6 +63,7 @@ class GenerationEngine:
         timeout_s: float,
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         observer: EngineObserver | None = None,
+        special_tokens: Sequence[str] = (),
     ) -> None:
         # A private copy: a fast tokenizer is one Rust object, and transformers' encode() takes
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode
@@ -70,6 +71,7 @@ class GenerationEngine:
         # (huggingface/transformers#47085, vllm-project/vllm#40949). Only this thread uses it.
         self._tokenizer = copy.deepcopy(tokenizer)
         self._eos_token_ids = frozenset(eos_token_ids)
+        self._special_tokens = tuple(special_tokens)  # their text never reaches a client
         self._runner = ModelRunner(model, build_slot_cache(model, num_slots, max_seq_len))
         self._vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
@@ -84,6 +86,7 @@ class GenerationEngine:
         self._drain_deadline_s = float("inf")
         self._death: BaseException | None = None
         self._request_ids = itertools.count(1)
+        self._step_started_s: float | None = None  # perf_counter() while a step runs
 
     # ---- what the service reads (gauges, /info, /health) ----
 
@@ -91,6 +94,13 @@ class GenerationEngine:
     def is_alive(self) -> bool:
         """True while the engine thread runs; False before start(), after stop(), or if it died."""
         return self._thread is not None and self._thread.is_alive() and self._death is None
+
+    @property
+    def step_running_s(self) -> float:
+        """How long the current engine step has been running (0 between steps): a model call
+        that never returns shows here, and /health turns 503 past ENGINE_STEP_TIMEOUT_S."""
+        started_s = self._step_started_s
+        return 0.0 if started_s is None else time.perf_counter() - started_s
 
     @property
     def slots_total(self) -> int:
@@ -202,7 +212,7 @@ class GenerationEngine:
         except BaseException as exc:
             logger.exception("the generation engine loop died")
             self._death = exc
-            self._shut(f"the generation engine loop died: {exc!r}")
+            self._shut("the generation engine loop died")  # the cause is in the log, not here
         else:
             self._shut("the generation engine stopped")
 
@@ -218,21 +228,25 @@ class GenerationEngine:
         return not self._stopping or self._slots.in_use > 0
 
     def _step(self) -> None:
-        for request in self._slots.owners:
-            if request.cancelled and request.finish_reason is None:
-                request.finish_reason = "cancelled"
-        self._retire_finished()
-        admitted = self._take_admissions()
-        if admitted:
-            self._prefill(admitted)
-            self._outbox.flush()  # first tokens go out before this step's decode
-        if self._slots.in_use:
-            self._decode()
-        if self._stopping and time.perf_counter() > self._drain_deadline_s:
-            self._fail_running(
-                lambda: EngineStoppedError("the engine stopped before this request ended")
-            )
-        self._outbox.flush()
+        self._step_started_s = time.perf_counter()
+        try:
+            for request in self._slots.owners:
+                if request.cancelled and not request.ended:
+                    request.finish_reason = "cancelled"
+            self._retire_finished()
+            admitted = self._take_admissions()
+            if admitted:
+                self._prefill(admitted)
+                self._outbox.flush()  # first tokens go out before this step's decode
+            if self._slots.in_use:
+                self._decode()
+            if self._stopping and time.perf_counter() > self._drain_deadline_s:
+                self._fail_running(
+                    lambda: EngineStoppedError("the engine stopped before this request ended")
+                )
+            self._outbox.flush()
+        finally:
+            self._step_started_s = None
 
     def _take_admissions(self) -> list[Request]:
         now_s = time.perf_counter()
@@ -247,12 +261,27 @@ class GenerationEngine:
             self._outbox.fail(request, QueueTimeoutError(waited_s, self._scheduler.timeout_s))
         return admitted
 
+    def _place(self, requests: list[Request]) -> list[Request]:
+        """Give each request a slot; one that cannot be set up fails alone, at once (it left
+        the queue already, so nobody else would ever answer it)."""
+        now_s = time.perf_counter()
+        placed: list[Request] = []
+        for request in requests:
+            try:
+                request.admit(self._tokenizer, self._special_tokens, now_s)
+                self._slots.allocate(request, request.prompt_tokens, request.params.max_new_tokens)
+            except Exception as exc:
+                logger.exception("admission failed (request_id=%s)", request.handle.request_id)
+                self._outbox.fail(request, _model_error(exc)())
+                continue
+            placed.append(request)
+        return placed
+
     def _prefill(self, admitted: list[Request]) -> None:
         first_slot = self._slots.in_use
-        now_s = time.perf_counter()
-        for request in admitted:
-            request.admit(self._tokenizer, now_s)
-            self._slots.allocate(request, request.prompt_tokens, request.params.max_new_tokens)
+        admitted = self._place(admitted)  # contiguous from first_slot: allocate() appends
+        if not admitted:
+            return
         try:
             logits = self._runner.prefill(first_slot, [r.prompt_ids for r in admitted])  # [k, V]
             tokens = sample_next_tokens(
@@ -265,7 +294,7 @@ class GenerationEngine:
         now_s = time.perf_counter()
         for offset, (request, token) in enumerate(zip(admitted, tokens, strict=True)):
             self._slots.advance(first_slot + offset, request.prompt_tokens)
-            self._outbox.token(request, request.accept(token, self._eos_token_ids, now_s))
+            self._accept(request, token, now_s)
         self._retire_finished()
 
     def _decode(self) -> None:
@@ -285,19 +314,33 @@ class GenerationEngine:
         gaps_s = [now_s - (r.last_token_s or now_s) for r in rows]
         for slot, (request, token) in enumerate(zip(rows, tokens, strict=True)):
             self._slots.advance(slot)
-            self._outbox.token(request, request.accept(token, self._eos_token_ids, now_s))
+            self._accept(request, token, now_s)
         self._observer.on_token_gaps(gaps_s)
         self._retire_finished()
 
+    def _accept(self, request: Request, token: int, now_s: float) -> None:
+        """Hand one sampled token to its request; if that raises (detokenizer, stop strings),
+        only this row fails: it is retired with its error, its neighbours go on."""
+        try:
+            delta = request.accept(token, self._eos_token_ids, now_s)
+        except Exception as exc:
+            logger.exception("accepting a token failed (request_id=%s)", request.handle.request_id)
+            request.error = _model_error(exc)()
+            return
+        self._outbox.token(request, delta)
+
     def _retire_finished(self) -> None:
-        """Release finished rows, highest slot first, keeping active rows packed."""
+        """Release ended rows, highest slot first, keeping active rows packed."""
         now_s = time.perf_counter()
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]
-            if request.finish_reason is None:
+            if not request.ended:
                 continue
             self._release(slot)
-            self._outbox.finish(request, now_s)
+            if request.error is not None:
+                self._outbox.fail(request, request.error)
+            else:
+                self._outbox.finish(request, now_s)
 
     def _fail_running(self, make_error: Callable[[], Exception], from_slot: int = 0) -> None:
         """Fail the rows from `from_slot` up, each with its own exception object."""
@@ -325,10 +368,10 @@ class GenerationEngine:
         self._outbox.flush()
 
 
-def _model_error(cause: Exception) -> Callable[[], Exception]:
+def _model_error(cause: Exception) -> Callable[[], ModelExecutionError]:
     """A factory of ModelExecutionError chained to the model's own exception."""
 
-    def make() -> Exception:
+    def make() -> ModelExecutionError:
         error = ModelExecutionError(f"the model failed: {cause!r}")
         error.__cause__ = cause
         return error

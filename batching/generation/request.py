@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
+from batching.errors import EngineError
 from batching.generation.detokenizer import IncrementalDetokenizer, Tokenizer
 from batching.generation.handle import (
     FinishReason,
@@ -38,6 +40,7 @@ class Request:
         self.output_ids: list[int] = []
         self.next_token = -1  # the last sampled token, fed to the model in the next decode
         self.finish_reason: FinishReason | None = None
+        self.error: EngineError | None = None  # this request alone failed (see engine._accept)
         self.tokens_sampled = 0  # EOS included
 
     @property
@@ -48,10 +51,17 @@ class Request:
     def cancelled(self) -> bool:
         return self.handle.cancel_requested
 
-    def admit(self, tokenizer: Tokenizer, now_s: float) -> None:
+    @property
+    def ended(self) -> bool:
+        """Finished (finish_reason set) or failed (error set): its slot can be released."""
+        return self.finish_reason is not None or self.error is not None
+
+    def admit(self, tokenizer: Tokenizer, special_tokens: Sequence[str], now_s: float) -> None:
         """The request got a slot (engine thread: the only user of its tokenizer copy)."""
         self.admitted_s = now_s
-        self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids, self.params.stop)
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, self.prompt_ids, self.params.stop, special_tokens
+        )
 
     def accept(self, token_id: int, eos_token_ids: frozenset[int], now_s: float) -> GenerationDelta:
         """Take one sampled token; sets finish_reason when this token ends the request."""

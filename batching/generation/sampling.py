@@ -14,13 +14,18 @@ import torch
 
 from batching.errors import InvalidInputError
 
+# Temperatures below this are greedy: dividing logits by a tiny (or subnormal) temperature
+# overflows them to inf, and softmax of inf - inf is NaN, i.e. garbage tokens. Greedy decoding
+# is what such a temperature means anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the sampler and of the stopping rules."""
 
     max_new_tokens: int
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
     seed: int | None = None  # None = a fresh random seed per request
@@ -41,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

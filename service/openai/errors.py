@@ -16,9 +16,8 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import ApiError
+from service.errors import ApiError, as_api_error
 from service.request_id import request_id_of
 
 log = logging.getLogger(__name__)
@@ -68,16 +67,10 @@ def from_validation_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError("; ".join(parts) or "invalid request", params[0] if params else None)
 
 
-def as_api_error(request: Request, exc: Exception) -> ApiError:
-    if isinstance(exc, ApiError):
-        return exc
+def openai_api_error(request: Request, exc: Exception) -> ApiError:
     if isinstance(exc, RequestValidationError):
         return from_validation_error(exc)
-    if isinstance(exc, StarletteHTTPException):
-        return ApiError(exc.status_code, "http_error", str(exc.detail))
-    # Log the trace for operators; the client gets no stack trace, ever.
-    log.exception("unhandled error on /v1 (request_id=%s)", request_id_of(request))
-    return ApiError(500, "internal_error", "internal server error")
+    return as_api_error(exc, request_id_of(request))  # logs what it does not expect
 
 
 class OpenAIRoute(APIRoute):
@@ -91,7 +84,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:
-                error = as_api_error(request, exc)
+                error = openai_api_error(request, exc)
                 status, body = openai_error_body(error)
                 return JSONResponse(body, status_code=status, headers=error.headers)
 

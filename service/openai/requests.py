@@ -26,11 +26,34 @@ def checked_prompt_text(text: str, param: str, service: GenerationService) -> st
     return text
 
 
+def checked_conversation(
+    messages: list[ChatMessage], service: GenerationService
+) -> list[dict[str, str]]:
+    """The messages as template input, refused before the template runs if there are too many
+    or too much text: a chat template is a Jinja program whose cost grows with its input."""
+    settings = service.settings
+    if len(messages) > settings.generate_max_messages:
+        raise OpenAIError(
+            f"messages: {len(messages)} messages, more than the limit of "
+            f"{settings.generate_max_messages}",
+            "messages",
+        )
+    conversation = [message.for_template() for message in messages]
+    chars = sum(len(message["content"]) for message in conversation)
+    if chars > settings.generate_max_prompt_chars:
+        raise OpenAIError(
+            f"messages: {chars} characters of content, more than the limit of "
+            f"{settings.generate_max_prompt_chars}",
+            "messages",
+        )
+    return conversation
+
+
 def chat_prompt_ids(messages: list[ChatMessage], service: GenerationService) -> list[int]:
     tokenizer = service.loaded.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError("the served model has no chat template: use /v1/completions", None)
-    conversation = [message.for_template() for message in messages]
+    conversation = checked_conversation(messages, service)
     try:
         text = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=False

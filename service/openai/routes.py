@@ -15,10 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from batching.errors import EngineError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from service.deps import ApiKeyDep, RuntimeDep
-from service.errors import ApiError, api_error_from_engine
+from service.errors import ApiError, as_api_error
 from service.generation import GenerationService
 from service.limits import RateLimitDep
 from service.openai.errors import OpenAIError, OpenAIRoute, openai_error_body
@@ -138,22 +137,22 @@ async def sse_chunks(
         yield sse_event(run.chunk(kind, [choice("", finish_reason(result))]))
         if include_usage:
             yield sse_event(run.chunk(kind, [], usage=usage(result).model_dump()))
-    except (EngineError, ApiError) as exc:
+    except Exception as exc:
         # Headers are gone already: the failure travels as an event the SDKs raise from.
-        error = exc if isinstance(exc, ApiError) else api_error_from_engine(exc)
-        yield sse_event(openai_error_body(error)[1])
+        yield sse_event(openai_error_body(as_api_error(exc, run.handle.request_id))[1])
     yield sse_event("[DONE]")
 
 
 async def streamed(
     run: Completion,
+    request: Request,
     kind: str,
     choice: ChoiceMaker,
     body: SamplingRequest,
     opening: dict[str, Any] | None = None,
 ) -> StreamingResponse:
     # Peek the first token so that queue errors still get a real status.
-    first = await first_delta(run.handle, run.cancel_on_disconnect)
+    first = await first_delta(run.handle, request, run.cancel_on_disconnect)
     chunks = sse_chunks(run, first, kind, choice, body.include_usage, opening)
     return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -182,7 +181,7 @@ async def chat_completions(
     run = await start(body, prompt_ids, "messages", request, service, "chatcmpl")
     if body.stream:
         opening = chat_choice("", None) | {"delta": {"role": "assistant", "content": ""}}
-        return await streamed(run, "chat.completion.chunk", chat_choice, body, opening)
+        return await streamed(run, request, "chat.completion.chunk", chat_choice, body, opening)
     result = await wait_or_cancel_on_disconnect(run.handle, request, run.cancel_on_disconnect)
     choice = ChatChoice(
         message=AssistantMessage(content=result.text), finish_reason=finish_reason(result)
@@ -200,7 +199,7 @@ async def completions(
     prompt_ids = completion_prompt_ids(body.prompt, service)
     run = await start(body, prompt_ids, "prompt", request, service, "cmpl")
     if body.stream:
-        return await streamed(run, "text_completion", completion_choice, body)
+        return await streamed(run, request, "text_completion", completion_choice, body)
     result = await wait_or_cancel_on_disconnect(run.handle, request, run.cancel_on_disconnect)
     choice = CompletionChoice(text=result.text, finish_reason=finish_reason(result))
     return CompletionResponse(

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from service.schemas import StopString
+
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
 FinishReason = Literal["stop", "length"]
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -33,7 +35,7 @@ class SamplingRequest(BaseModel):
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default 1; 0 = greedy")
     top_k: int | None = Field(None, ge=0, description="Not OpenAI (vLLM-style extra); 0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: NonEmptyText | list[NonEmptyText] | None = None
+    stop: StopString | list[StopString] | None = None
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

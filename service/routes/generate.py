@@ -9,7 +9,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from batching.errors import EngineError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from service.deps import ApiKeyDep, RuntimeDep, accepting_work
 from service.errors import RETRY_AFTER, ApiError
@@ -105,7 +104,7 @@ async def sse_stream(
                 "request_id": request_id,
             }
         )
-    except (EngineError, ApiError) as exc:
+    except Exception as exc:
         # Headers are gone already: the failure travels as a last event.
         yield sse_event(error_event(exc, request_id))
     yield sse_event("[DONE]")
@@ -133,7 +132,7 @@ async def generate(
     if not body.stream:
         result = await wait_or_cancel_on_disconnect(handle, request, cancel)
         return to_response(result, model, request_id)
-    first = await first_delta(handle, cancel)
+    first = await first_delta(handle, request, cancel)
     return StreamingResponse(
         sse_stream(handle, first, model, request_id, cancel),
         media_type="text/event-stream",

@@ -1,4 +1,7 @@
-"""Liveness, readiness, info and metrics: cheap, never rate limited, never touch the models."""
+"""Operations routes: liveness, readiness, info, metrics (and the OpenAPI schema when API keys
+are configured). Cheap, never rate limited, never touch the models. /health and /ready are
+always open (probes carry no key); /info and the schema need a key when keys are configured;
+/metrics stays open for Prometheus and NGINX keeps it off the public edge."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import RuntimeDep
+from service.deps import ApiKeyDep, RuntimeDep
 from service.errors import RETRY_AFTER, error_response
 
 router = APIRouter(tags=["operations"])
@@ -16,10 +19,10 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/health")
 async def health(request: Request, runtime: RuntimeDep) -> Response:
-    """200 while the process and its engine loops are alive; a dead loop needs a restart."""
-    if runtime.fatal_error or not runtime.engines_alive:
-        reason = runtime.fatal_error or "an engine loop has died"
-        return error_response(request, 503, "unhealthy", reason)
+    """200 while the process and its engine loops are alive and no model step hangs."""
+    problem = runtime.health_problem()
+    if problem is not None:
+        return error_response(request, 503, "unhealthy", problem)
     return JSONResponse({"status": "ok"})
 
 
@@ -33,9 +36,19 @@ async def ready(request: Request, runtime: RuntimeDep) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/info")
+@router.get("/info", dependencies=[ApiKeyDep])
 async def info(runtime: RuntimeDep) -> dict[str, Any]:
     return runtime.info()
+
+
+keyed_schema_router = APIRouter(tags=["operations"])
+
+
+@keyed_schema_router.get("/openapi.json", include_in_schema=False, dependencies=[ApiKeyDep])
+async def keyed_openapi(request: Request) -> JSONResponse:
+    """Mounted only when API keys are configured (create_app): the schema lists every route
+    and limit, so it is not public then; tools fetch it with their key."""
+    return JSONResponse(request.app.openapi())
 
 
 @router.get("/metrics", include_in_schema=False)

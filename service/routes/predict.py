@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 
 from batching.errors import EngineError
 from service.deps import ApiKeyDep, PredictServiceDep, SettingsDep
-from service.errors import ApiError, api_error_from_engine
+from service.errors import ApiError, as_api_error
 from service.limits import RateLimitDep
 from service.predictor import Classification, Prediction
 from service.request_id import request_id_of
@@ -44,15 +44,24 @@ def check_text_lengths(texts: list[str], settings: Settings) -> None:
             )
 
 
-async def predict_texts(service: PredictService, texts: list[str]) -> list[Prediction]:
+async def predict_texts(
+    service: PredictService, texts: list[str], request_id: str
+) -> list[Prediction]:
     """Submit every text as its own item: they may land in different batches.
 
-    The collector counts its own rejections (queue_full, timeout, invalid) in the metrics.
+    If one fails (a full queue, a timeout, a bad input), its siblings are cancelled, so they
+    leave the queue before they cost compute, and the caller gets that first error. The
+    collector counts its own rejections (queue_full, timeout, invalid) in the metrics.
     """
     try:
-        return list(await asyncio.gather(*(service.collector.submit(t) for t in texts)))
-    except EngineError as exc:
-        raise api_error_from_engine(exc) from exc
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(service.collector.submit(text)) for text in texts]
+    except ExceptionGroup as failures:
+        first = failures.exceptions[0]
+        if isinstance(first, EngineError):
+            raise as_api_error(first, request_id) from first
+        raise
+    return [task.result() for task in tasks]
 
 
 def to_response(
@@ -78,8 +87,9 @@ async def predict(
 ) -> PredictResponse:
     started = time.perf_counter()
     check_text_lengths([body.text], settings)
-    (prediction,) = await predict_texts(service, [body.text])
-    return to_response(prediction, service, started, request_id_of(request))
+    request_id = request_id_of(request)
+    (prediction,) = await predict_texts(service, [body.text], request_id)
+    return to_response(prediction, service, started, request_id)
 
 
 @router.post(
@@ -90,8 +100,8 @@ async def predict_batch(
 ) -> PredictBatchResponse:
     started = time.perf_counter()
     check_text_lengths(body.texts, settings)
-    predictions = await predict_texts(service, body.texts)
     request_id = request_id_of(request)
+    predictions = await predict_texts(service, body.texts, request_id)
     return PredictBatchResponse(
         results=[to_response(p, service, started, request_id) for p in predictions]
     )

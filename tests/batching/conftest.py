@@ -54,8 +54,7 @@ def tiny_llama() -> LlamaForCausalLM:
     return build_tiny_llama()
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few lines that include multi-byte text."""
     return train_byte_bpe(
         CORPUS * 4,
@@ -65,6 +64,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
     )
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
 
 
 EngineFactory = Callable[..., GenerationEngine]
@@ -87,7 +91,8 @@ async def make_engine(
         }
         options.update(overrides)
         model = options.pop("model", tiny_llama)
-        engine = GenerationEngine(model, tokenizer, **options)  # type: ignore[arg-type]
+        engine_tokenizer = options.pop("tokenizer", tokenizer)
+        engine = GenerationEngine(model, engine_tokenizer, **options)  # type: ignore[arg-type]
         engine.start()
         engines.append(engine)
         return engine

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from batching.dynamic.collector import BatchCollector, RejectReason
+from batching.dynamic.collector import BatchCollector
+from batching.dynamic.observer import RejectReason
 from batching.errors import (
     EngineStoppedError,
     InvalidInputError,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -58,14 +60,36 @@ def test_trained_tokens_round_trip_piece_by_piece(tokenizer: PreTrainedTokenizer
     assert "".join(pieces) == MULTIBYTE
 
 
-def test_any_token_sequence_gives_exactly_the_full_decode(
+def test_any_token_sequence_gives_exactly_the_full_decode_without_control_characters(
     tokenizer: PreTrainedTokenizerFast,
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         ids = torch.randint(3, len(tokenizer), (40,), generator=generator).tolist()
         pieces, _ = stream(tokenizer, ids)
-        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        visible = "".join(c for c in full if c in "\n\t" or unicodedata.category(c) != "Cc")
+        assert "".join(pieces) == visible
+
+
+def test_control_characters_other_than_newline_and_tab_never_come_out(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    text = "a\x1b[31mred\x1b[0m\r\nnul\x00 del\x7f c1\x85 tab\tnl\n"
+    pieces, detok = stream(tokenizer, byte_tokens(tokenizer, text))
+    assert "".join(pieces) == detok.text == "a[31mred[0m\nnul del c1 tab\tnl\n"
+
+
+def test_special_token_text_is_removed_even_when_spelled_out_byte_by_byte(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    text = "before</s>mid<s>after <s partial <|x|>"
+    ids = [*byte_tokens(tokenizer, text), tokenizer.convert_tokens_to_ids("</s>")]
+    detok = IncrementalDetokenizer(tokenizer, [], special_tokens=("<s>", "</s>", "<|x|>"))
+    pieces = [detok.add(token_id) for token_id in ids] + [detok.finish()]
+    assert "".join(pieces) == detok.text == "beforemidafter <s partial "
+    streamed = ["".join(pieces[: i + 1]) for i in range(len(pieces))]  # what a client has seen
+    assert not any(special in seen for seen in streamed for special in ("<s>", "</s>", "<|x|>"))
 
 
 def test_a_stop_string_spanning_tokens_ends_the_text_before_it(

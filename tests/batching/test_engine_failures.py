@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from transformers import LlamaForCausalLM
@@ -15,6 +16,7 @@ from batching.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
+from batching.generation.detokenizer import PROMPT_CONTEXT_TOKENS
 from batching.generation.engine import GenerationEngine
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import WAIT_S, EngineFactory, Gate, RecordingObserver
@@ -56,13 +58,14 @@ async def test_a_failing_prefill_fails_its_request_and_the_next_one_succeeds(
 
 class ExplodingObserver(RecordingObserver):
     def on_step(self, batch_size: int) -> None:
-        raise RuntimeError("a bug outside the model step")
+        raise RuntimeError("a bug outside the model step, secret=/srv/weights")
 
 
 async def test_a_dead_loop_is_reported_and_refuses_requests(make_engine: EngineFactory) -> None:
     engine = make_engine(observer=ExplodingObserver())
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(EngineStoppedError) as caught:
         await (await engine.submit(PROMPT, SamplingParams(5))).wait()
+    assert "secret" not in str(caught.value)  # the cause goes to the log, not to callers
     assert not engine.is_alive
     with pytest.raises(EngineStoppedError):
         await engine.submit(PROMPT, SamplingParams(5))
@@ -172,3 +175,64 @@ async def test_warm_up_runs_before_start_and_submit_needs_start(
     started = make_engine()
     with pytest.raises(RuntimeError):
         started.warm_up()
+
+
+POISON = 77  # a token id the poisoned tokenizer refuses to decode
+
+
+class PoisonedTokenizer:
+    """Decodes like `inner`, but raises on any window of at least `min_ids` ids that holds
+    POISON: with min_ids=1 a request's set-up fails (its detokenizer decodes the prompt's
+    tail), with min_ids above that tail only its first accepted token does."""
+
+    def __init__(self, inner: Any, min_ids: int) -> None:
+        self.inner = inner
+        self.min_ids = min_ids
+
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str:
+        if POISON in token_ids and len(token_ids) >= self.min_ids:
+            raise ValueError("the tokenizer choked")
+        text: str = self.inner.decode(token_ids, **kwargs)
+        return text
+
+
+@pytest.mark.parametrize(
+    "min_ids", [1, PROMPT_CONTEXT_TOKENS + 1], ids=["at-admission", "at-first-token"]
+)
+async def test_a_request_the_tokenizer_chokes_on_fails_alone_and_is_answered(
+    min_ids: int, make_engine: EngineFactory, tokenizer: Any
+) -> None:
+    observer = RecordingObserver()
+    engine = make_engine(tokenizer=PoisonedTokenizer(tokenizer, min_ids), observer=observer)
+    params = SamplingParams(6, ignore_eos=True)
+    # Submitted together, so they share one prefill: only the poisoned one may fail.
+    handles = [
+        await engine.submit(prompt, params) for prompt in (PROMPT, [*PROMPT, POISON], PROMPT)
+    ]
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(h.wait() for h in handles), return_exceptions=True), WAIT_S
+    )
+    assert isinstance(outcomes[1], ModelExecutionError)
+    assert [o.completion_tokens for o in (outcomes[0], outcomes[2])] == [6, 6]  # type: ignore[union-attr]
+    assert engine.is_alive
+    assert engine.slots_in_use == 0
+    assert sorted(f[0] for f in observer.finished) == ["error", "length", "length"]
+    after = await (await engine.submit(PROMPT, params)).wait()
+    assert after.completion_tokens == 6
+
+
+async def test_a_step_that_hangs_shows_in_step_running_s(
+    gated_llama: tuple[LlamaForCausalLM, Gate], make_engine: EngineFactory
+) -> None:
+    model, gate = gated_llama
+    engine = make_engine(model=model)
+    assert engine.step_running_s == 0.0
+    gate.close()
+    handle = await engine.submit(PROMPT, SamplingParams(3, ignore_eos=True))
+    await gate.wait_until_entered()
+    await asyncio.sleep(0.05)
+    assert engine.step_running_s >= 0.05
+    gate.open()
+    await asyncio.wait_for(handle.wait(), WAIT_S)
+    await asyncio.sleep(0.01)  # the step that delivered the result has returned by now
+    assert engine.step_running_s == 0.0

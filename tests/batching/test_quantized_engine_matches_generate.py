@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import bitsandbytes  # noqa: F401  (a dependency: a missing install must fail, not skip)
 import pytest
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
@@ -28,8 +29,6 @@ from tests.batching.test_engine_matches_generate import (
     prompts,
     reference,
 )
-
-pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(autouse=True)

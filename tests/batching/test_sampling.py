@@ -18,6 +18,14 @@ def test_greedy_rows_take_the_argmax() -> None:
     assert draw(logits, [SamplingParams(4), SamplingParams(4)]) == [1, 0]
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 5e-324])  # the last one is subnormal
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature: float) -> None:
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3)) * 30
+    params = [SamplingParams(4, temperature=temperature, seed=i) for i in range(6)]
+    assert all(p.greedy for p in params)
+    assert draw(logits, params) == logits.argmax(-1).tolist()
+
+
 def test_top_k_one_is_greedy_whatever_the_temperature() -> None:
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(4, temperature=5.0, top_k=1, seed=i) for i in range(6)]

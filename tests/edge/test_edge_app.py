@@ -24,6 +24,12 @@ NGINX_ID = re.compile(r"^[0-9a-f]{32}$")  # nginx's $request_id
 PREDICT_RATE_PER_S, PREDICT_BURST = 20, 40  # nginx/edge.conf, zone=predict
 
 
+def bursts(arrivals_s: list[float], gap_s: float = 0.00025) -> int:
+    """How many separate deliveries the events came in: events parsed from one network read
+    arrive microseconds apart, events of separate reads a token's time apart."""
+    return 1 + sum(1 for a, b in zip(arrivals_s, arrivals_s[1:], strict=False) if b - a > gap_s)
+
+
 @pytest.fixture
 def edge(app: App, nginx: Callable[..., Nginx]) -> Nginx:
     return nginx("nginx.conf", {"app:8000": f"127.0.0.1:{app.port}"})
@@ -125,6 +131,7 @@ def test_streamed_generate_arrives_before_the_generation_ends(edge: Nginx) -> No
     assert done_s - first_s >= 0.5 * decode_s, (
         f"first event at {first_s:.3f}s, [DONE] at {done_s:.3f}s, decode took {decode_s:.3f}s"
     )
+    assert bursts(arrivals_s) >= len(arrivals_s) / 3, f"arrived in {bursts(arrivals_s)} bursts"
 
 
 def test_the_openai_sdk_streams_through_nginx(edge: Nginx) -> None:
@@ -140,3 +147,29 @@ def test_the_openai_sdk_streams_through_nginx(edge: Nginx) -> None:
     finish_reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert len(chunks) >= 2
     assert finish_reasons[-1] in {"stop", "length"}
+
+
+def test_the_openai_sdk_stream_through_nginx_arrives_as_the_tokens_are_made(edge: Nginx) -> None:
+    # How long decoding this prompt takes, from the server's own timings (greedy: /generate
+    # and /v1/completions produce the same tokens for the same text).
+    timed = httpx.post(
+        edge.url + "/generate", json={"prompt": "hello", "max_new_tokens": 64}, timeout=60
+    ).json()
+    decode_s = (timed["timings"]["total_ms"] - timed["timings"]["ttft_ms"]) / 1000
+    arrivals_s: list[float] = []  # when each chunk reached the SDK
+    with openai.OpenAI(base_url=edge.url + "/v1", api_key="unused", max_retries=0) as client:
+        [model] = client.models.list().data
+        start = time.perf_counter()
+        stream = client.completions.create(
+            model=model.id, prompt="hello", max_tokens=64, temperature=0, stream=True
+        )
+        for _ in stream:
+            arrivals_s.append(time.perf_counter() - start)
+    assert len(arrivals_s) >= 10, f"too few chunks to judge streaming: {len(arrivals_s)}"
+    first_s, done_s = arrivals_s[0], arrivals_s[-1]
+    # Streamed, the chunks are spread over the whole decode; buffered by NGINX, they would all
+    # arrive together at the end.
+    assert done_s - first_s >= 0.5 * decode_s, (
+        f"first chunk at {first_s:.3f}s, last at {done_s:.3f}s, decode took {decode_s:.3f}s"
+    )
+    assert bursts(arrivals_s) >= len(arrivals_s) / 3, f"arrived in {bursts(arrivals_s)} bursts"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -92,8 +93,10 @@ def test_full_queue_gets_503_and_stale_requests_get_504(demo_models, monkeypatch
         waiting = threading.Thread(target=post, args=("waiting",))
         waiting.start()
         engine = client.app.state.runtime.generate.engine  # type: ignore[attr-defined]
+        deadline = time.monotonic() + GATE_TIMEOUT_S
         while engine.waiting_requests < 1:
-            threading.Event().wait(0.01)
+            assert time.monotonic() < deadline, "the second request never reached the queue"
+            time.sleep(0.01)
         full = client.post("/generate", json={"prompt": "third", "max_new_tokens": 2})
         assert full.status_code == 503
         assert full.headers["retry-after"] == "1"

@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from batching.generation.detokenizer import strip_control_characters as visible
+
 from .scrape import metric, peak_slots_in_use
 
 SLOTS = 4
@@ -113,7 +115,7 @@ def test_streamed_text_equals_the_json_answer_and_the_reference_decode(server, r
     assert "".join(pieces) == answer["text"]
     ids = reference(prompt, 40)
     assert answer["completion_tokens"] == len(ids)
-    full = reference.tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+    full = visible(reference.tokenizer.decode(ids, skip_special_tokens=True))  # type: ignore[attr-defined]
     # A random model may emit bytes that never form a character (shown as U+FFFD); what must
     # never happen is a character that *does* complete being sent half-done: every prefix of
     # the stream must be a prefix of the full decode.
@@ -226,7 +228,7 @@ def test_a_shadow_keeps_generating_after_its_client_hangs_up(start_server, demo_
 
 def test_stop_strings_end_the_text_before_the_stop_string(server, reference):
     prompt = PROMPTS[1]
-    full = reference.tokenizer.decode(reference(prompt, 40), skip_special_tokens=True)  # type: ignore[attr-defined]
+    full = visible(reference.tokenizer.decode(reference(prompt, 40), skip_special_tokens=True))  # type: ignore[attr-defined]
     stop = full[5:9]  # a piece that likely spans a token boundary
     answer = httpx.post(
         f"{server.url}/generate",
