@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from tiny_models import classifier_config, decoder_config, train_byte_bpe
-from transformers import BertForSequenceClassification, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import classifier_config, decoder_config, save_causal_lm, train_byte_bpe
+from transformers import BertForSequenceClassification, PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1024  # a multiple of 32: bitsandbytes nf4 needs every linear output divisible by 32
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -78,10 +78,7 @@ def build_llm(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_causal_lm(config, tokenizer, out_dir)
 
 
 def build_demo_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:

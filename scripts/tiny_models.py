@@ -8,10 +8,12 @@ a model shape is defined once. Everything is deterministic and needs no network.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoModelForCausalLM,
     BertConfig,
     LlamaConfig,
     MistralConfig,
@@ -92,3 +94,15 @@ def classifier_config(
         label2id={"NEGATIVE": 0, "POSITIVE": 1},
         architectures=["BertForSequenceClassification"],
     )
+
+
+def save_causal_lm(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, out_dir: Path
+) -> None:
+    """A random-weight causal LM of `config`, saved with its tokenizer as a hub model would be
+    (the generation config follows the config's pad and EOS ids, None included)."""
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

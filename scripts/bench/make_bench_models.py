@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
 
 from make_demo_models import build_classifier
-from tiny_models import decoder_config, train_byte_bpe
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import decoder_config, save_causal_lm, train_byte_bpe
+from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 8192
 SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>"]  # deliberately no EOS token
@@ -98,11 +98,7 @@ def build_llm(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
         eos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_causal_lm(config, tokenizer, out_dir)
 
 
 def build_bench_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
