@@ -8,7 +8,6 @@ error shape of /predict and /generate, stay as they are.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -19,8 +18,6 @@ from fastapi.routing import APIRoute
 
 from service.errors import ApiError, as_api_error
 from service.request_id import request_id_of
-
-log = logging.getLogger(__name__)
 
 # Our error types that OpenAI names differently (the rest pass through as the code).
 CODES = {
