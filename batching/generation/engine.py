@@ -27,6 +27,8 @@ from batching.errors import (
     PromptTooLongError,
     QueueTimeoutError,
 )
+from batching.generation.buckets import DEFAULT_KV_BUCKET_MIN
+from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle
 from batching.generation.model_runner import ModelRunner, build_slot_cache
@@ -63,6 +65,8 @@ class GenerationEngine:
         timeout_s: float,
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         observer: EngineObserver | None = None,
+        cuda_graphs: CudaGraphsMode = "auto",
+        kv_bucket_min: int = DEFAULT_KV_BUCKET_MIN,
     ) -> None:
         # A private copy: a fast tokenizer is one Rust object, and transformers' encode() takes
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode
@@ -70,7 +74,12 @@ class GenerationEngine:
         # (huggingface/transformers#47085, vllm-project/vllm#40949). Only this thread uses it.
         self._tokenizer = copy.deepcopy(tokenizer)
         self._eos_token_ids = frozenset(eos_token_ids)
-        self._runner = ModelRunner(model, build_slot_cache(model, num_slots, max_seq_len))
+        self._runner = ModelRunner(
+            model,
+            build_slot_cache(model, num_slots, max_seq_len),
+            cuda_graphs=cuda_graphs,
+            kv_bucket_min=kv_bucket_min,
+        )
         self._vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
         self._scheduler: Scheduler[Request] = Scheduler(max_queue, timeout_s)
@@ -116,10 +125,16 @@ class GenerationEngine:
     def max_seq_len(self) -> int:
         return self._slots.max_seq_len
 
+    @property
+    def cuda_graphs(self) -> CudaGraphsReport:
+        """Whether decode steps replay CUDA graphs (decided by warm_up()), and which buckets."""
+        return self._runner.cuda_graphs
+
     # ---- lifecycle ----
 
     def warm_up(self, prompt_tokens: int = 16, decode_steps: int = 2) -> None:
-        """Run prefill and decode for 1 row and for every slot once; call before start()."""
+        """Run prefill and decode for 1 row and for every slot once, then capture the decode
+        step's CUDA graphs where they can be used; call before start()."""
         if self._thread is not None:
             raise RuntimeError(
                 "warm_up() must run before start(): the engine thread owns the cache"
@@ -132,6 +147,7 @@ class GenerationEngine:
                 for _ in range(decode_steps):
                     self._runner.decode_step([0] * rows, lengths)
                     lengths = [n + 1 for n in lengths]
+            self._runner.capture_cuda_graphs()
 
     def start(self) -> None:
         """Start the engine thread (once)."""
