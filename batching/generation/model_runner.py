@@ -65,7 +65,7 @@ class ModelRunner:
         self.batch_buckets = batch_buckets(cache.num_slots)
         self.kv_buckets = kv_buckets(cache.max_seq_len, kv_bucket_min)
         self._vocab_size = _output_size(model)
-        self._buffers = DecodeBuffers(
+        self.decode_buffers = DecodeBuffers(
             max_rows=cache.num_slots,
             max_seq_len=cache.max_seq_len,
             vocab_size=self._vocab_size,
@@ -113,14 +113,14 @@ class ModelRunner:
             pad_to_bucket(len(tokens), self.batch_buckets),
             pad_to_bucket(max(lengths) + 1, self.kv_buckets),  # +1: this step's token
         )
-        self._buffers.load(tokens, lengths)
+        self.decode_buffers.load(tokens, lengths)
         if not self._graphs.replay(shape):
             self._decode_bucket(*shape)
-        return self._buffers.logits[: len(tokens)]
+        return self.decode_buffers.logits[: len(tokens)]
 
     def _decode_bucket(self, rows: int, kv_len: int) -> None:
         """The decode step at one bucket, over static buffers only: what a graph captures."""
-        buffers = self._buffers
+        buffers = self.decode_buffers
         positions = buffers.positions[:rows]  # [Bb]
         mask = buffers.attention_mask(rows, kv_len)  # [Bb, 1, 1, kv]
         view = self.cache.decode_view(buffers.write_slots[:rows], positions, kv_len)
@@ -169,10 +169,10 @@ class ModelRunner:
         """Run probe rows eagerly and by replay; describe the first difference, if any."""
         tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
         for rows, kv_len in dict.fromkeys(shapes):
-            self._buffers.load_probe(rows, kv_len, self._vocab_size)
+            self.decode_buffers.load_probe(rows, kv_len, self._vocab_size)
             self._decode_bucket(rows, kv_len)
-            eager = self._buffers.logits[:rows].clone()  # [Bb, V]
-            replayed = self._buffers.logits[:rows]  # [Bb, V]; the same buffer, after replay
+            eager = self.decode_buffers.logits[:rows].clone()  # [Bb, V]
+            replayed = self.decode_buffers.logits[:rows]  # [Bb, V]; the same buffer, after replay
             if not self._graphs.replay((rows, kv_len)):
                 return f"no graph was captured for batch {rows}, KV length {kv_len}"
             if not torch.allclose(replayed, eager, rtol=tolerance, atol=tolerance):
