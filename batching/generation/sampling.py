@@ -1,8 +1,9 @@
 """How the next token is chosen: `SamplingParams` per request, and one batched sampling call.
 
 Greedy rows (temperature 0) take the argmax. Sampled rows apply temperature, then top-k, then
-top-p (both over one sort of the row), and draw with their own `torch.Generator`: a request's random stream is never shared with
-its batch neighbours, so a seeded request yields the same tokens whatever else is running.
+top-p (both over one sort of the row), and draw with their own `torch.Generator`: a request's
+random stream is never shared with its batch neighbours, so a seeded request yields the same
+tokens whatever else is running.
 """
 
 from __future__ import annotations
