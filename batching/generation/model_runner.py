@@ -156,6 +156,7 @@ class ModelRunner:
         """Capture all buckets, then compare the largest and smallest graphs' replays with the
         eager step on probe rows. Returns why graphs cannot be used, or None."""
         shapes = [(b, kv) for b in self.batch_buckets for kv in self.kv_buckets]
+        self.decode_buffers.load([], [])  # all rows padding: warm-up and capture write the spare
         try:
             self._graphs.capture(self._decode_bucket, shapes)
             failure = self._replay_mismatch([max(shapes), min(shapes)])

@@ -26,9 +26,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
@@ -58,6 +60,17 @@ SHAPES: dict[str, tuple[DecoderFamily, dict[str, int]]] = {
         num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
     )),
 }  # fmt: skip
+
+
+T = TypeVar("T")
+
+
+def on_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on a thread that then ends, as the service sets models up: on a CPU, torch
+    keeps an OpenMP pool per thread that ran model work, and idle pools beside the engine
+    thread's own slow it down (BENCHMARKS.md). generate() runs last, on the main thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
 
 
 class _NoText:
@@ -159,13 +172,18 @@ async def run_engine(
 ) -> tuple[float, int, float, str]:
     """Returns seconds, output tokens, the median decode step and whether graphs were on."""
     clock = StepClock()
-    engine = GenerationEngine(
-        model, _NoText(), eos_token_ids=[], num_slots=len(batch),
-        max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch), timeout_s=600.0,
-        prefill_token_budget=max(2048, sum(map(len, batch))), observer=clock,
-        **engine_options(cuda_graphs),
-    )  # fmt: skip
-    engine.warm_up()
+
+    def make_engine() -> GenerationEngine:
+        engine = GenerationEngine(
+            model, _NoText(), eos_token_ids=[], num_slots=len(batch),
+            max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch),
+            timeout_s=600.0, prefill_token_budget=max(2048, sum(map(len, batch))),
+            observer=clock, **engine_options(cuda_graphs),
+        )  # fmt: skip
+        engine.warm_up()
+        return engine
+
+    engine = on_fresh_thread(make_engine)
     report = getattr(engine, "cuda_graphs", None)
     graphs = "" if report is None else ("on" if report.enabled else "off")
     engine.start()
@@ -200,7 +218,7 @@ def run_generate(model: PreTrainedModel, batch: list[list[int]], new_tokens: int
 
 def bench(args: argparse.Namespace, dtype: str, scratch: Path) -> list[Row]:
     device = torch.device(args.device)
-    model = build(args.shape, dtype, device, scratch)
+    model = on_fresh_thread(build, args.shape, dtype, device, scratch)
     weights, kv_token = bytes_read_per_step(model), kv_bytes_per_token(model)
     vocab = model.config.vocab_size
     print(f"{args.shape} {dtype}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params,"
