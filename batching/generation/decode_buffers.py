@@ -16,8 +16,9 @@ attendable column, so softmax never sees an all-masked row (NaN).
 The additive mask is built on the device from `positions` and a static `arange`, so it is part
 of the captured graph instead of host work per step.
 
-The host buffer is rewritten at the start of a step; the previous step's copy has finished by
-then, because the sampled tokens came back to the host (a sync) before the next step begins.
+The host buffer is rewritten at the start of the next step, after the previous copy has
+finished: normally it has long finished (the sampled tokens came back to the host, a sync), and
+an event recorded after each copy makes sure of it even when a step failed half way.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class DecodeBuffers:
         # numpy writes Python ints straight into the (pinned) memory: no tensor per step.
         self._host_rows = self._host.numpy()
         self._live_slots = np.arange(max_rows)  # live rows are packed at slots 0..B-1
+        self._copied = torch.cuda.Event() if pinned else None  # the last copy has finished
         self._device = torch.zeros((3, max_rows), dtype=torch.int64, device=device)  # [3, R]
         self.tokens = self._device[TOKEN]  # [R]
         self.positions = self._device[POSITION]  # [R]
@@ -66,24 +68,34 @@ class DecodeBuffers:
         rows = len(tokens)
         if rows > self.max_rows or len(lengths) != rows:
             raise ValueError(f"{rows} rows with {len(lengths)} lengths for {self.max_rows} slots")
-        host = self._host_rows
+        host = self._wait_for_last_copy()
         host[TOKEN, :rows] = tokens
         host[POSITION, :rows] = lengths
         host[WRITE_SLOT, :rows] = self._live_slots[:rows]
         host[TOKEN, rows:] = 0
         host[POSITION, rows:] = 0
         host[WRITE_SLOT, rows:] = self._spare_slot
-        self._device.copy_(self._host, non_blocking=True)
+        self._copy_to_device()
 
     def load_probe(self, rows: int, kv_len: int, vocab_size: int) -> None:
         """Varied rows for checking a captured graph against the eager step: row r reads token
         (31r + 1) mod V at position (7r + 3) mod kv_len, written to its own slot r."""
-        host = self._host_rows
+        host = self._wait_for_last_copy()
         host[TOKEN] = (np.arange(self.max_rows) * 31 + 1) % vocab_size
         host[POSITION] = (np.arange(self.max_rows) * 7 + 3) % kv_len
         host[WRITE_SLOT] = self._live_slots
         host[:, rows:] = [[0], [0], [self._spare_slot]]
+        self._copy_to_device()
+
+    def _wait_for_last_copy(self) -> np.ndarray:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host_rows
+
+    def _copy_to_device(self) -> None:
         self._device.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record(torch.cuda.current_stream(self._device.device))
 
     def attention_mask(self, rows: int, kv_len: int) -> torch.Tensor:
         """Additive mask [rows, 1, 1, kv_len]: row r attends to columns 0..positions[r]."""
