@@ -27,7 +27,6 @@ from batching.errors import (
     PromptTooLongError,
     QueueTimeoutError,
 )
-from batching.generation.buckets import DEFAULT_KV_BUCKET_MIN
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle
@@ -66,7 +65,7 @@ class GenerationEngine:
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         observer: EngineObserver | None = None,
         cuda_graphs: CudaGraphsMode = "auto",
-        kv_bucket_min: int = DEFAULT_KV_BUCKET_MIN,
+        kv_bucket_min: int | None = None,  # None: 128 where graphs are captured, else 16
     ) -> None:
         # A private copy: a fast tokenizer is one Rust object, and transformers' encode() takes
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode

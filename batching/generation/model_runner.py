@@ -28,7 +28,8 @@ import time
 import torch
 
 from batching.generation.buckets import (
-    DEFAULT_KV_BUCKET_MIN,
+    EAGER_KV_BUCKET_MIN,
+    GRAPH_KV_BUCKET_MIN,
     batch_buckets,
     kv_buckets,
     pad_to_bucket,
@@ -53,7 +54,7 @@ class ModelRunner:
         cache: SlotKVCache,
         *,
         cuda_graphs: CudaGraphsMode = "auto",
-        kv_bucket_min: int = DEFAULT_KV_BUCKET_MIN,
+        kv_bucket_min: int | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -62,6 +63,9 @@ class ModelRunner:
         self.dtype: torch.dtype = embeddings.weight.dtype  # hidden states, scores, mask
         self._mask_min = torch.finfo(self.dtype).min
         self._arange = torch.arange(cache.max_seq_len, device=self.device)  # [S], reused
+        reason = unavailable_reason(cuda_graphs, self.device)
+        if kv_bucket_min is None:  # fewer graphs where they are captured; else closer lengths
+            kv_bucket_min = GRAPH_KV_BUCKET_MIN if reason is None else EAGER_KV_BUCKET_MIN
         self.batch_buckets = batch_buckets(cache.num_slots)
         self.kv_buckets = kv_buckets(cache.max_seq_len, kv_bucket_min)
         self._vocab_size = _output_size(model)
@@ -75,7 +79,6 @@ class ModelRunner:
         )
         self._graphs_mode: CudaGraphsMode = cuda_graphs
         self._graphs = DecodeGraphs()
-        reason = unavailable_reason(cuda_graphs, self.device)
         self.cuda_graphs = CudaGraphsReport(False, reason or "not captured yet (warm-up does it)")
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:

@@ -161,14 +161,19 @@ def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
 
 
-def engine_options(cuda_graphs: str) -> dict[str, Any]:
+def engine_options(cuda_graphs: str, kv_bucket_min: int | None) -> dict[str, Any]:
     """Options this checkout's engine accepts (an older one, for --before-dir, has fewer)."""
     accepted = inspect.signature(GenerationEngine).parameters
-    return {"cuda_graphs": cuda_graphs} if "cuda_graphs" in accepted else {}
+    options = {"cuda_graphs": cuda_graphs, "kv_bucket_min": kv_bucket_min}
+    return {k: v for k, v in options.items() if k in accepted and v is not None}
 
 
 async def run_engine(
-    model: PreTrainedModel, batch: list[list[int]], new_tokens: int, cuda_graphs: str
+    model: PreTrainedModel,
+    batch: list[list[int]],
+    new_tokens: int,
+    cuda_graphs: str,
+    kv_bucket_min: int | None = None,
 ) -> tuple[float, int, float, str]:
     """Returns seconds, output tokens, the median decode step and whether graphs were on."""
     clock = StepClock()
@@ -178,7 +183,7 @@ async def run_engine(
             model, _NoText(), eos_token_ids=[], num_slots=len(batch),
             max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch),
             timeout_s=600.0, prefill_token_budget=max(2048, sum(map(len, batch))),
-            observer=clock, **engine_options(cuda_graphs),
+            observer=clock, **engine_options(cuda_graphs, kv_bucket_min),
         )  # fmt: skip
         engine.warm_up()
         return engine
@@ -229,7 +234,7 @@ def bench(args: argparse.Namespace, dtype: str, scratch: Path) -> list[Row]:
         for n in args.concurrency:
             batch = prompts(n, args.prompt_tokens, vocab)
             seconds, tokens, step_s, graphs = asyncio.run(
-                run_engine(model, batch, args.new_tokens, mode)
+                run_engine(model, batch, args.new_tokens, mode, args.kv_bucket_min)
             )
             mean_len = args.prompt_tokens + args.new_tokens / 2
             bound_s = (weights + n * mean_len * kv_token) / (args.bandwidth_gbs * 1e9)
@@ -295,6 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cuda-graphs", nargs="+", choices=["auto", "on", "off"], default=["auto"],
         help="GENERATE_CUDA_GRAPHS for the engine; several: measured one after the other",
     )  # fmt: skip
+    parser.add_argument("--kv-bucket-min", type=int, default=None, help="the engine's default")
     parser.add_argument("--skip-generate", action="store_true", help="only the engine")
     parser.add_argument(
         "--before-dir", type=Path, default=None,

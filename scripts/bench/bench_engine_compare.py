@@ -31,6 +31,8 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--concurrency", *map(str, args.concurrency), "--cuda-graphs", *args.cuda_graphs]
     argv += ["--static-batch", str(args.static_batch), "--prompt-tokens", str(args.prompt_tokens)]
     argv += ["--new-tokens", str(args.new_tokens), "--bandwidth-gbs", str(args.bandwidth_gbs)]
+    if args.kv_bucket_min is not None:
+        argv += ["--kv-bucket-min", str(args.kv_bucket_min)]
     return argv + (["--skip-generate"] if args.skip_generate else [])
 
 
