@@ -10,15 +10,15 @@ too) because the model is driven through its public forward with three explicit 
   be silently wrong with eager attention (it adds the mask to the scores), and a 2D mask would
   be expanded against the wrong lengths.
 
-Shapes change every step (batch size, KV length, prompt lengths). On CUDA, PyTorch's cuDNN
+Prefill shapes change with every admission (rows, prompt lengths). On CUDA, PyTorch's cuDNN
 attention backend builds a plan per new shape (measured on an H100, torch 2.11: about 60 ms
 extra per new decode shape, 135 ms vs 17 ms per new prefill shape), so a server should turn it
 off once at start-up: `torch.backends.cuda.enable_cudnn_sdp(False)` (flash and mem-efficient
 attention have no such cost).
 
-The decode step runs at bucketed shapes over static buffers (buckets.py, decode_buffers.py):
-the same code on every device, replayed from CUDA graphs where they are captured
-(cuda_graphs.py), run eagerly otherwise. Prefill stays eager.
+The decode step runs at a few bucketed shapes over static buffers (buckets.py,
+decode_buffers.py): the same code on every device, replayed from CUDA graphs where they were
+captured at warm-up (cuda_graphs.py), run eagerly otherwise. Prefill stays eager.
 """
 
 from __future__ import annotations
