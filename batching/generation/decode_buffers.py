@@ -77,11 +77,11 @@ class DecodeBuffers:
         host[WRITE_SLOT, rows:] = self._spare_slot
         self._copy_to_device()
 
-    def load_probe(self, rows: int, kv_len: int, vocab_size: int) -> None:
+    def load_probe(self, rows: int, kv_len: int) -> None:
         """Varied rows for checking a captured graph against the eager step: row r reads token
         (31r + 1) mod V at position (7r + 3) mod kv_len, written to its own slot r."""
         host = self._wait_for_last_copy()
-        host[TOKEN] = (np.arange(self.max_rows) * 31 + 1) % vocab_size
+        host[TOKEN] = (np.arange(self.max_rows) * 31 + 1) % self.logits.shape[1]
         host[POSITION] = (np.arange(self.max_rows) * 7 + 3) % kv_len
         host[WRITE_SLOT] = self._live_slots
         host[:, rows:] = [[0], [0], [self._spare_slot]]

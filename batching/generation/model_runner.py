@@ -68,11 +68,10 @@ class ModelRunner:
             kv_bucket_min = GRAPH_KV_BUCKET_MIN if reason is None else EAGER_KV_BUCKET_MIN
         self.batch_buckets = batch_buckets(cache.num_slots)
         self.kv_buckets = kv_buckets(cache.max_seq_len, kv_bucket_min)
-        self._vocab_size = _output_size(model)
         self.decode_buffers = DecodeBuffers(
             max_rows=cache.num_slots,
             max_seq_len=cache.max_seq_len,
-            vocab_size=self._vocab_size,
+            vocab_size=_output_size(model),
             spare_slot=cache.spare_slot,
             mask_dtype=self.dtype,
             device=self.device,
@@ -173,7 +172,7 @@ class ModelRunner:
         """Run probe rows eagerly and by replay; describe the first difference, if any."""
         tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
         for rows, kv_len in dict.fromkeys(shapes):
-            self.decode_buffers.load_probe(rows, kv_len, self._vocab_size)
+            self.decode_buffers.load_probe(rows, kv_len)
             self._decode_bucket(rows, kv_len)
             eager = self.decode_buffers.logits[:rows].clone()  # [Bb, V]
             replayed = self.decode_buffers.logits[:rows]  # [Bb, V]; the same buffer, after replay
