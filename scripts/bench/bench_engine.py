@@ -307,6 +307,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a checkout of the code before a change: measure it and this one, interleaved",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="with --before-dir")
+    parser.add_argument(
+        "--wait-for-idle-s", type=float, default=0.0,
+        help="with --before-dir: before each run, wait up to this long for an idle CPU",
+    )  # fmt: skip
     parser.add_argument("--rows-json", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     return parser.parse_args(argv)

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,29 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     if args.kv_bucket_min is not None:
         argv += ["--kv-bucket-min", str(args.kv_bucket_min)]
     return argv + (["--skip-generate"] if args.skip_generate else [])
+
+
+def cpu_idle_fraction(window_s: float = 2.0) -> float:
+    """Share of CPU time the whole machine spent idle over the next window_s (Linux)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle_0, total_0 = sample()
+    time.sleep(window_s)
+    idle_1, total_1 = sample()
+    return (idle_1 - idle_0) / max(1, total_1 - total_0)
+
+
+def wait_for_idle_cpu(max_wait_s: float, idle: float = 0.9) -> None:
+    """On a shared box, start a run only once others leave the CPU alone (or max_wait_s)."""
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline:
+        if (share := cpu_idle_fraction()) >= idle:
+            return
+        print(f"    waiting: the CPU is {1 - share:.0%} busy", flush=True)
+    print("    the CPU did not go idle; running anyway", flush=True)
 
 
 def run_worker(script: Path, checkout: Path, argv: list[str]) -> list[dict[str, Any]]:
@@ -98,6 +122,8 @@ def compare(args: argparse.Namespace, script: Path) -> None:
     for repeat in range(args.repeats):
         for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
             print(f"--- repeat {repeat + 1}/{args.repeats}: {side} ({checkouts[side]})", flush=True)
+            if args.wait_for_idle_s > 0:
+                wait_for_idle_cpu(args.wait_for_idle_s)
             rows = run_worker(script, checkouts[side], worker_argv(args))
             collect(rows, measured[side])
             raw.append({"repeat": repeat, "side": side, "rows": rows})
