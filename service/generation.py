@@ -60,6 +60,7 @@ class GenerationService:
             timeout_s=settings.request_timeout_s,
             observer=metrics,
             special_tokens=special_token_strings(loaded),
+            cuda_graphs=settings.generate_cuda_graphs,
         )
         metrics.slots_total.set(settings.generate_slots)
         return cls(loaded, engine, settings, metrics)
@@ -98,6 +99,7 @@ class GenerationService:
             "max_queue": self.settings.generate_max_queue,
             "kv_cache_bytes": self.engine.kv_cache_bytes,
             "attn_implementation": self.settings.attn_implementation,
+            "cuda_graphs": self.engine.cuda_graphs.as_dict(),
         }
 
 

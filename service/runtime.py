@@ -121,12 +121,15 @@ class Runtime:
                 GenerationService.create, loaded, s, self.metrics.generate
             )
             warm_s = await on_fresh_thread(self.generate.warm_up)
+            graphs = self.generate.engine.cuda_graphs
             log.info(
-                "generate warm-up took %.2fs; KV cache: %d slots x %d tokens = %.1f MiB",
+                "generate warm-up took %.2fs; KV cache: %d slots x %d tokens = %.1f MiB; "
+                "CUDA graphs: %s",
                 warm_s,
                 s.generate_slots,
                 s.generate_max_seq_len,
                 self.generate.engine.kv_cache_bytes / 2**20,
+                "on" if graphs.enabled else f"off ({graphs.reason})",
             )
             self.generate.start()
         for model in self.loaded_models():

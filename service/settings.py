@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     generate_max_messages: int = Field(256, ge=1, description="Most chat messages per request")
     # false only on a shadow behind NGINX `mirror`, which hangs up on the shadow's streams
     generate_cancel_on_disconnect: bool = True
+    # decode steps replay CUDA graphs (captured at warm-up); auto = on where CUDA is available
+    generate_cuda_graphs: Literal["auto", "on", "off"] = "auto"
 
     request_timeout_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -27,6 +27,7 @@ from batching.errors import (
     PromptTooLongError,
     QueueTimeoutError,
 )
+from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle
 from batching.generation.model_runner import ModelRunner, build_slot_cache
@@ -64,6 +65,8 @@ class GenerationEngine:
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         observer: EngineObserver | None = None,
         special_tokens: Sequence[str] = (),
+        cuda_graphs: CudaGraphsMode = "auto",
+        kv_bucket_min: int | None = None,  # None: 128 where graphs are captured, else 16
     ) -> None:
         # A private copy: a fast tokenizer is one Rust object, and transformers' encode() takes
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode
@@ -72,7 +75,12 @@ class GenerationEngine:
         self._tokenizer = copy.deepcopy(tokenizer)
         self._eos_token_ids = frozenset(eos_token_ids)
         self._special_tokens = tuple(special_tokens)  # their text never reaches a client
-        self._runner = ModelRunner(model, build_slot_cache(model, num_slots, max_seq_len))
+        self._runner = ModelRunner(
+            model,
+            build_slot_cache(model, num_slots, max_seq_len),
+            cuda_graphs=cuda_graphs,
+            kv_bucket_min=kv_bucket_min,
+        )
         self._vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
         self._scheduler: Scheduler[Request] = Scheduler(max_queue, timeout_s)
@@ -126,10 +134,16 @@ class GenerationEngine:
     def max_seq_len(self) -> int:
         return self._slots.max_seq_len
 
+    @property
+    def cuda_graphs(self) -> CudaGraphsReport:
+        """Whether decode steps replay CUDA graphs (decided by warm_up()), and which buckets."""
+        return self._runner.cuda_graphs
+
     # ---- lifecycle ----
 
     def warm_up(self, prompt_tokens: int = 16, decode_steps: int = 2) -> None:
-        """Run prefill and decode for 1 row and for every slot once; call before start()."""
+        """Run prefill and decode for 1 row and for every slot once, then capture the decode
+        step's CUDA graphs where they can be used; call before start()."""
         if self._thread is not None:
             raise RuntimeError(
                 "warm_up() must run before start(): the engine thread owns the cache"
@@ -142,6 +156,7 @@ class GenerationEngine:
                 for _ in range(decode_steps):
                     self._runner.decode_step([0] * rows, lengths)
                     lengths = [n + 1 for n in lengths]
+            self._runner.capture_cuda_graphs()
 
     def start(self) -> None:
         """Start the engine thread (once)."""

@@ -19,7 +19,11 @@ import torch
 
 
 class SlotKVCache:
-    """K and V per layer: [num_slots, kv_heads, max_seq_len, head_dim], allocated once."""
+    """K and V per layer: [num_slots + 1, kv_heads, max_seq_len, head_dim], allocated once.
+
+    Slots 0..num_slots-1 hold sequences. The last row, `spare_slot`, belongs to no sequence:
+    the padded rows of a bucketed decode step write their K/V there (see decode_buffers.py).
+    """
 
     def __init__(
         self,
@@ -32,9 +36,11 @@ class SlotKVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_slots, kv_heads, max_seq_len, head_dim)
+        shape = (num_slots + 1, kv_heads, max_seq_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots = num_slots
+        self.spare_slot = num_slots
         self.max_seq_len = max_seq_len
 
     @property
@@ -50,8 +56,10 @@ class SlotKVCache:
     def prefill_view(self, first_slot: int, gather_index: torch.Tensor) -> PrefillView:
         return PrefillView(self, first_slot, gather_index)
 
-    def decode_view(self, positions: torch.Tensor, kv_len: int) -> DecodeView:
-        return DecodeView(self, positions, kv_len)
+    def decode_view(
+        self, write_slots: torch.Tensor, positions: torch.Tensor, kv_len: int
+    ) -> DecodeView:
+        return DecodeView(self, write_slots, positions, kv_len)
 
 
 class _ViewBase:
@@ -108,13 +116,20 @@ class PrefillView(_ViewBase):
 
 
 class DecodeView(_ViewBase):
-    """One new token for each of the rows 0..B-1, row r at position positions[r]."""
+    """One new token for each of the rows 0..B-1: row r's K/V goes to slot write_slots[r] at
+    position positions[r], and row r attends over slot r.
 
-    def __init__(self, cache: SlotKVCache, positions: torch.Tensor, kv_len: int) -> None:
+    Live rows write to their own slot (write_slots[r] = r); the padded rows of a bucket write
+    to the spare slot, and read the free slot under them, masked down to one column.
+    """
+
+    def __init__(
+        self, cache: SlotKVCache, write_slots: torch.Tensor, positions: torch.Tensor, kv_len: int
+    ) -> None:
         super().__init__(kv_len=kv_len, q_len=1)
         self._cache = cache
+        self._write_slots = write_slots  # [B]
         self._positions = positions  # [B]
-        self._rows = torch.arange(positions.shape[0], device=positions.device)  # [B]
 
     def update(
         self,
@@ -126,7 +141,7 @@ class DecodeView(_ViewBase):
         # key_states, value_states: [B, kv_heads, 1, head_dim]
         batch = key_states.shape[0]
         keys, values = self._cache.keys[layer_idx], self._cache.values[layer_idx]
-        keys[self._rows, :, self._positions] = key_states[:, :, 0]
-        values[self._rows, :, self._positions] = value_states[:, :, 0]
-        # Active rows are packed at slots 0..B-1, so this is a view: no copy of the cache.
+        keys[self._write_slots, :, self._positions] = key_states[:, :, 0]
+        values[self._write_slots, :, self._positions] = value_states[:, :, 0]
+        # Rows are packed at slots 0..B-1, so this is a view: no copy of the cache.
         return keys[:batch, :, : self._kv_len], values[:batch, :, : self._kv_len]

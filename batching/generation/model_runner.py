@@ -10,24 +10,52 @@ too) because the model is driven through its public forward with three explicit 
   be silently wrong with eager attention (it adds the mask to the scores), and a 2D mask would
   be expanded against the wrong lengths.
 
-Shapes change every step (batch size, KV length, prompt lengths). On CUDA, PyTorch's cuDNN
+Prefill shapes change with every admission (rows, prompt lengths). On CUDA, PyTorch's cuDNN
 attention backend builds a plan per new shape (measured on an H100, torch 2.11: about 60 ms
 extra per new decode shape, 135 ms vs 17 ms per new prefill shape), so a server should turn it
 off once at start-up: `torch.backends.cuda.enable_cudnn_sdp(False)` (flash and mem-efficient
 attention have no such cost).
+
+The decode step runs at a few bucketed shapes over static buffers (buckets.py,
+decode_buffers.py): the same code on every device, replayed from CUDA graphs where they were
+captured at warm-up (cuda_graphs.py), run eagerly otherwise. Prefill stays eager.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from batching.generation.buckets import (
+    EAGER_KV_BUCKET_MIN,
+    GRAPH_KV_BUCKET_MIN,
+    batch_buckets,
+    kv_buckets,
+    pad_to_bucket,
+)
+from batching.generation.cuda_graphs import (
+    CudaGraphsMode,
+    CudaGraphsReport,
+    DecodeGraphs,
+    DecodeShape,
+    unavailable_reason,
+)
+from batching.generation.decode_buffers import DecodeBuffers
 from batching.generation.kv_cache import SlotKVCache
 
 
 class ModelRunner:
-    """Owns the model and the slot cache; turns token ids into next-token logits."""
+    """Owns the model, the slot cache and the decode buffers; token ids in, logits out."""
 
-    def __init__(self, model: torch.nn.Module, cache: SlotKVCache) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: SlotKVCache,
+        *,
+        cuda_graphs: CudaGraphsMode = "auto",
+        kv_bucket_min: int | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
         embeddings = model.get_input_embeddings()  # type: ignore[operator]
@@ -35,6 +63,22 @@ class ModelRunner:
         self.dtype: torch.dtype = embeddings.weight.dtype  # hidden states, scores, mask
         self._mask_min = torch.finfo(self.dtype).min
         self._arange = torch.arange(cache.max_seq_len, device=self.device)  # [S], reused
+        reason = unavailable_reason(cuda_graphs, self.device)
+        if kv_bucket_min is None:  # fewer graphs where they are captured; else closer lengths
+            kv_bucket_min = GRAPH_KV_BUCKET_MIN if reason is None else EAGER_KV_BUCKET_MIN
+        self.batch_buckets = batch_buckets(cache.num_slots)
+        self.kv_buckets = kv_buckets(cache.max_seq_len, kv_bucket_min)
+        self.decode_buffers = DecodeBuffers(
+            max_rows=cache.num_slots,
+            max_seq_len=cache.max_seq_len,
+            vocab_size=_output_size(model),
+            spare_slot=cache.spare_slot,
+            mask_dtype=self.dtype,
+            device=self.device,
+        )
+        self._graphs_mode: CudaGraphsMode = cuda_graphs
+        self._graphs = DecodeGraphs()
+        self.cuda_graphs = CudaGraphsReport(False, reason or "not captured yet (warm-up does it)")
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
         """Write the prompts' K/V to slots first_slot.. and return their next-token logits.
@@ -64,16 +108,83 @@ class ModelRunner:
     def decode_step(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """Feed one token to each of the rows 0..B-1 (row r holds lengths[r] tokens already).
 
-        Returns float32 logits [B, V].
+        Runs at the (batch, KV length) bucket above (B, longest + 1). Returns float32 logits
+        [B, V]: a view of the static output buffer, valid until the next decode step.
         """
-        kv_len = max(lengths) + 1  # attend only up to the longest row, not max_seq_len
-        input_ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
-        positions = torch.tensor(lengths, device=self.device)  # [B]; where each token goes
-        allowed = self._arange[None, :kv_len] <= positions[:, None]  # [B, kv]
-        mask = self._additive(allowed)[:, None, None, :]  # [B, 1, 1, kv]
-        view = self.cache.decode_view(positions, kv_len)
-        logits = self._forward(input_ids, positions[:, None], mask, view)  # [B, 1, V]
-        return logits[:, -1].float()
+        shape = (
+            pad_to_bucket(len(tokens), self.batch_buckets),
+            pad_to_bucket(max(lengths) + 1, self.kv_buckets),  # +1: this step's token
+        )
+        self.decode_buffers.load(tokens, lengths)
+        if not self._graphs.replay(shape):
+            self._decode_bucket(*shape)
+        return self.decode_buffers.logits[: len(tokens)]
+
+    def _decode_bucket(self, rows: int, kv_len: int) -> None:
+        """The decode step at one bucket, over static buffers only: what a graph captures."""
+        buffers = self.decode_buffers
+        positions = buffers.positions[:rows]  # [Bb]
+        mask = buffers.attention_mask(rows, kv_len)  # [Bb, 1, 1, kv]
+        view = self.cache.decode_view(buffers.write_slots[:rows], positions, kv_len)
+        input_ids = buffers.tokens[:rows, None]  # [Bb, 1]
+        logits = self._forward(input_ids, positions[:, None], mask, view)  # [Bb, 1, V]
+        buffers.logits[:rows].copy_(logits[:, -1])
+
+    def capture_cuda_graphs(self) -> CudaGraphsReport:
+        """Capture every decode bucket where CUDA graphs can be used and check replays against
+        the eager step; on any failure, log why and keep decoding eagerly.
+
+        Call at warm-up, before serving: the probe rows write K/V into free slots.
+        """
+        reason = unavailable_reason(self._graphs_mode, self.device)
+        if reason is not None:
+            report = CudaGraphsReport(False, reason)
+        else:
+            started_s = time.perf_counter()
+            failure = self._capture_and_check()
+            seconds = time.perf_counter() - started_s
+            count = len(self.batch_buckets) * len(self.kv_buckets)
+            report = CudaGraphsReport(
+                failure is None,
+                failure or f"{count} decode graphs captured at warm-up in {seconds:.1f}s",
+                tuple(self.batch_buckets) if failure is None else (),
+                tuple(self.kv_buckets) if failure is None else (),
+            )
+        self.cuda_graphs = report
+        report.log(requested=self._graphs_mode == "on" or reason is None)
+        return report
+
+    def _capture_and_check(self) -> str | None:
+        """Capture all buckets, then compare the largest and smallest graphs' replays with the
+        eager step on probe rows. Returns why graphs cannot be used, or None."""
+        shapes = [(b, kv) for b in self.batch_buckets for kv in self.kv_buckets]
+        self.decode_buffers.load([], [])  # all rows padding: warm-up and capture write the spare
+        try:
+            self._graphs.capture(self._decode_bucket, shapes)
+            failure = self._replay_mismatch([max(shapes), min(shapes)])
+        except Exception as exc:  # a graph must never stop the server: eager still works
+            failure = f"capture failed: {exc!r}"
+        if failure is not None:
+            self._graphs.clear()
+        return failure
+
+    def _replay_mismatch(self, shapes: list[DecodeShape]) -> str | None:
+        """Run probe rows eagerly and by replay; describe the first difference, if any."""
+        tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
+        for rows, kv_len in dict.fromkeys(shapes):
+            self.decode_buffers.load_probe(rows, kv_len)
+            self._decode_bucket(rows, kv_len)
+            eager = self.decode_buffers.logits[:rows].clone()  # [Bb, V]
+            replayed = self.decode_buffers.logits[:rows]  # [Bb, V]; the same buffer, after replay
+            if not self._graphs.replay((rows, kv_len)):
+                return f"no graph was captured for batch {rows}, KV length {kv_len}"
+            if not torch.allclose(replayed, eager, rtol=tolerance, atol=tolerance):
+                diff = float((replayed - eager).abs().max())
+                return (
+                    f"a replay's logits differ from the eager step's (max |diff| {diff:.3g} "
+                    f"at batch {rows}, KV length {kv_len})"
+                )
+        return None
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         """bool (True = attend) -> additive float mask in the model's dtype."""
@@ -97,6 +208,14 @@ class ModelRunner:
         )
         logits: torch.Tensor = output.logits
         return logits
+
+
+def _output_size(model: torch.nn.Module) -> int:
+    """Logits per row: the output head's size (it can differ from the input vocabulary)."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if isinstance(head, torch.nn.Linear):
+        return head.out_features
+    return int(model.config.get_text_config().vocab_size)  # type: ignore[union-attr, operator]
 
 
 def build_slot_cache(model: torch.nn.Module, num_slots: int, max_seq_len: int) -> SlotKVCache:

@@ -1,8 +1,9 @@
 """How the next token is chosen: `SamplingParams` per request, and one batched sampling call.
 
 Greedy rows (temperature 0) take the argmax. Sampled rows apply temperature, then top-k, then
-top-p, and draw with their own `torch.Generator`: a request's random stream is never shared with
-its batch neighbours, so a seeded request yields the same tokens whatever else is running.
+top-p (both over one sort of the row), and draw with their own `torch.Generator`: a request's
+random stream is never shared with its batch neighbours, so a seeded request yields the same
+tokens whatever else is running.
 """
 
 from __future__ import annotations
@@ -66,18 +67,22 @@ def sample_next_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
-    """One token per row. logits: [B, V]; params and generators: one per row."""
-    tokens = logits.argmax(dim=-1)  # [B]; the answer for every greedy row
+    """One token per row. logits: [B, V]; params and generators: one per row.
+
+    An all-greedy batch costs one argmax and one copy of B token ids back to the host.
+    """
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    tokens = logits.argmax(dim=-1)  # [B]; the answer for every greedy row
     if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
+        rows = torch.tensor(sampled_rows, device=logits.device)  # [S]
         chosen = _sample_rows(
             logits.index_select(0, rows).float(),
             [params[i] for i in sampled_rows],
             [generators[i] for i in sampled_rows],
         )
-        tokens = tokens.index_copy(0, rows, chosen)
-    return [int(t) for t in tokens.tolist()]
+        tokens.index_copy_(0, rows, chosen)
+    chosen_ids: list[int] = tokens.tolist()
+    return chosen_ids
 
 
 def _sample_rows(
@@ -89,37 +94,44 @@ def _sample_rows(
     device = logits.device
     temperatures = torch.tensor([p.temperature for p in params], device=device)  # [S]
     logits = logits / temperatures[:, None]
-    if any(p.top_k > 0 for p in params):
-        logits = _apply_top_k(logits, [p.top_k for p in params])
-    if any(p.top_p < 1.0 for p in params):
-        logits = _apply_top_p(logits, [p.top_p for p in params])
-    probs = torch.softmax(logits, dim=-1)  # [S, V]
-    cdf = probs.cumsum(dim=-1)  # [S, V]
     # One uniform number per row from that row's own generator: inverse-CDF sampling keeps
     # each request's random stream independent of how many rows share the batch.
     uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)  # [S]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        # One sort serves both filters. The draw stays in vocabulary order, so a row without
+        # filters draws exactly as it would in a batch where nobody filters.
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V] each
+        sorted_logits = _keep_top_k(sorted_logits, [p.top_k for p in params])
+        sorted_logits = _keep_top_p(sorted_logits, [p.top_p for p in params])
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)  # [S, V]
+    return _draw(logits, uniforms)
+
+
+def _draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling, one draw per row. logits: [S, V]; uniforms: [S] in [0, 1)."""
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # [S, V]
     targets = uniforms[:, None] * cdf[:, -1:]  # [S, 1]; scaled by the total against rounding
     chosen = torch.searchsorted(cdf, targets, right=True)[:, 0]  # first index with cdf > u
     return chosen.clamp_(max=logits.shape[-1] - 1)
 
 
-def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
-    """Keep each row's k largest logits (k = 0: keep all). logits: [S, V]."""
-    vocab = logits.shape[-1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
-    sorted_desc = logits.sort(dim=-1, descending=True).values  # [S, V]
-    kth_largest = sorted_desc.gather(1, (ks - 1)[:, None])  # [S, 1]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
+def _keep_top_k(sorted_logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    """Keep each row's k first (largest) logits; k = 0 keeps all. sorted_logits: [S, V]."""
+    vocab = sorted_logits.shape[-1]
+    if all(k == 0 or k >= vocab for k in top_ks):
+        return sorted_logits
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=sorted_logits.device)
+    ranks = torch.arange(vocab, device=sorted_logits.device)  # [V]
+    return sorted_logits.masked_fill(ranks[None, :] >= ks[:, None], float("-inf"))
 
 
-def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
-    """Keep each row's smallest set of tokens whose probability reaches p. logits: [S, V]."""
+def _keep_top_p(sorted_logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    """Keep each row's smallest set of first tokens whose probability reaches p. [S, V]."""
+    if all(p == 1.0 for p in top_ps):
+        return sorted_logits
     # p = 1 means off: rounding could push the running mass to 1.0 before the tail ends.
-    ps = torch.tensor([p if p < 1.0 else 2.0 for p in top_ps], device=logits.device)[:, None]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V] each
-    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    ps = torch.tensor([p if p < 1.0 else 2.0 for p in top_ps], device=sorted_logits.device)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [S, V]
     # A token is dropped when the tokens ranked above it already reach p; the top one never is.
     mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop_sorted = mass_above >= ps
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return sorted_logits.masked_fill(mass_above >= ps[:, None], float("-inf"))

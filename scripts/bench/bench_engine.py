@@ -3,47 +3,74 @@ the memory-bandwidth bound of a decode step, against generate() (one at a time, 
 static left-padded batch). Used for the GPU figures in BENCHMARKS.md.
 
     python scripts/bench/bench_engine.py --shape qwen2.5-0.5b --device cuda --dtypes bfloat16 nf4
+    python scripts/bench/bench_engine.py --shape qwen2.5-0.5b --device cuda --dtypes bfloat16 \
+        --cuda-graphs on off                                   # graphs on vs off, side by side
+    python scripts/bench/bench_engine.py --shape llama-22m --device cpu --dtypes float32 \
+        --concurrency 1 8 32 --before-dir /tmp/base --repeats 3   # before/after a change
     python scripts/bench/bench_engine.py --shape tiny --device cpu --concurrency 1 4   # smoke run
 
 Random weights, greedy, ignore_eos: every request decodes exactly --new-tokens tokens.
-Needs only torch, transformers, bitsandbytes (for nf4) and this repo (no web stack).
+`--before-dir` runs every measurement in a fresh process, alternately against that checkout's
+`batching` and this one's (bench_engine_compare.py). Needs only torch, transformers,
+bitsandbytes (for nf4) and this repo (no web stack).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
 
-from tiny_models import decoder_config
+from tiny_models import DecoderFamily, decoder_config
 
+import batching
 from batching.generation.engine import GenerationEngine
 from batching.generation.observer import NoopEngineObserver
 from batching.generation.sampling import SamplingParams
 
-SHAPES = {
+SHAPES: dict[str, tuple[DecoderFamily, dict[str, int]]] = {
     # Qwen2.5-0.5B: 24 layers, hidden 896, 14 heads / 2 KV heads, tied embeddings.
-    "qwen2.5-0.5b": dict(
+    "qwen2.5-0.5b": ("qwen2", dict(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-    ),
-    "tiny": dict(
+    )),
+    # The CPU bench LLM (make_bench_models.py): 22M parameters, 6 layers, hidden 512.
+    "llama-22m": ("llama", dict(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=4, vocab_size=8192,
+    )),
+    "tiny": ("qwen2", dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
-    ),
+    )),
 }  # fmt: skip
+
+
+T = TypeVar("T")
+
+
+def on_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on a thread that then ends, as the service sets models up: on a CPU, torch
+    keeps an OpenMP pool per thread that ran model work, and idle pools beside the engine
+    thread's own slow it down (BENCHMARKS.md). generate() runs last, on the main thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
 
 
 class _NoText:
@@ -82,28 +109,28 @@ class Row:
     tok_per_s: float
     decode_step_ms: float | None = None
     bound_step_ms: float | None = None
+    cuda_graphs: str = ""  # on / off (the engine's report), "" where it has no such setting
 
 
 def build(shape: str, dtype: str, device: torch.device, scratch: Path) -> PreTrainedModel:
     torch.manual_seed(0)
+    family, sizes = SHAPES[shape]
     config = decoder_config(
-        "qwen2",
-        **SHAPES[shape],
-        initializer_range=0.02,
-        tie_word_embeddings=True,
+        family, **sizes, initializer_range=0.02, tie_word_embeddings=True,
         max_position_embeddings=4096,
-    )
+    )  # fmt: skip
     if dtype != "nf4":
         with torch.device(device):
-            return Qwen2ForCausalLM(config).to(getattr(torch, dtype)).eval()
+            model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
+        return model.to(getattr(torch, dtype)).eval()
     folder = scratch / f"{shape}-bf16"
     if not folder.exists():
         with torch.device(device):
-            Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+            AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
     )
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=quant, device_map={"": str(device)}, dtype=torch.bfloat16
     )
     return model.eval()
@@ -125,7 +152,8 @@ def bytes_read_per_step(model: PreTrainedModel) -> int:
 def kv_bytes_per_token(model: PreTrainedModel) -> int:
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2  # K,V bf16
+    itemsize = model.get_input_embeddings().weight.element_size()  # type: ignore[union-attr]
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
 
 
 def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
@@ -133,16 +161,36 @@ def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
 
 
+def engine_options(cuda_graphs: str, kv_bucket_min: int | None) -> dict[str, Any]:
+    """Options this checkout's engine accepts (an older one, for --before-dir, has fewer)."""
+    accepted = inspect.signature(GenerationEngine).parameters
+    options = {"cuda_graphs": cuda_graphs, "kv_bucket_min": kv_bucket_min}
+    return {k: v for k, v in options.items() if k in accepted and v is not None}
+
+
 async def run_engine(
-    model: PreTrainedModel, batch: list[list[int]], new_tokens: int
-) -> tuple[float, int, float]:
+    model: PreTrainedModel,
+    batch: list[list[int]],
+    new_tokens: int,
+    cuda_graphs: str,
+    kv_bucket_min: int | None = None,
+) -> tuple[float, int, float, str]:
+    """Returns seconds, output tokens, the median decode step and whether graphs were on."""
     clock = StepClock()
-    engine = GenerationEngine(
-        model, _NoText(), eos_token_ids=[], num_slots=len(batch),
-        max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch), timeout_s=600.0,
-        prefill_token_budget=max(2048, sum(map(len, batch))), observer=clock,
-    )  # fmt: skip
-    engine.warm_up()
+
+    def make_engine() -> GenerationEngine:
+        engine = GenerationEngine(
+            model, _NoText(), eos_token_ids=[], num_slots=len(batch),
+            max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch),
+            timeout_s=600.0, prefill_token_budget=max(2048, sum(map(len, batch))),
+            observer=clock, **engine_options(cuda_graphs, kv_bucket_min),
+        )  # fmt: skip
+        engine.warm_up()
+        return engine
+
+    engine = on_fresh_thread(make_engine)
+    report = getattr(engine, "cuda_graphs", None)
+    graphs = "" if report is None else ("on" if report.enabled else "off")
     engine.start()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     started = time.perf_counter()
@@ -152,7 +200,7 @@ async def run_engine(
     await engine.stop(1.0)
     tokens = sum(r.completion_tokens for r in results)
     assert tokens == len(batch) * new_tokens, "every request must decode exactly new_tokens"
-    return seconds, tokens, clock.median_step_s(len(batch))
+    return seconds, tokens, clock.median_step_s(len(batch)), graphs
 
 
 def run_generate(model: PreTrainedModel, batch: list[list[int]], new_tokens: int) -> float:
@@ -175,37 +223,50 @@ def run_generate(model: PreTrainedModel, batch: list[list[int]], new_tokens: int
 
 def bench(args: argparse.Namespace, dtype: str, scratch: Path) -> list[Row]:
     device = torch.device(args.device)
-    model = build(args.shape, dtype, device, scratch)
+    model = on_fresh_thread(build, args.shape, dtype, device, scratch)
     weights, kv_token = bytes_read_per_step(model), kv_bytes_per_token(model)
     vocab = model.config.vocab_size
     print(f"{args.shape} {dtype}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params,"
           f" {weights / 2**20:.0f} MiB read per decode step", flush=True)  # fmt: skip
     rows: list[Row] = []
-    asyncio.run(run_engine(model, prompts(2, args.prompt_tokens, vocab), 4))  # warm-up
-    for n in args.concurrency:
-        batch = prompts(n, args.prompt_tokens, vocab)
-        seconds, tokens, step_s = asyncio.run(run_engine(model, batch, args.new_tokens))
-        mean_len = args.prompt_tokens + args.new_tokens / 2
-        bound_s = (weights + n * mean_len * kv_token) / (args.bandwidth_gbs * 1e9)
-        rows.append(Row(args.shape, dtype, "engine", n, tokens, seconds, tokens / seconds,
-                        step_s * 1e3, bound_s * 1e3))  # fmt: skip
-        print(f"  engine x{n:<3} {tokens / seconds:9.0f} tok/s  step {step_s * 1e3:6.2f} ms"
-              f"  (bandwidth bound {bound_s * 1e3:.2f} ms)", flush=True)  # fmt: skip
+    for mode in args.cuda_graphs:
+        asyncio.run(run_engine(model, prompts(2, args.prompt_tokens, vocab), 4, mode))  # warm-up
+        for n in args.concurrency:
+            batch = prompts(n, args.prompt_tokens, vocab)
+            seconds, tokens, step_s, graphs = asyncio.run(
+                run_engine(model, batch, args.new_tokens, mode, args.kv_bucket_min)
+            )
+            mean_len = args.prompt_tokens + args.new_tokens / 2
+            bound_s = (weights + n * mean_len * kv_token) / (args.bandwidth_gbs * 1e9)
+            rows.append(Row(args.shape, dtype, "engine", n, tokens, seconds, tokens / seconds,
+                            step_s * 1e3, bound_s * 1e3, graphs))  # fmt: skip
+            print(f"  engine x{n:<3} graphs {graphs or '-':3} {tokens / seconds:9.0f} tok/s"
+                  f"  step {step_s * 1e3:6.2f} ms (bandwidth bound {bound_s * 1e3:.2f} ms)",
+                  flush=True)  # fmt: skip
+    if not args.skip_generate:
+        rows += bench_generate(args, model, dtype, vocab)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_generate(
+    args: argparse.Namespace, model: PreTrainedModel, dtype: str, vocab: int
+) -> list[Row]:
+    """generate() one request at a time, and the static batch of --static-batch prompts."""
     one = prompts(1, args.prompt_tokens, vocab)
     run_generate(model, one, 4)  # warm-up
     seconds = run_generate(model, one, args.new_tokens)
-    rows.append(Row(args.shape, dtype, "generate() one request", 1, args.new_tokens, seconds,
-                    args.new_tokens / seconds))  # fmt: skip
+    rows = [Row(args.shape, dtype, "generate() one request", 1, args.new_tokens, seconds,
+                args.new_tokens / seconds)]  # fmt: skip
     static_n = args.static_batch
     seconds = run_generate(model, prompts(static_n, args.prompt_tokens, vocab), args.new_tokens)
     tokens = static_n * args.new_tokens
     rows.append(Row(args.shape, dtype, "generate() static batch", static_n, tokens, seconds,
                     tokens / seconds))  # fmt: skip
-    for row in rows[-2:]:
+    for row in rows:
         print(f"  {row.system} x{row.concurrency}: {row.tok_per_s:9.0f} tok/s", flush=True)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -213,18 +274,19 @@ def markdown(rows: list[Row], device_name: str, bandwidth_gbs: float) -> str:
     lines = [
         f"Device: {device_name}; bandwidth bound at {bandwidth_gbs:g} GB/s.",
         "",
-        "| shape | dtype | system | concurrency | output tok/s | decode step ms | bound ms |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | dtype | system | CUDA graphs | concurrency | output tok/s | decode step ms |"
+        " bound ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = f"{r.decode_step_ms:.2f}" if r.decode_step_ms is not None else ""
         bound = f"{r.bound_step_ms:.2f}" if r.bound_step_ms is not None else ""
-        lines.append(f"| {r.shape} | {r.dtype} | {r.system} | {r.concurrency} | "
-                     f"{r.tok_per_s:,.0f} | {step} | {bound} |")  # fmt: skip
+        lines.append(f"| {r.shape} | {r.dtype} | {r.system} | {r.cuda_graphs} | "
+                     f"{r.concurrency} | {r.tok_per_s:,.0f} | {step} | {bound} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -234,8 +296,27 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="H100 SXM HBM3")
+    parser.add_argument(
+        "--cuda-graphs", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+        help="GENERATE_CUDA_GRAPHS for the engine; several: measured one after the other",
+    )  # fmt: skip
+    parser.add_argument("--kv-bucket-min", type=int, default=None, help="the engine's default")
+    parser.add_argument("--skip-generate", action="store_true", help="only the engine")
+    parser.add_argument(
+        "--before-dir", type=Path, default=None,
+        help="a checkout of the code before a change: measure it and this one, interleaved",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="with --before-dir")
+    parser.add_argument(
+        "--wait-for-idle-s", type=float, default=0.0,
+        help="with --before-dir: before each run, wait up to this long for an idle CPU",
+    )  # fmt: skip
+    parser.add_argument("--rows-json", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def measure(args: argparse.Namespace) -> tuple[list[Row], str]:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the service does (model_runner.py)
@@ -244,6 +325,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for dtype in args.dtypes:
             rows += bench(args, dtype, Path(scratch))
+    return rows, device_name
+
+
+def main() -> None:
+    args = parse_args()
+    if args.before_dir is not None:
+        from bench_engine_compare import compare
+
+        compare(args, Path(__file__).resolve())
+        return
+    print(f"batching from {Path(batching.__file__).parent}", flush=True)
+    rows, device_name = measure(args)
+    if args.rows_json is not None:  # a worker of bench_engine_compare.py
+        args.rows_json.write_text(json.dumps([asdict(r) for r in rows]))
+        return
     table = markdown(rows, device_name, args.bandwidth_gbs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

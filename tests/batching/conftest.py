@@ -78,10 +78,14 @@ EngineFactory = Callable[..., GenerationEngine]
 async def make_engine(
     tiny_llama: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
 ) -> AsyncIterator[EngineFactory]:
-    """Build and start engines (tiny Llama by default); all are stopped after the test."""
+    """Build and start engines (tiny Llama by default); all are stopped after the test.
+
+    `warm_up=True` warms the engine up first, as the service does: on CUDA that captures the
+    decode step's graphs, so the test then runs on replays.
+    """
     engines: list[GenerationEngine] = []
 
-    def make(**overrides: object) -> GenerationEngine:
+    def make(*, warm_up: bool = False, **overrides: object) -> GenerationEngine:
         options: dict[str, object] = {
             "eos_token_ids": [EOS_ID],
             "num_slots": 4,
@@ -93,6 +97,8 @@ async def make_engine(
         model = options.pop("model", tiny_llama)
         engine_tokenizer = options.pop("tokenizer", tokenizer)
         engine = GenerationEngine(model, engine_tokenizer, **options)  # type: ignore[arg-type]
+        if warm_up:
+            engine.warm_up()
         engine.start()
         engines.append(engine)
         return engine

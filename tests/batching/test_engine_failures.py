@@ -171,7 +171,8 @@ async def test_warm_up_runs_before_start_and_submit_needs_start(
     engine.warm_up()
     with pytest.raises(EngineStoppedError):
         await engine.submit(PROMPT, SamplingParams(4))
-    assert engine.kv_cache_bytes == 2 * 2 * 3 * 2 * 32 * 16 * 4  # K,V x layers x slots x ...
+    # K,V x layers x (3 slots + the spare one padded rows write to) x KV heads x tokens x ...
+    assert engine.kv_cache_bytes == 2 * 2 * (3 + 1) * 2 * 32 * 16 * 4
     started = make_engine()
     with pytest.raises(RuntimeError):
         started.warm_up()

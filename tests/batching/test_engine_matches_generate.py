@@ -2,7 +2,11 @@
 
 Requests of different lengths arrive at different engine steps, there are fewer slots than
 requests (so slots are reused and rows are moved to keep the batch packed), and they stop
-at different times. Any error in positions, masks, padding or the KV cache shows up here.
+at different times. Decode steps run at bucketed shapes: batch sizes that are not buckets are
+padded up (padded rows write to the spare slot), and with a smallest KV bucket of 16 the
+sequences cross KV buckets mid-generation. Any error in positions, masks, padding, buckets
+or the KV cache shows up here. The engines are warmed up as in the service, so on CUDA the
+decode steps replay captured graphs.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ async def run_staggered(engine: GenerationEngine, batch: list[list[int]]) -> lis
 async def assert_matches_generate(
     model: PreTrainedModel, make_engine: EngineFactory, **engine_options: object
 ) -> None:
-    engine = make_engine(model=model, num_slots=3, max_seq_len=64, **engine_options)
+    options: dict[str, object] = {"num_slots": 3, "max_seq_len": 64, "kv_bucket_min": 16}
+    engine = make_engine(model=model, warm_up=True, **(options | engine_options))
     batch = prompts()
     results = await run_staggered(engine, batch)
     for prompt, new, result in zip(batch, MAX_NEW_TOKENS, results, strict=True):
@@ -125,3 +130,54 @@ def test_a_context_longer_than_the_sliding_window_is_refused(tokenizer: object) 
             max_queue=4,
             timeout_s=1.0,
         )
+
+
+# 13 requests; prompt + new tokens reach past 64, so rows cross the KV buckets 16 -> 32 -> 64 -> 96.
+WIDE_PROMPT_LENGTHS = [7, 1, 19, 4, 12, 3, 23, 9, 15, 2, 30, 6, 11]
+WIDE_NEW_TOKENS = [60, 20, 40, 70, 9, 50, 30, 14, 45, 80, 25, 66, 33]
+
+
+async def assert_concurrent_matches_generate(
+    model: PreTrainedModel, make_engine: EngineFactory, requests: int, num_slots: int
+) -> None:
+    """`requests` submitted at once to `num_slots` slots (kv buckets 16, 32, 64, 96)."""
+    engine = make_engine(
+        model=model, warm_up=True, num_slots=num_slots, max_seq_len=96, kv_bucket_min=16
+    )
+    generator = torch.Generator().manual_seed(7)
+    batch = [
+        torch.randint(3, VOCAB_SIZE, (n,), generator=generator).tolist()
+        for n in WIDE_PROMPT_LENGTHS[:requests]
+    ]
+    new_tokens = WIDE_NEW_TOKENS[:requests]
+    handles = [
+        await engine.submit(prompt, SamplingParams(max_new_tokens=new))
+        for prompt, new in zip(batch, new_tokens, strict=True)
+    ]
+    results = [await handle.wait() for handle in handles]
+    for prompt, new, result in zip(batch, new_tokens, results, strict=True):
+        assert list(result.token_ids) == reference(model, prompt, new)
+    longest = max(len(p) + r.completion_tokens for p, r in zip(batch, results, strict=True))
+    assert longest > 64  # some row really crossed into the last KV bucket
+
+
+@pytest.mark.parametrize("requests", [3, 5, 7, 13])
+async def test_greedy_equals_generate_at_batch_sizes_that_are_not_buckets(
+    requests: int, tiny_llama: LlamaForCausalLM, make_engine: EngineFactory
+) -> None:
+    """16 slots (buckets 1, 2, 4, 8, 16): 3 rows pad to 4, 5 and 7 to 8, 13 to 16; as rows
+    finish, the batch shrinks through other sizes that are not buckets either."""
+    await assert_concurrent_matches_generate(tiny_llama, make_engine, requests, num_slots=16)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [build_tiny_llama, lambda: build_tiny_llama("eager"), tiny_qwen2, tiny_mistral],
+    ids=["llama-sdpa", "llama-eager", "qwen2", "mistral"],
+)
+async def test_greedy_equals_generate_across_kv_buckets_with_slot_reuse(
+    build: type[PreTrainedModel], make_engine: EngineFactory
+) -> None:
+    """13 requests share 6 slots (buckets 1, 2, 4, 6): slots are reused, rows move, and
+    sequences cross KV buckets mid-generation."""
+    await assert_concurrent_matches_generate(build(), make_engine, 13, num_slots=6)

@@ -19,8 +19,8 @@ def small_cache() -> SlotKVCache:
     )
 
 
-def test_memory_bytes_count_every_layer_of_keys_and_values() -> None:
-    assert small_cache().nbytes == 2 * 2 * (3 * 2 * 8 * 4) * 4
+def test_memory_bytes_count_every_layer_of_keys_and_values_and_the_spare_slot() -> None:
+    assert small_cache().nbytes == 2 * 2 * ((3 + 1) * 2 * 8 * 4) * 4
 
 
 def test_prefill_moves_left_padded_prompts_to_position_zero() -> None:
@@ -38,12 +38,23 @@ def test_prefill_moves_left_padded_prompts_to_position_zero() -> None:
 def test_decode_writes_each_row_at_its_position_and_returns_a_view() -> None:
     cache = small_cache()
     new = torch.tensor([1.0, 2.0])[:, None, None, None].expand(2, 2, 1, 4)  # [B, H, 1, D]
-    positions = torch.tensor([5, 2])
-    keys, values = cache.decode_view(positions, kv_len=6).update(new, new, layer_idx=1)
+    slots, positions = torch.tensor([0, 1]), torch.tensor([5, 2])
+    keys, values = cache.decode_view(slots, positions, kv_len=6).update(new, new, layer_idx=1)
     assert keys.shape == (2, 2, 6, 4)
     assert cache.keys[1][0, :, 5].eq(1.0).all() and cache.keys[1][1, :, 2].eq(2.0).all()
     assert keys.data_ptr() == cache.keys[1].data_ptr()  # packed rows: no copy of the cache
     assert values.untyped_storage().data_ptr() == cache.values[1].untyped_storage().data_ptr()
+
+
+def test_a_padded_row_writes_only_to_the_spare_slot_and_reads_the_free_slot_under_it() -> None:
+    cache = small_cache()
+    new = torch.tensor([1.0, 9.0])[:, None, None, None].expand(2, 2, 1, 4)  # [B, H, 1, D]
+    slots = torch.tensor([0, cache.spare_slot])  # row 1 is padding
+    keys, _ = cache.decode_view(slots, torch.tensor([3, 0]), kv_len=4).update(new, new, 0)
+    assert cache.spare_slot == 3 and cache.keys[0].shape[0] == 4
+    assert cache.keys[0][cache.spare_slot, :, 0].eq(9.0).all()
+    assert cache.keys[0][1].abs().sum() == 0  # the free slot under the padded row: untouched
+    assert keys.shape == (2, 2, 4, 4)  # rows 0..1 read slots 0..1: a view, never the spare
 
 
 def test_move_slot_copies_one_sequence_in_every_layer() -> None:
