@@ -6,7 +6,6 @@ Each test gets a fresh NGINX (fresh rate-limit buckets) in front of one shared a
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import re
 import time
@@ -23,12 +22,6 @@ pytestmark = needs_nginx
 
 NGINX_ID = re.compile(r"^[0-9a-f]{32}$")  # nginx's $request_id
 PREDICT_RATE_PER_S, PREDICT_BURST = 20, 40  # nginx/edge.conf, zone=predict
-
-
-def bursts(arrivals_s: list[float], gap_s: float = 0.00025) -> int:
-    """How many separate deliveries the events came in: events parsed from one network read
-    arrive microseconds apart, events of separate reads a token's time apart."""
-    return 1 + sum(1 for a, b in itertools.pairwise(arrivals_s) if b - a > gap_s)
 
 
 @pytest.fixture
@@ -132,7 +125,6 @@ def test_streamed_generate_arrives_before_the_generation_ends(edge: Nginx) -> No
     assert done_s - first_s >= 0.5 * decode_s, (
         f"first event at {first_s:.3f}s, [DONE] at {done_s:.3f}s, decode took {decode_s:.3f}s"
     )
-    assert bursts(arrivals_s) >= len(arrivals_s) / 3, f"arrived in {bursts(arrivals_s)} bursts"
 
 
 def test_the_openai_sdk_streams_through_nginx(edge: Nginx) -> None:
@@ -173,4 +165,3 @@ def test_the_openai_sdk_stream_through_nginx_arrives_as_the_tokens_are_made(edge
     assert done_s - first_s >= 0.5 * decode_s, (
         f"first chunk at {first_s:.3f}s, last at {done_s:.3f}s, decode took {decode_s:.3f}s"
     )
-    assert bursts(arrivals_s) >= len(arrivals_s) / 3, f"arrived in {bursts(arrivals_s)} bursts"
