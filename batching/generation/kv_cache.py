@@ -1,9 +1,17 @@
-"""Where the KV cache is written: preallocated per-layer K/V tensors, one region per slot.
+"""Where the KV cache is written: one preallocated tensor, one region per slot, and the pool
+of cached prefix blocks beside it.
 
-`SlotKVCache` owns the memory. For each forward the model runner asks it for a small adapter
-(`PrefillView` or `DecodeView`) and passes that as `past_key_values`. transformers' attention
-layers call `adapter.update(key_states, value_states, layer_idx)` once per layer; the adapter
-writes each row at its own positions and returns the K/V the layer attends over.
+`SlotKVCache` owns the memory: [2 (K, V), layers, num_slots + 1, kv_heads, max_seq_len,
+head_dim] in one tensor, so moving a sequence between slots, or copying a cached prefix into
+one, is a single copy rather than two per layer. For each forward the model runner asks it for
+a small adapter (`PrefillView` or `DecodeView`) and passes that as `past_key_values`.
+transformers' attention layers call `adapter.update(key_states, value_states, layer_idx)` once
+per layer; the adapter writes each row at its own positions and returns the K/V the layer
+attends over.
+
+`BlockPool` holds the K/V of cached prompt blocks (which blocks, and when they are evicted:
+prefix_cache.py). Only two copies touch it: a finished prefill saves its prompt's new blocks
+into it, and an admission with a hit loads blocks from it into the new slot.
 
 Minimal interface (transformers 5.23): attention layers only call `update()`. The model
 calls `get_seq_length()` only when it is not given `position_ids`, and sizes its masks from
@@ -36,9 +44,10 @@ class SlotKVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_slots + 1, kv_heads, max_seq_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (2, num_layers, num_slots + 1, kv_heads, max_seq_len, head_dim)
+        self.storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = list(self.storage[0])  # per layer: [num_slots + 1, kv_heads, S, head_dim]
+        self.values = list(self.storage[1])  # views of the one tensor, never reallocated
         self.num_slots = num_slots
         self.spare_slot = num_slots
         self.max_seq_len = max_seq_len
@@ -46,15 +55,16 @@ class SlotKVCache:
     @property
     def nbytes(self) -> int:
         """Memory held by all K/V tensors (for logs and /info)."""
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return self.storage.numel() * self.storage.element_size()
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy one sequence's first `length` entries to another slot (keeps rows packed)."""
-        for cache in (*self.keys, *self.values):
-            cache[target, :, :length] = cache[source, :, :length]
+        self.storage[:, :, target, :, :length] = self.storage[:, :, source, :, :length]
 
-    def prefill_view(self, first_slot: int, gather_index: torch.Tensor) -> PrefillView:
-        return PrefillView(self, first_slot, gather_index)
+    def prefill_view(
+        self, first_slot: int, write_slots: torch.Tensor, positions: torch.Tensor, kv_len: int
+    ) -> PrefillView:
+        return PrefillView(self, first_slot, write_slots, positions, kv_len)
 
     def decode_view(
         self, write_slots: torch.Tensor, positions: torch.Tensor, kv_len: int
@@ -82,22 +92,29 @@ class _ViewBase:
 
 
 class PrefillView(_ViewBase):
-    """New rows at slots first_slot.. first_slot+k-1, prompts left-padded to one length T.
+    """New tokens for rows at slots first_slot.. first_slot+k-1, left-padded to one length q.
 
-    Left padding puts every prompt's last token in the last column, so the model computes
-    logits for that column only (`logits_to_keep=1`). In the cache each prompt must start at
-    position 0: `gather_index` [k, T] maps cache position p of row r to input column
-    p + pad_r (clamped), which moves the real tokens to the front. Entries past a prompt's
-    length get copies of its last column: they are never attended (masked) and the decode
-    steps overwrite them.
+    Row r's input column j goes to slot write_slots[r, j] at position positions[r, j]: its own
+    slot, right after the tokens it holds already (a cached prefix, or earlier chunks of its
+    prompt), so a prefill can continue a sequence. Pad columns go to the spare slot. The
+    layer then attends over each row's slot up to kv_len: what it held plus what was just
+    written (the mask keeps each query to its own past).
     """
 
-    def __init__(self, cache: SlotKVCache, first_slot: int, gather_index: torch.Tensor) -> None:
-        rows, seq = gather_index.shape
-        super().__init__(kv_len=seq, q_len=seq)
+    def __init__(
+        self,
+        cache: SlotKVCache,
+        first_slot: int,
+        write_slots: torch.Tensor,
+        positions: torch.Tensor,
+        kv_len: int,
+    ) -> None:
+        rows, q_len = write_slots.shape
+        super().__init__(kv_len=kv_len, q_len=q_len)
         self._cache = cache
         self._slots = slice(first_slot, first_slot + rows)
-        self._gather_index = gather_index
+        self._write_slots = write_slots  # [k, q]
+        self._positions = positions  # [k, q]
 
     def update(
         self,
@@ -106,13 +123,12 @@ class PrefillView(_ViewBase):
         layer_idx: int,
         cache_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states, value_states: [k, kv_heads, T, head_dim], left-padded like the input
-        rows, heads, seq, dim = key_states.shape
-        index = self._gather_index[:, None, :, None].expand(rows, heads, seq, dim)
-        self._cache.keys[layer_idx][self._slots, :, :seq] = key_states.gather(2, index)
-        self._cache.values[layer_idx][self._slots, :, :seq] = value_states.gather(2, index)
-        # A fresh prompt attends only to itself: no need to read back what was just written.
-        return key_states, value_states
+        # key_states, value_states: [k, kv_heads, q, head_dim], left-padded like the input
+        keys, values = self._cache.keys[layer_idx], self._cache.values[layer_idx]
+        keys[self._write_slots, :, self._positions] = key_states.transpose(1, 2)  # [k, q, H, D]
+        values[self._write_slots, :, self._positions] = value_states.transpose(1, 2)
+        # The rows' slots are contiguous, so this is a view: no copy of the cache.
+        return keys[self._slots, :, : self._kv_len], values[self._slots, :, : self._kv_len]
 
 
 class DecodeView(_ViewBase):
@@ -145,3 +161,36 @@ class DecodeView(_ViewBase):
         values[self._write_slots, :, self._positions] = value_states[:, :, 0]
         # Rows are packed at slots 0..B-1, so this is a view: no copy of the cache.
         return keys[:batch, :, : self._kv_len], values[:batch, :, : self._kv_len]
+
+
+class BlockPool:
+    """The K/V of cached prompt blocks: [2, layers, num_blocks, kv_heads, block_size, head_dim],
+    memory the slots do not use, sized by GENERATE_PREFIX_CACHE_TOKENS."""
+
+    def __init__(self, cache: SlotKVCache, block_size: int, num_blocks: int) -> None:
+        _, layers, _, heads, _, dim = cache.storage.shape
+        shape = (2, layers, num_blocks, heads, block_size, dim)
+        self.storage = torch.zeros(shape, dtype=cache.storage.dtype, device=cache.storage.device)
+        self.block_size = block_size
+        self._cache = cache
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+    def load(self, block_ids: list[int], slot: int) -> None:
+        """Copy blocks (in prefix order) into positions 0.. of `slot`: one gather, one copy."""
+        count = len(block_ids) * self.block_size
+        blocks = self.storage[:, :, block_ids]  # [2, L, n, H, bs, D]
+        two, layers, _, heads, _, dim = blocks.shape
+        flat = blocks.permute(0, 1, 3, 2, 4, 5).reshape(two, layers, heads, count, dim)
+        self._cache.storage[:, :, slot, :, :count] = flat
+
+    def save(self, slot: int, block_ids: list[int], block_indices: list[int]) -> None:
+        """Copy the slot's blocks number block_indices[i] into pool rows block_ids[i]."""
+        size = self.block_size
+        end = (max(block_indices) + 1) * size
+        region = self._cache.storage[:, :, slot, :, :end]  # [2, L, H, end, D]
+        two, layers, heads, _, dim = region.shape
+        blocks = region.reshape(two, layers, heads, end // size, size, dim)[:, :, :, block_indices]
+        self.storage[:, :, block_ids] = blocks.permute(0, 1, 3, 2, 4, 5)  # [2, L, n, H, bs, D]

@@ -80,29 +80,39 @@ class ModelRunner:
         self._graphs = DecodeGraphs()
         self.cuda_graphs = CudaGraphsReport(False, reason or "not captured yet (warm-up does it)")
 
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
-        """Write the prompts' K/V to slots first_slot.. and return their next-token logits.
+    def prefill(
+        self, first_slot: int, chunks: list[list[int]], starts: list[int] | None = None
+    ) -> torch.Tensor:
+        """Write the chunks' K/V to slots first_slot.. and return each row's next-token logits.
 
-        The prompts are left-padded to the longest one (T) and run as one batch [k, T].
-        Returns float32 logits [k, V] for each prompt's last token.
+        Row r continues the sequence in slot first_slot + r, which holds starts[r] tokens
+        already (0 for a fresh prompt; more after a prefix-cache hit or earlier chunks of a long
+        prompt): its tokens go to positions starts[r].. and attend to everything before them.
+        The chunks are left-padded to the longest (q) and run as one batch [k, q], so each
+        row's last token is in the last column (`logits_to_keep=1`). Returns float32 logits
+        [k, V] for each row's last token.
         """
-        seq = max(len(p) for p in prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # [k]
+        rows = len(chunks)
+        starts = starts if starts is not None else [0] * rows
+        seq = max(len(c) for c in chunks)
+        kv_len = max(start + len(c) for start, c in zip(starts, chunks, strict=True))
+        lengths = torch.tensor([len(c) for c in chunks], device=self.device)  # [k]
         pads = seq - lengths  # [k]
-        padded = [[0] * (seq - len(p)) + p for p in prompts]
-        input_ids = torch.tensor(padded, device=self.device)  # [k, T]
-        columns = self._arange[:seq]  # [T]
-        position_ids = (columns[None, :] - pads[:, None]).clamp_(min=0)  # [k, T]
-        # Real query column i of row r sees columns pad_r..i. A pad column sees only itself,
-        # so no softmax row is empty (an all-masked row would give NaN).
-        is_real = columns[None, :] >= pads[:, None]  # [k, T]
-        causal = columns[None, :] <= columns[:, None]  # [T(q), T(kv)]
-        allowed = causal[None] & is_real[:, None, :]  # [k, T, T]
-        allowed |= torch.eye(seq, dtype=torch.bool, device=self.device)[None]
-        mask = self._additive(allowed)[:, None]  # [k, 1, T, T]
-        gather_index = (columns[None, :] + pads[:, None]).clamp_(max=seq - 1)  # [k, T]
-        view = self.cache.prefill_view(first_slot, gather_index)
-        logits = self._forward(input_ids, position_ids, mask, view)  # [k, 1, V]
+        padded = [[0] * (seq - len(c)) + c for c in chunks]
+        input_ids = torch.tensor(padded, device=self.device)  # [k, q]
+        columns = self._arange[:seq]  # [q]
+        is_real = columns[None, :] >= pads[:, None]  # [k, q]
+        first = torch.tensor(starts, device=self.device)[:, None] - pads[:, None]  # [k, 1]
+        # Absolute positions; a pad column gets position 0, so it attends to one column of
+        # its own row (no all-masked softmax row, which would be NaN).
+        positions = (first + columns[None, :]).masked_fill_(~is_real, 0)  # [k, q]
+        allowed = self._arange[None, None, :kv_len] <= positions[:, :, None]  # [k, q, kv]
+        mask = self._additive(allowed)[:, None]  # [k, 1, q, kv]
+        own_slots = torch.arange(first_slot, first_slot + rows, device=self.device)  # [k]
+        spare = torch.full_like(input_ids, self.cache.spare_slot)  # [k, q]
+        write_slots = torch.where(is_real, own_slots[:, None], spare)  # [k, q]; pads: spare
+        view = self.cache.prefill_view(first_slot, write_slots, positions, kv_len)
+        logits = self._forward(input_ids, positions, mask, view)  # [k, 1, V]
         return logits[:, -1].float()
 
     def decode_step(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
