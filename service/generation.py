@@ -61,6 +61,8 @@ class GenerationService:
             observer=metrics,
             special_tokens=special_token_strings(loaded),
             cuda_graphs=settings.generate_cuda_graphs,
+            prefill_chunk_tokens=settings.generate_prefill_chunk_tokens,
+            prefix_cache_tokens=settings.generate_prefix_cache_tokens,
         )
         metrics.slots_total.set(settings.generate_slots)
         return cls(loaded, engine, settings, metrics)
@@ -90,6 +92,7 @@ class GenerationService:
         self.metrics.slots_in_use.set(self.engine.slots_in_use)
         self.metrics.waiting.set(self.engine.waiting_requests)
         self.metrics.kv_cache_usage.set(self.engine.kv_cache_usage_ratio)
+        self.metrics.prefix_cache_usage.set(self.engine.prefix_cache_usage_ratio)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -100,6 +103,11 @@ class GenerationService:
             "kv_cache_bytes": self.engine.kv_cache_bytes,
             "attn_implementation": self.settings.attn_implementation,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
+            "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
+            "prefix_cache": {
+                "tokens": self.settings.generate_prefix_cache_tokens,
+                "bytes": self.engine.prefix_cache_bytes,
+            },
         }
 
 

@@ -158,6 +158,26 @@ class GenerateMetrics:
         self.kv_cache_usage = Gauge(
             "kv_cache_usage_ratio", "Reserved KV-cache tokens / capacity", registry=registry
         )
+        self.prefix_cache_queries = Counter(
+            "generate_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            registry=registry,
+        )
+        self.prefix_cache_hits = Counter(
+            "generate_prefix_cache_hits",
+            "Prompt tokens whose K/V came from the prefix cache",
+            registry=registry,
+        )
+        self.prefix_cache_usage = Gauge(
+            "generate_prefix_cache_usage_ratio",
+            "Cached prefix tokens / GENERATE_PREFIX_CACHE_TOKENS",
+            registry=registry,
+        )
+        self.prefill_chunks = Counter(
+            "generate_prefill_chunks",
+            "Prefill chunks of prompts split over several engine steps",
+            registry=registry,
+        )
         for reason in ("eos", "stop", "length", "cancelled", "error"):
             self.finished.labels(reason=reason)
 
@@ -171,6 +191,13 @@ class GenerateMetrics:
     def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
         for gap in gaps_s:
             self.inter_token.observe(gap)
+
+    def on_prefix_cache_query(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self.prefix_cache_queries.inc(prompt_tokens)
+        self.prefix_cache_hits.inc(hit_tokens)
+
+    def on_prefill_chunks(self, chunks: int) -> None:
+        self.prefill_chunks.inc(chunks)
 
     def on_finish(self, reason: str, prompt_tokens: int, output_tokens: int, e2e_s: float) -> None:
         self.finished.labels(reason=reason).inc()

@@ -2,10 +2,12 @@
 
 One engine thread owns the slots, the KV cache and the model; it is their only writer. Event-loop
 handlers only `submit()` (which validates and queues, under one lock) and read their handle.
-Each step: retire cancelled rows, admit waiting requests into free slots and prefill them
-together, run one decode forward over all active rows, sample one token per row, push the
-tokens to the handles, retire finished rows (their slots serve the next request in the very
-next step). When there is nothing to do the thread sleeps on a Condition: no polling.
+Each step (see RunningBatch in running_batch.py for the details): retire ended rows, prefill
+(the next chunk of a long prompt, or waiting requests admitted into free slots, after copying
+in their cached prefixes), run one decode forward over all rows past their prefill, sample one
+token per row, push the tokens to the handles, retire finished rows (their slots serve the
+next request in the very next step). When there is nothing to do the thread sleeps on a
+Condition: no polling.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from batching.errors import (
     EngineStoppedError,
     InvalidInputError,
-    ModelExecutionError,
     PromptTooLongError,
     QueueTimeoutError,
 )
@@ -34,18 +35,17 @@ from batching.generation.model_runner import ModelRunner, build_slot_cache
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
 from batching.generation.request import Request
-from batching.generation.sampling import SamplingParams, sample_next_tokens
+from batching.generation.running_batch import RunningBatch
+from batching.generation.sampling import SamplingParams
 from batching.generation.scheduler import Scheduler
 from batching.generation.slots import SlotTable
 
 logger = logging.getLogger(__name__)
 
-# Prefill work admitted per step, in padded prompt tokens. A prefill runs before that step's
-# decode, so every running request waits for it: the budget bounds that hiccup in their
-# inter-token latency, while still admitting a whole burst of short prompts in one forward
-# (batched prefill is far cheaper than one prompt per step). One request is always admitted
-# when a slot is free, however long its prompt, so long prompts cannot starve.
-DEFAULT_PREFILL_TOKEN_BUDGET = 2048
+# Prompt tokens prefilled per step while other rows decode (GENERATE_PREFILL_CHUNK_TOKENS).
+# A prefill runs before that step's decode, so every running stream waits for it: this bounds
+# that pause, while a burst of short prompts still shares one forward. See BENCHMARKS.md.
+DEFAULT_PREFILL_CHUNK_TOKENS = 512
 STOP_JOIN_GRACE_S = 5.0  # stop() waits this long beyond the drain timeout for the thread
 
 
@@ -62,7 +62,8 @@ class GenerationEngine:
         max_seq_len: int,
         max_queue: int,
         timeout_s: float,
-        prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        prefix_cache_tokens: int = 0,
         observer: EngineObserver | None = None,
         special_tokens: Sequence[str] = (),
         cuda_graphs: CudaGraphsMode = "auto",
@@ -72,9 +73,7 @@ class GenerationEngine:
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode
         # on the event loop can fail with "RuntimeError: Already borrowed"
         # (huggingface/transformers#47085, vllm-project/vllm#40949). Only this thread uses it.
-        self._tokenizer = copy.deepcopy(tokenizer)
-        self._eos_token_ids = frozenset(eos_token_ids)
-        self._special_tokens = tuple(special_tokens)  # their text never reaches a client
+        engine_tokenizer = copy.deepcopy(tokenizer)
         self._runner = ModelRunner(
             model,
             build_slot_cache(model, num_slots, max_seq_len),
@@ -84,9 +83,20 @@ class GenerationEngine:
         self._vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
         self._scheduler: Scheduler[Request] = Scheduler(max_queue, timeout_s)
-        self._prefill_token_budget = prefill_token_budget
         self._observer: EngineObserver = observer or NoopEngineObserver()
         self._outbox = Outbox(self._observer)
+        self._batch = RunningBatch(
+            self._runner,
+            self._slots,
+            self._outbox,
+            self._observer,
+            tokenizer=engine_tokenizer,
+            special_tokens=tuple(special_tokens),  # their text never reaches a client
+            eos_token_ids=frozenset(eos_token_ids),
+            chunk_tokens=prefill_chunk_tokens,
+            prefix_cache_tokens=prefix_cache_tokens,
+            timeout_s=timeout_s,
+        )
         self._cond = threading.Condition()  # guards the scheduler and the flags below
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -129,6 +139,16 @@ class GenerationEngine:
     @property
     def kv_cache_bytes(self) -> int:
         return self._runner.cache.nbytes
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        pool = self._batch.prefix_pool
+        return 0 if pool is None else pool.nbytes
+
+    @property
+    def prefix_cache_usage_ratio(self) -> float:
+        cache = self._batch.prefix_cache
+        return 0.0 if cache is None else cache.usage_ratio
 
     @property
     def max_seq_len(self) -> int:
@@ -243,31 +263,29 @@ class GenerationEngine:
         return not self._stopping or self._slots.in_use > 0
 
     def _step(self) -> None:
+        """retire -> prefill -> decode -> deliver (RunningBatch does each; see its docstring)."""
         self._step_started_s = time.perf_counter()
         try:
-            for request in self._slots.owners:
-                if request.cancelled and not request.ended:
-                    request.finish_reason = "cancelled"
-            self._retire_finished()
-            admitted = self._take_admissions()
-            if admitted:
-                self._prefill(admitted)
+            self._batch.retire_ended()
+            work = self._batch.next_prefill(self._take_admissions)
+            if work is not None:
+                self._batch.prefill(work)
                 self._outbox.flush()  # first tokens go out before this step's decode
-            if self._slots.in_use:
-                self._decode()
+            self._batch.decode()
             if self._stopping and time.perf_counter() > self._drain_deadline_s:
-                self._fail_running(
+                self._batch.fail_all(
                     lambda: EngineStoppedError("the engine stopped before this request ended")
                 )
             self._outbox.flush()
         finally:
             self._step_started_s = None
 
-    def _take_admissions(self) -> list[Request]:
+    def _take_admissions(self, prefill_budget: int) -> list[Request]:
+        """Waiting requests for the free slots; stale ones are answered, at no compute."""
         now_s = time.perf_counter()
         with self._cond:
             cancelled, timed_out = self._scheduler.drop_stale(now_s)
-            admitted = self._scheduler.admit(self._slots.free, self._prefill_token_budget)
+            admitted = self._scheduler.admit(self._slots.free, prefill_budget)
         for request in cancelled:
             request.finish_reason = "cancelled"
             self._outbox.finish(request, now_s)
@@ -275,99 +293,6 @@ class GenerationEngine:
             waited_s = now_s - request.arrival_s
             self._outbox.fail(request, QueueTimeoutError(waited_s, self._scheduler.timeout_s))
         return admitted
-
-    def _place(self, requests: list[Request]) -> list[Request]:
-        """Give each request a slot; one that cannot be set up fails alone, at once (it left
-        the queue already, so nobody else would ever answer it)."""
-        now_s = time.perf_counter()
-        placed: list[Request] = []
-        for request in requests:
-            try:
-                request.admit(self._tokenizer, self._special_tokens, now_s)
-                self._slots.allocate(request, request.prompt_tokens, request.params.max_new_tokens)
-            except Exception as exc:
-                logger.exception("admission failed (request_id=%s)", request.handle.request_id)
-                self._outbox.fail(request, _model_error(exc)())
-                continue
-            placed.append(request)
-        return placed
-
-    def _prefill(self, admitted: list[Request]) -> None:
-        first_slot = self._slots.in_use
-        admitted = self._place(admitted)  # contiguous from first_slot: allocate() appends
-        if not admitted:
-            return
-        try:
-            logits = self._runner.prefill(first_slot, [r.prompt_ids for r in admitted])  # [k, V]
-            tokens = sample_next_tokens(
-                logits, [r.params for r in admitted], [r.generator for r in admitted]
-            )
-        except Exception as exc:
-            logger.exception("prefill failed for %d requests", len(admitted))
-            self._fail_running(_model_error(exc), from_slot=first_slot)
-            return
-        now_s = time.perf_counter()
-        for offset, (request, token) in enumerate(zip(admitted, tokens, strict=True)):
-            self._slots.advance(first_slot + offset, request.prompt_tokens)
-            self._accept(request, token, now_s)
-        self._retire_finished()
-
-    def _decode(self) -> None:
-        rows = list(self._slots.owners)
-        self._observer.on_step(len(rows))
-        try:
-            tokens_in = [r.next_token for r in rows]
-            logits = self._runner.decode_step(tokens_in, list(self._slots.lengths))
-            tokens = sample_next_tokens(
-                logits, [r.params for r in rows], [r.generator for r in rows]
-            )
-        except Exception as exc:
-            logger.exception("decode step failed for %d requests", len(rows))
-            self._fail_running(_model_error(exc))
-            return
-        now_s = time.perf_counter()
-        gaps_s = [now_s - (r.last_token_s or now_s) for r in rows]
-        for slot, (request, token) in enumerate(zip(rows, tokens, strict=True)):
-            self._slots.advance(slot)
-            self._accept(request, token, now_s)
-        self._observer.on_token_gaps(gaps_s)
-        self._retire_finished()
-
-    def _accept(self, request: Request, token: int, now_s: float) -> None:
-        """Hand one sampled token to its request; if that raises (detokenizer, stop strings),
-        only this row fails: it is retired with its error, its neighbours go on."""
-        try:
-            delta = request.accept(token, self._eos_token_ids, now_s)
-        except Exception as exc:
-            logger.exception("accepting a token failed (request_id=%s)", request.handle.request_id)
-            request.error = _model_error(exc)()
-            return
-        self._outbox.token(request, delta)
-
-    def _retire_finished(self) -> None:
-        """Release ended rows, highest slot first, keeping active rows packed."""
-        now_s = time.perf_counter()
-        for slot in range(self._slots.in_use - 1, -1, -1):
-            request = self._slots.owners[slot]
-            if not request.ended:
-                continue
-            self._release(slot)
-            if request.error is not None:
-                self._outbox.fail(request, request.error)
-            else:
-                self._outbox.finish(request, now_s)
-
-    def _fail_running(self, make_error: Callable[[], Exception], from_slot: int = 0) -> None:
-        """Fail the rows from `from_slot` up, each with its own exception object."""
-        for slot in range(self._slots.in_use - 1, from_slot - 1, -1):
-            request = self._slots.owners[slot]
-            self._release(slot)
-            self._outbox.fail(request, make_error())
-
-    def _release(self, slot: int) -> None:
-        move = self._slots.release(slot)
-        if move is not None:
-            self._runner.cache.move_slot(move.source, move.target, move.length)
 
     def _shut(self, message: str) -> None:
         """The loop ended (stopped or died): every request still here gets EngineStoppedError."""
@@ -381,14 +306,3 @@ class GenerationEngine:
             self._slots.release(slot)
             self._outbox.fail(request, EngineStoppedError(message))
         self._outbox.flush()
-
-
-def _model_error(cause: Exception) -> Callable[[], ModelExecutionError]:
-    """A factory of ModelExecutionError chained to the model's own exception."""
-
-    def make() -> ModelExecutionError:
-        error = ModelExecutionError(f"the model failed: {cause!r}")
-        error.__cause__ = cause
-        return error
-
-    return make

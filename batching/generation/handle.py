@@ -35,6 +35,7 @@ class GenerationTimings:
 class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose K/V came from the prefix cache
     completion_tokens: int  # generated tokens, EOS not counted
     text: str  # the whole output, stop string excluded
     token_ids: tuple[int, ...]

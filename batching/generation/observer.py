@@ -25,6 +25,13 @@ class EngineObserver(Protocol):
     def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
         """Gaps since each decoded row's previous token (generate_inter_token_latency)."""
 
+    def on_prefix_cache_query(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """A prompt was looked up in the prefix cache and `hit_tokens` of it were found
+        (generate_prefix_cache_queries_total, generate_prefix_cache_hits_total; in tokens)."""
+
+    def on_prefill_chunks(self, chunks: int) -> None:
+        """A prompt was prefilled in `chunks` chunks, more than one (generate_prefill_chunks)."""
+
     def on_finish(
         self, reason: FinishLabel, prompt_tokens: int, output_tokens: int, e2e_s: float
     ) -> None:
@@ -45,6 +52,12 @@ class NoopEngineObserver:
         pass
 
     def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
+        pass
+
+    def on_prefix_cache_query(self, prompt_tokens: int, hit_tokens: int) -> None:
+        pass
+
+    def on_prefill_chunks(self, chunks: int) -> None:
         pass
 
     def on_finish(

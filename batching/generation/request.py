@@ -40,6 +40,9 @@ class Request:
         self.output_ids: list[int] = []
         self.next_token = -1  # the last sampled token, fed to the model in the next decode
         self.finish_reason: FinishReason | None = None
+        self.prefilled = 0  # prompt tokens whose K/V is in the slot (cached prefix included)
+        self.cached_tokens = 0  # of those, copied from the prefix cache
+        self.prefill_chunks = 0  # prefill forwards this prompt took
         self.error: EngineError | None = None  # this request alone failed (see engine._accept)
         self.tokens_sampled = 0  # EOS included
 
@@ -50,6 +53,11 @@ class Request:
     @property
     def cancelled(self) -> bool:
         return self.handle.cancel_requested
+
+    @property
+    def prefilling(self) -> bool:
+        """Admitted, but part of its prompt is still to be prefilled (chunked prefill)."""
+        return self.admitted_s is not None and self.prefilled < self.prompt_tokens
 
     @property
     def ended(self) -> bool:
@@ -92,6 +100,7 @@ class Request:
         return GenerationResult(
             finish_reason=self.finish_reason,
             prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
             completion_tokens=len(self.output_ids),
             text=self.detokenizer.text if self.detokenizer is not None else "",
             token_ids=tuple(self.output_ids),

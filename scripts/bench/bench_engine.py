@@ -182,7 +182,7 @@ async def run_engine(
         engine = GenerationEngine(
             model, _NoText(), eos_token_ids=[], num_slots=len(batch),
             max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch),
-            timeout_s=600.0, prefill_token_budget=max(2048, sum(map(len, batch))),
+            timeout_s=600.0, prefill_chunk_tokens=max(2048, sum(map(len, batch))),
             observer=clock, **engine_options(cuda_graphs, kv_bucket_min),
         )  # fmt: skip
         engine.warm_up()

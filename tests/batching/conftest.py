@@ -160,6 +160,8 @@ class RecordingObserver:
         self.ttfts_s: list[float] = []
         self.gaps_s: list[float] = []
         self.finished: list[tuple[FinishLabel, int, int, float]] = []
+        self.prefix_queries: list[tuple[int, int]] = []  # (prompt tokens, hit tokens)
+        self.prefill_chunks: list[int] = []
 
     def on_step(self, batch_size: int) -> None:
         self.steps.append(batch_size)
@@ -169,6 +171,12 @@ class RecordingObserver:
 
     def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
         self.gaps_s.extend(gaps_s)
+
+    def on_prefix_cache_query(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.append((prompt_tokens, hit_tokens))
+
+    def on_prefill_chunks(self, chunks: int) -> None:
+        self.prefill_chunks.append(chunks)
 
     def on_finish(
         self, reason: FinishLabel, prompt_tokens: int, output_tokens: int, e2e_s: float

@@ -88,7 +88,7 @@ async def test_greedy_llama_equals_generate_one_prompt_at_a_time(
 
 async def test_a_small_prefill_budget_still_equals_generate(make_engine: EngineFactory) -> None:
     """Prompts are then prefilled one per step, in between other rows' decode steps."""
-    await assert_matches_generate(build_tiny_llama(), make_engine, prefill_token_budget=8)
+    await assert_matches_generate(build_tiny_llama(), make_engine, prefill_chunk_tokens=8)
 
 
 def tiny_qwen2() -> Qwen2ForCausalLM:

@@ -1,0 +1,270 @@
+"""The requests that hold KV-cache slots, and what one engine step does to them.
+
+`RunningBatch` is used by the engine thread only. Per step the engine asks it to:
+
+1. `retire_ended()`: free the slots of rows that finished, failed or were cancelled;
+2. `next_prefill(admit)`: pick this step's prefill work, at most `budget` prompt tokens: the
+   next chunk of a prompt that is being prefilled over several steps, or else the requests
+   `admit` takes from the queue, placed in free slots (a cached prefix is copied in first);
+3. `prefill(work)`: run it, and for rows whose whole prompt is now in the cache, save its
+   blocks to the prefix cache and sample the first token;
+4. `decode()`: one token for every row that is past its prefill.
+
+Chunked prefill: while other rows decode, a step prefills at most `chunk_tokens`, so a long
+prompt costs the running streams one short pause per step instead of one long freeze. A prompt
+longer than that is prefilled in chunks over several steps, one chunk per step, and its first
+token is sampled after its last chunk. At most one prompt is being chunked at a time (it was
+admitted alone, see Scheduler.admit). While it is, its row rides along in decode steps with a
+dummy token: the K/V that writes lands at the position its next chunk overwrites first, and
+its logits are ignored (its random stream is untouched), which keeps the decode batch a view
+over packed slots. With nothing decoding there is nobody to stall: the budget is then at least
+IDLE_PREFILL_TOKENS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from batching.errors import EngineError, ModelExecutionError, QueueTimeoutError
+from batching.generation.detokenizer import Tokenizer
+from batching.generation.kv_cache import BlockPool
+from batching.generation.model_runner import ModelRunner
+from batching.generation.observer import EngineObserver
+from batching.generation.outbox import Outbox
+from batching.generation.prefix_cache import PrefixCache
+from batching.generation.request import Request
+from batching.generation.sampling import SamplingParams, sample_next_tokens
+from batching.generation.slots import SlotTable
+
+logger = logging.getLogger(__name__)
+
+IDLE_PREFILL_TOKENS = 2048  # the prefill budget of a step with no row decoding
+PREFIX_BLOCK_TOKENS = 16  # tokens per cached prefix block (vLLM's default block size)
+_IGNORED = SamplingParams(max_new_tokens=1)  # greedy: draws no random number
+
+
+@dataclass(frozen=True)
+class PrefillWork:
+    """Rows at slots first_slot.. that prefill `chunks` after the `starts` tokens they hold."""
+
+    first_slot: int
+    requests: list[Request]
+    starts: list[int]
+    chunks: list[list[int]]
+
+
+class RunningBatch:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        slots: SlotTable[Request],
+        outbox: Outbox,
+        observer: EngineObserver,
+        *,
+        tokenizer: Tokenizer,
+        special_tokens: tuple[str, ...],
+        eos_token_ids: frozenset[int],
+        chunk_tokens: int,
+        prefix_cache_tokens: int,
+        timeout_s: float,
+    ) -> None:
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be >= 1")
+        self._runner = runner
+        self._slots = slots
+        self._outbox = outbox
+        self._observer = observer
+        self._tokenizer = tokenizer  # the engine thread's own copy
+        self._special_tokens = special_tokens
+        self._eos_token_ids = eos_token_ids
+        self._chunk_tokens = chunk_tokens
+        self._timeout_s = timeout_s
+        blocks = prefix_cache_tokens // PREFIX_BLOCK_TOKENS
+        self.prefix_cache = PrefixCache(PREFIX_BLOCK_TOKENS, blocks) if blocks else None
+        self.prefix_pool = BlockPool(runner.cache, PREFIX_BLOCK_TOKENS, blocks) if blocks else None
+
+    @property
+    def budget(self) -> int:
+        """Prompt tokens this step may prefill (padded): bounds the running streams' pause."""
+        if any(not r.prefilling for r in self._slots.owners):
+            return self._chunk_tokens
+        return max(self._chunk_tokens, IDLE_PREFILL_TOKENS)
+
+    # ---- 1. retire ----
+
+    def retire_ended(self) -> None:
+        """Release ended rows (cancelled ones first marked), highest slot first."""
+        now_s = time.perf_counter()
+        for slot in range(self._slots.in_use - 1, -1, -1):
+            request = self._slots.owners[slot]
+            if request.cancelled and not request.ended:
+                request.finish_reason = "cancelled"
+            if request.prefilling and now_s - request.arrival_s > self._timeout_s:
+                # Still no first token after REQUEST_TIMEOUT_S: a very long chunked prefill.
+                request.error = QueueTimeoutError(now_s - request.arrival_s, self._timeout_s)
+            if not request.ended:
+                continue
+            self.release(slot)
+            if request.error is not None:
+                self._outbox.fail(request, request.error)
+            else:
+                self._outbox.finish(request, now_s)
+
+    # ---- 2. pick this step's prefill ----
+
+    def next_prefill(self, admit: Callable[[int], list[Request]]) -> PrefillWork | None:
+        """The next chunk of the prompt being chunked; else what admit(budget) gives."""
+        budget = self.budget
+        for slot, request in enumerate(self._slots.owners):
+            if request.prefilling:
+                chunk = request.prompt_ids[request.prefilled : request.prefilled + budget]
+                return PrefillWork(slot, [request], [request.prefilled], [chunk])
+        placed = self._place(admit(budget))
+        if not placed:
+            return None
+        chunks = [r.prompt_ids[r.prefilled :] for r in placed]
+        if len(placed) == 1:  # admitted alone when its prompt is longer than the budget
+            chunks[0] = chunks[0][:budget]
+        first_slot = self._slots.in_use - len(placed)
+        return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
+
+    def _place(self, requests: list[Request]) -> list[Request]:
+        """Give each request the next slot and copy in its longest cached prefix; one that
+        cannot be set up fails alone, at once (it left the queue, nobody else would answer)."""
+        placed: list[Request] = []
+        now_s = time.perf_counter()
+        for request in requests:
+            try:
+                request.admit(self._tokenizer, self._special_tokens, now_s)
+                slot = self._slots.allocate(
+                    request, request.prompt_tokens, request.params.max_new_tokens
+                )
+                self._load_cached_prefix(request, slot)
+            except Exception as exc:
+                logger.exception("admission failed (request_id=%s)", request.handle.request_id)
+                if request in self._slots.owners:
+                    self.release(self._slots.owners.index(request))
+                self._outbox.fail(request, model_error(exc))
+                continue
+            placed.append(request)
+        return placed
+
+    def _load_cached_prefix(self, request: Request, slot: int) -> None:
+        if self.prefix_cache is None or self.prefix_pool is None:
+            return
+        # At least the last prompt token is prefilled: its logits give the first token.
+        blocks = self.prefix_cache.match(request.prompt_ids, request.prompt_tokens - 1)
+        hit = len(blocks) * PREFIX_BLOCK_TOKENS
+        if blocks:
+            self.prefix_pool.load([b.block_id for b in blocks], slot)
+            self._slots.advance(slot, hit)
+            request.prefilled = request.cached_tokens = hit
+        self._observer.on_prefix_cache_query(request.prompt_tokens, hit)
+
+    # ---- 3. prefill ----
+
+    def prefill(self, work: PrefillWork) -> None:
+        completes = [
+            r.prefilled + len(chunk) == r.prompt_tokens
+            for r, chunk in zip(work.requests, work.chunks, strict=True)
+        ]
+        done = [r for r, complete in zip(work.requests, completes, strict=True) if complete]
+        try:
+            logits = self._runner.prefill(work.first_slot, work.chunks, work.starts)  # [k, V]
+            rows = [i for i, complete in enumerate(completes) if complete]
+            tokens = (
+                sample_next_tokens(
+                    logits[rows], [r.params for r in done], [r.generator for r in done]
+                )
+                if done
+                else []
+            )
+        except Exception as exc:
+            logger.exception("prefill failed for %d requests", len(work.requests))
+            self._fail(work.requests, exc)
+            return
+        for offset, (request, chunk) in enumerate(zip(work.requests, work.chunks, strict=True)):
+            self._slots.advance(work.first_slot + offset, len(chunk))
+            request.prefilled += len(chunk)
+            request.prefill_chunks += 1
+        now_s = time.perf_counter()
+        for request, token in zip(done, tokens, strict=True):
+            if request.prefill_chunks > 1:
+                self._observer.on_prefill_chunks(request.prefill_chunks)
+            self._save_prompt_blocks(request)
+            self._accept(request, token, now_s)
+        self.retire_ended()
+
+    def _save_prompt_blocks(self, request: Request) -> None:
+        """Leave the prompt's K/V behind as reusable prefix blocks (only once it is whole, so
+        a cancelled or failed prefill never leaves half a prefix in the cache)."""
+        if self.prefix_cache is None or self.prefix_pool is None:
+            return
+        fills = self.prefix_cache.insert(request.prompt_ids)
+        if fills:
+            slot = self._slots.owners.index(request)
+            self.prefix_pool.save(slot, [f.block_id for f in fills], [f.index for f in fills])
+
+    # ---- 4. decode ----
+
+    def decode(self) -> None:
+        rows = list(self._slots.owners)
+        live = [i for i, r in enumerate(rows) if not r.prefilling]
+        if not live:
+            return
+        self._observer.on_step(len(live))
+        try:
+            tokens_in = [0 if r.prefilling else r.next_token for r in rows]
+            logits = self._runner.decode_step(tokens_in, list(self._slots.lengths))  # [B, V]
+            params = [_IGNORED if r.prefilling else r.params for r in rows]
+            generators = [None if r.prefilling else r.generator for r in rows]
+            tokens = sample_next_tokens(logits, params, generators)
+        except Exception as exc:
+            logger.exception("decode step failed for %d requests", len(rows))
+            self._fail(rows, exc)
+            return
+        now_s = time.perf_counter()
+        self._observer.on_token_gaps([now_s - (rows[i].last_token_s or now_s) for i in live])
+        for slot in live:
+            self._slots.advance(slot)
+            self._accept(rows[slot], tokens[slot], now_s)
+        self.retire_ended()
+
+    def _accept(self, request: Request, token: int, now_s: float) -> None:
+        """Hand one sampled token to its request; if that raises (detokenizer, stop strings),
+        only this row fails: it is retired with its error, its neighbours go on."""
+        try:
+            delta = request.accept(token, self._eos_token_ids, now_s)
+        except Exception as exc:
+            logger.exception("accepting a token failed (request_id=%s)", request.handle.request_id)
+            request.error = model_error(exc)
+            return
+        self._outbox.token(request, delta)
+
+    # ---- failing and freeing rows ----
+
+    def _fail(self, requests: list[Request], cause: Exception) -> None:
+        """The model failed on a forward these rows shared: each fails with its own error."""
+        for request in requests:
+            request.error = model_error(cause)
+        self.retire_ended()
+
+    def fail_all(self, make_error: Callable[[], EngineError]) -> None:
+        for request in self._slots.owners:
+            request.error = request.error or make_error()
+        self.retire_ended()
+
+    def release(self, slot: int) -> None:
+        move = self._slots.release(slot)
+        if move is not None:
+            self._runner.cache.move_slot(move.source, move.target, move.length)
+
+
+def model_error(cause: Exception) -> ModelExecutionError:
+    """A ModelExecutionError chained to the model's own exception (its text stays in logs)."""
+    error = ModelExecutionError(f"the model failed: {cause!r}")
+    error.__cause__ = cause
+    return error
