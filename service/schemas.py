@@ -60,6 +60,7 @@ class GenerateResponse(BaseModel):
     text: str
     finish_reason: Literal["eos", "stop", "length"]
     prompt_tokens: int
+    cached_tokens: int = Field(description="Prompt tokens whose K/V came from the prefix cache")
     completion_tokens: int
     model: str
     request_id: str

@@ -72,8 +72,9 @@ class Scheduler(Generic[WaitingT]):
 
         The budget counts padded tokens (rows x longest prompt), which is what a batched
         prefill computes. The front request is always taken when a slot is free, even if it
-        alone exceeds the budget, so a long prompt cannot starve. Strict FCFS: a request that
-        does not fit the budget stops admission for this step rather than being overtaken.
+        alone exceeds the budget (it is then admitted alone and prefilled in chunks, see
+        running_batch.py), so a long prompt cannot starve. Strict FCFS: a request that does
+        not fit the budget stops admission for this step rather than being overtaken.
         """
         admitted: list[WaitingT] = []
         longest = 0

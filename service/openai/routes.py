@@ -40,6 +40,7 @@ from service.openai.schemas import (
     FinishReason,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     SamplingRequest,
     Usage,
 )
@@ -115,7 +116,10 @@ def finish_reason(result: GenerationResult) -> FinishReason:
 def usage(result: GenerationResult) -> Usage:
     prompt, completion = result.prompt_tokens, result.completion_tokens
     return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
     )
 
 

@@ -70,6 +70,7 @@ def to_response(result: GenerationResult, model: str, request_id: str) -> Genera
         text=result.text,
         finish_reason=result.finish_reason,
         prompt_tokens=result.prompt_tokens,
+        cached_tokens=result.cached_tokens,
         completion_tokens=result.completion_tokens,
         model=model,
         request_id=request_id,
@@ -98,6 +99,7 @@ async def sse_stream(
                 "finish_reason": result.finish_reason,
                 "usage": {
                     "prompt_tokens": result.prompt_tokens,
+                    "cached_tokens": result.cached_tokens,
                     "completion_tokens": result.completion_tokens,
                 },
                 "timings": result.timings.model_dump(),

@@ -34,8 +34,12 @@ def servers(start_server, demo_models):
     """An open server, and one with an API key and a tiny rate limit; started side by side."""
     common = {
         "GENERATE_MODEL": str(demo_models["llm"]),
-        "GENERATE_MAX_SEQ_LEN": "128",
+        "GENERATE_MAX_SEQ_LEN": "256",
         "GENERATE_MAX_NEW_TOKENS": "64",
+        # Every test below also runs over prefix-cache hits and chunked prefills, which must
+        # change no output.
+        "GENERATE_PREFIX_CACHE_TOKENS": "4096",
+        "GENERATE_PREFILL_CHUNK_TOKENS": "32",
     }
     open_server = start_server(
         wait=False, GENERATE_SLOTS=str(SLOTS), RATE_LIMIT="100000/minute", **common
@@ -147,7 +151,7 @@ def test_context_overflow_is_a_bad_request_with_the_numbers(client):
     assert error.status_code == 400
     assert error.code == "context_length_exceeded" and error.param == "messages"
     assert re.search(r"prompt has \d+ tokens and max_new_tokens is 10", error.message)
-    assert "context limit of 128 tokens" in error.message
+    assert "context limit of 256 tokens" in error.message
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="m", prompt="word " * 200)  # default max_tokens too
     assert raised.value.code == "context_length_exceeded" and raised.value.param == "prompt"
@@ -277,3 +281,23 @@ def test_model_failures_are_openai_shaped_before_and_during_a_stream(demo_models
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "model_error"
         assert "injected" not in streamed.text + failed.text
+
+
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(client, server):
+    system = "You answer questions about serving models. " * 6  # well over one block
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi?"}]
+    hits = {"name": "generate_prefix_cache_hits_total"}
+    before = metric(httpx.get(f"{server.url}/metrics").text, **hits)
+    first = client.chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=8
+    )
+    again = client.chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=8
+    )
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert metric(httpx.get(f"{server.url}/metrics").text, **hits) == before + cached
+    info = httpx.get(f"{server.url}/info").json()["generate"]
+    assert info["prefix_cache"]["tokens"] == 4096 and info["prefix_cache"]["bytes"] > 0

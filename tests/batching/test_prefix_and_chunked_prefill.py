@@ -1,0 +1,215 @@
+"""Prefill that continues a sequence: prefix-cache hits and chunked prefill change nothing in
+the output, token for token, and leave nothing half-written behind."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from batching.errors import ModelExecutionError, QueueTimeoutError
+from batching.generation.running_batch import PREFIX_BLOCK_TOKENS
+from batching.generation.sampling import SamplingParams
+from tests.batching.conftest import (
+    VOCAB_SIZE,
+    WAIT_S,
+    EngineFactory,
+    RecordingObserver,
+    build_tiny_llama,
+)
+from tests.batching.test_engine_matches_generate import reference, tiny_qwen2
+
+MAX_SEQ_LEN = 128
+
+
+def tokens(count: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB_SIZE, (count,), generator=generator).tolist()
+
+
+async def generate_all(engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """One after another, so each prompt can hit what the ones before it cached."""
+    outputs = []
+    for prompt in prompts:
+        handle = await engine.submit(prompt, SamplingParams(new_tokens))
+        outputs.append(list((await asyncio.wait_for(handle.wait(), WAIT_S)).token_ids))
+    return outputs
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("shape", ["llama", "qwen2"])
+async def test_greedy_output_with_prefix_hits_equals_generate(
+    shape: str, attn_implementation: str, make_engine: EngineFactory
+) -> None:
+    model: PreTrainedModel = (
+        build_tiny_llama(attn_implementation) if shape == "llama" else tiny_qwen2()
+    )
+    if shape == "qwen2":
+        model.config._attn_implementation = attn_implementation
+    observer = RecordingObserver()
+    engine = make_engine(
+        model=model,
+        num_slots=2,  # fewer slots than prompts: hits land in reused slots
+        max_seq_len=MAX_SEQ_LEN,
+        prefix_cache_tokens=512,
+        observer=observer,
+        kv_bucket_min=16,
+    )
+    system = tokens(2 * PREFIX_BLOCK_TOKENS + 5, seed=1)  # 37 tokens: 2 whole blocks + 5
+    prompts = [
+        system + tokens(7, seed=2),  # a miss: fills the cache
+        system + tokens(3, seed=3),  # hit of 32 (block-aligned)
+        system[:PREFIX_BLOCK_TOKENS] + tokens(9, seed=4),  # hit of 16
+        system + tokens(7, seed=2),  # the same prompt again: hit of 32 + its own tail block
+        system[: 2 * PREFIX_BLOCK_TOKENS],  # the whole prompt is cached: hit leaves 1 token
+    ]
+    outputs = await generate_all(engine, prompts, new_tokens=12)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == reference(model, prompt, 12)
+    hits = [hit for _, hit in observer.prefix_queries]
+    assert hits == [0, 32, 16, 32, 16]
+    assert engine.slots_in_use == 0
+
+
+async def test_a_prompt_prefilled_in_chunks_equals_generate(make_engine: EngineFactory) -> None:
+    model = build_tiny_llama()
+    observer = RecordingObserver()
+    engine = make_engine(
+        model=model, num_slots=3, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
+        observer=observer, kv_bucket_min=16,
+    )  # fmt: skip
+    runner_up = await engine.submit(tokens(5, seed=5), SamplingParams(40, ignore_eos=True))
+    await anext(runner_up)  # a stream is decoding, so the long prompt is chunked
+    long_prompts = [tokens(70, seed=6), tokens(41, seed=7)]
+    handles = [await engine.submit(p, SamplingParams(10)) for p in long_prompts]
+    for prompt, handle in zip(long_prompts, handles, strict=True):
+        result = await asyncio.wait_for(handle.wait(), WAIT_S)
+        assert list(result.token_ids) == reference(model, prompt, 10)
+    assert sorted(observer.prefill_chunks) == [3, 5]  # ceil(41 / 16), ceil(70 / 16)
+    assert (await runner_up.wait()).completion_tokens == 40
+
+
+async def test_a_seeded_sampled_request_is_the_same_with_or_without_its_prefix_cached(
+    make_engine: EngineFactory,
+) -> None:
+    prompt = tokens(3 * PREFIX_BLOCK_TOKENS + 2, seed=8)
+    params = SamplingParams(16, temperature=0.9, top_k=40, seed=1234, ignore_eos=True)
+    cached = make_engine(max_seq_len=MAX_SEQ_LEN, prefix_cache_tokens=256, kv_bucket_min=16)
+    plain = make_engine(max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16, kv_bucket_min=16)
+    miss = await (await cached.submit(prompt, params)).wait()
+    hit = await (await cached.submit(prompt, params)).wait()
+    chunked = await (await plain.submit(prompt, params)).wait()
+    assert hit.cached_tokens == 48 and miss.cached_tokens == 0
+    assert hit.token_ids == miss.token_ids == chunked.token_ids
+
+
+async def test_eviction_drops_the_least_recently_used_prefix_within_the_bound(
+    make_engine: EngineFactory,
+) -> None:
+    model = build_tiny_llama()
+    observer = RecordingObserver()
+    engine = make_engine(  # room for 4 blocks: two prefixes of 2 blocks each
+        model=model, max_seq_len=MAX_SEQ_LEN, prefix_cache_tokens=4 * PREFIX_BLOCK_TOKENS,
+        observer=observer, kv_bucket_min=16,
+    )  # fmt: skip
+    pool_bytes = engine.prefix_cache_bytes
+    a, b, c = (tokens(2 * PREFIX_BLOCK_TOKENS + 1, seed=s) for s in (10, 11, 12))
+    outputs = await generate_all(engine, [a, b, a, c, b, a], new_tokens=6)
+    # a and b fill the cache; a hits and becomes the more recent; so c evicts b, not a; b
+    # then misses and evicts a, which misses at the end.
+    hits = [hit for _, hit in observer.prefix_queries]
+    assert hits == [0, 0, 32, 0, 0, 0]
+    assert engine.prefix_cache_usage_ratio <= 1.0
+    assert engine.prefix_cache_bytes == pool_bytes  # preallocated, never grows
+    for prompt, output in zip([a, b, a, c, b, a], outputs, strict=True):
+        assert output == reference(model, prompt, 6)  # misses after eviction are correct
+
+
+class ChunkTrap:
+    """Holds the engine inside its `nth` forward of more than one token (a prefill or a
+    prefill chunk) until released; optionally makes that forward raise."""
+
+    def __init__(self, model: PreTrainedModel, nth: int, fail: bool = False) -> None:
+        self.seen, self.nth, self.fail = 0, nth, fail
+        self.entered, self.release = threading.Event(), threading.Event()
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: object, args: object, kwargs: dict) -> None:
+        if kwargs["input_ids"].shape[1] == 1:
+            return  # a decode step
+        self.seen += 1
+        if self.seen != self.nth:
+            return
+        self.entered.set()
+        if not self.release.wait(WAIT_S):
+            raise RuntimeError("the test never released the trap")
+        if self.fail:
+            raise RuntimeError("injected failure in a prefill chunk")
+
+    async def wait_until_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, WAIT_S)
+
+    def remove(self) -> None:
+        self.release.set()
+        self._handle.remove()
+
+
+@pytest.mark.parametrize("outcome", ["cancelled", "failed"])
+async def test_a_chunked_prefill_cancelled_or_failed_midway_frees_its_slot_and_caches_nothing(
+    outcome: str, make_engine: EngineFactory
+) -> None:
+    model = build_tiny_llama()
+    engine = make_engine(
+        model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
+        prefix_cache_tokens=512, kv_bucket_min=16,
+    )  # fmt: skip
+    # Forward 1 prefills the stream; 2 and 3 are the long prompt's first two chunks of five.
+    trap = ChunkTrap(model, nth=3, fail=outcome == "failed")
+    try:
+        stream = await engine.submit(tokens(4, seed=13), SamplingParams(60, ignore_eos=True))
+        await anext(stream)
+        long_prompt = tokens(80, seed=14)
+        doomed = await engine.submit(long_prompt, SamplingParams(4))
+        await trap.wait_until_entered()
+        if outcome == "cancelled":
+            doomed.cancel()
+        trap.release.set()
+        if outcome == "cancelled":
+            assert (await asyncio.wait_for(doomed.wait(), WAIT_S)).finish_reason == "cancelled"
+        else:
+            with pytest.raises(ModelExecutionError):
+                await asyncio.wait_for(doomed.wait(), WAIT_S)
+        assert engine.slots_in_use == 1  # only the stream is left
+        assert engine.prefix_cache_usage_ratio == 0.0  # the stream's 4 tokens: no whole block
+    finally:
+        trap.remove()
+    assert (await asyncio.wait_for(stream.wait(), WAIT_S)).completion_tokens == 60
+    whole = await (await engine.submit(long_prompt, SamplingParams(4))).wait()
+    assert whole.cached_tokens == 0  # nothing of the interrupted prefill was indexed
+    assert list(whole.token_ids) == reference(model, long_prompt, 4)
+
+
+async def test_a_chunked_prefill_past_the_request_timeout_fails_with_504(
+    make_engine: EngineFactory,
+) -> None:
+    model = build_tiny_llama()
+    engine = make_engine(
+        model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
+        timeout_s=0.2, kv_bucket_min=16,
+    )  # fmt: skip
+    trap = ChunkTrap(model, nth=3)
+    try:
+        stream = await engine.submit(tokens(4, seed=15), SamplingParams(30, ignore_eos=True))
+        await anext(stream)
+        slow = await engine.submit(tokens(80, seed=16), SamplingParams(4))
+        await trap.wait_until_entered()
+        await asyncio.sleep(0.25)  # past timeout_s while its prefill is unfinished
+        trap.release.set()
+        with pytest.raises(QueueTimeoutError):
+            await asyncio.wait_for(slow.wait(), WAIT_S)
+        assert engine.slots_in_use == 1
+    finally:
+        trap.remove()
