@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     # decode steps replay CUDA graphs (captured at warm-up); auto = on where CUDA is available
     generate_cuda_graphs: Literal["auto", "on", "off"] = "auto"
     generate_prefill_chunk_tokens: int = Field(
-        512, ge=16, description="Most prompt tokens prefilled per step while streams decode"
+        256, ge=16, description="Most prompt tokens prefilled per step while streams decode"
     )
     generate_prefix_cache_tokens: int = Field(
         0, ge=0, description="Prompt tokens of K/V kept for reuse by later prompts; 0 = off"

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 # Prompt tokens prefilled per step while other rows decode (GENERATE_PREFILL_CHUNK_TOKENS).
 # A prefill runs before that step's decode, so every running stream waits for it: this bounds
 # that pause, while a burst of short prompts still shares one forward. See BENCHMARKS.md.
-DEFAULT_PREFILL_CHUNK_TOKENS = 512
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
 STOP_JOIN_GRACE_S = 5.0  # stop() waits this long beyond the drain timeout for the thread
 
 

@@ -1,0 +1,170 @@
+"""The prefix cache and chunked prefill, over HTTP, each measured on/off side by side.
+
+    python scripts/bench/bench_prefill.py                  # ~6 minutes on a 2-core box
+    python scripts/bench/bench_prefill.py --repeats 1      # a quick look
+
+Servers (`python -m service`, the bench LLM: 22M-parameter Llama, no EOS, so every request
+makes exactly the tokens it asks for) start together; all but the one measured are paused,
+and the runs interleave repeat after repeat. Prompts are token ids sent to /v1/completions,
+so their lengths are exact. Three scenarios:
+
+* shared: 32 requests at once sharing a 512-token prefix, each with its own 16-token suffix,
+  32 new tokens each, after one request has warmed the prefix: TTFT p50/p99 and total
+  output tok/s, prefix cache on vs off.
+* distinct: the same, but 32 prompts with nothing in common: the cost of the cache when it
+  never hits.
+* long: 16 streams decoding 256 tokens each; once they run, one 1,500-token prompt arrives:
+  the 16 streams' inter-token latency p50, p99 and max, prefill chunked vs in one forward,
+  and the long prompt's TTFT. `--chunks` sweeps GENERATE_PREFILL_CHUNK_TOKENS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
+
+import bench_load as load
+import bench_servers as servers
+from harness import HttpServer
+from make_bench_models import VOCAB_SIZE, build_bench_models
+
+UNCHUNKED = 4096  # a chunk budget above every prompt here: each prompt in one forward
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=Path("bench_models"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunks", default="64,128,256,512", help="chunk sizes for 'long'")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"))
+    return parser.parse_args(argv)
+
+
+def ids(count: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(3, VOCAB_SIZE) for _ in range(count)]
+
+
+def call(url: str, new_tokens: int) -> load.Call:
+    async def run(http: Any, prompt: list[int]) -> load.Sample:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens}
+        body |= {"temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+        return await load._stream(http, f"{url}/v1/completions", body, load._read_openai)
+
+    return run
+
+
+def spec(
+    name: str, model: str, slots: int, max_seq_len: int, **settings: str
+) -> servers.ServerSpec:
+    base = servers.ours("", model, 32, 5.0, slots, max_seq_len, max_new_tokens=256)
+    env = base.env | {k.upper(): v for k, v in settings.items()}
+    return servers.ServerSpec(name, base.command, env, base.ready_path, base.port, base.cwd)
+
+
+async def burst(server: HttpServer, prompts: list[list[int]], warm: list[int]) -> dict[str, Any]:
+    """One warm request (it caches the shared prefix where there is one), then all at once."""
+    await load.run_closed(call(server.url, 32), [warm], 1)
+    samples, wall_s = await load.run_closed(call(server.url, 32), prompts, len(prompts))
+    summary = load.summarize(samples, wall_s)
+    return {k: summary[k] for k in ("errors", "tok_per_s", "ttft_ms")}
+
+
+async def long_prompt_during_streams(server: HttpServer, rng: random.Random) -> dict[str, Any]:
+    streams = [ids(16, rng) for _ in range(16)]
+    running = asyncio.create_task(load.run_closed(call(server.url, 256), streams, 16))
+    await asyncio.sleep(1.5)  # the 16 streams are decoding by now
+    long_samples, _ = await load.run_closed(call(server.url, 8), [ids(1500, rng)], 1)
+    samples, _ = await running
+    gaps = [g for s in samples for g in s.token_gaps_s]
+    p50 = load.percentile(gaps, 50) * 1000
+    return {
+        "errors": sum(not s.ok for s in [*samples, *long_samples]),
+        "itl_p50_ms": round(p50, 2),
+        "itl_p99_ms": round(load.percentile(gaps, 99) * 1000, 2),
+        "itl_max_ms": round(max(gaps) * 1000, 2),
+        "max_over_p50": round(max(gaps) * 1000 / p50, 2),
+        "long_ttft_ms": round((long_samples[0].ttft_s or float("nan")) * 1000, 1),
+    }
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose `key` is the median (a whole run, so its figures belong together)."""
+    ordered = sorted(runs, key=lambda run: _scalar(run[key]))
+    return ordered[len(ordered) // 2]
+
+
+def _scalar(value: Any) -> float:
+    return float(value["p50"]) if isinstance(value, dict) else float(value)
+
+
+async def measure(args: argparse.Namespace, systems: dict[str, HttpServer]) -> dict[str, Any]:
+    rng = random.Random(0)
+    prefix = ids(512, rng)
+    shared = [prefix + ids(16, rng) for _ in range(32)]
+    distinct = [ids(528, rng) for _ in range(32)]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for repeat in range(args.repeats):
+        for name, server in systems.items():
+            server.resume()
+            try:
+                if name.startswith("cache"):
+                    for kind, prompts in (("shared", shared), ("distinct", distinct)):
+                        warm = prefix + ids(16, rng) if kind == "shared" else ids(528, rng)
+                        result = await burst(server, prompts, warm)
+                        runs.setdefault(f"{kind} {name}", []).append(result)
+                else:
+                    result = await long_prompt_during_streams(server, random.Random(repeat))
+                    runs.setdefault(f"long {name}", []).append(result)
+            finally:
+                server.pause()
+            print(f"repeat {repeat + 1}: {name} done", flush=True)
+    return {
+        label: median_of(by_repeat, "ttft_ms" if label.startswith(("shared", "distinct")) else
+                         "itl_max_ms")
+        for label, by_repeat in runs.items()
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model = str(build_bench_models(args.models_dir)["llm"])
+    cache = {"slots": 32, "max_seq_len": 576}  # 528-token prompts + 32 new tokens
+    long = {"slots": 17, "max_seq_len": 1536}  # 16 streams + the 1,500-token prompt
+    specs = {
+        "cache-on": spec("cache-on", model, **cache, generate_prefix_cache_tokens="8192"),
+        "cache-off": spec("cache-off", model, **cache, generate_prefix_cache_tokens="0"),
+        "unchunked": spec("unchunked", model, **long, generate_prefill_chunk_tokens=str(UNCHUNKED)),
+    }
+    for chunk in args.chunks.split(","):
+        name = f"chunk-{chunk}"
+        specs[name] = spec(name, model, **long, generate_prefill_chunk_tokens=chunk)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-prefill-"))
+    systems = {name: servers.start_server(s, log_dir) for name, s in specs.items()}
+    try:
+        for server in systems.values():
+            server.wait_ready(servers.READY_TIMEOUT_S)
+            server.pause()
+        results = asyncio.run(measure(args, systems))
+    finally:
+        for server in systems.values():
+            server.stop(timeout_s=5.0)
+    for label, result in results.items():
+        print(f"{label:24s} {json.dumps(result)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"bench-prefill-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
