@@ -213,3 +213,21 @@ async def test_a_chunked_prefill_past_the_request_timeout_fails_with_504(
         assert engine.slots_in_use == 1
     finally:
         trap.remove()
+
+
+async def test_decode_steps_with_padded_rows_never_write_to_cached_prefixes(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(
+        num_slots=8, max_seq_len=MAX_SEQ_LEN, prefix_cache_tokens=256, kv_bucket_min=16
+    )
+    prompt = tokens(3 * PREFIX_BLOCK_TOKENS, seed=20)
+    await (await engine.submit(prompt, SamplingParams(2))).wait()  # caches 2 blocks
+    pool = engine._batch.prefix_pool
+    assert pool is not None
+    before = pool.storage.clone()
+    # 3 live rows pad up to the bucket of 4: the padded row writes to the spare slot.
+    handles = [await engine.submit(tokens(5, seed=s), SamplingParams(20)) for s in (21, 22, 23)]
+    for handle in handles:
+        await asyncio.wait_for(handle.wait(), WAIT_S)
+    assert torch.equal(pool.storage, before)
