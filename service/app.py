@@ -23,7 +23,7 @@ from service.limits import RateLimiter
 from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from service.openai import routes as openai_routes
 from service.request_id import RequestIdMiddleware
-from service.routes import generate, health, predict
+from service.routes import generate, health, predict, tokenize
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(health.keyed_schema_router)
     app.include_router(predict.router)
     app.include_router(generate.router)
+    app.include_router(tokenize.router)
     app.include_router(openai_routes.router)
     app.state.rate_limiter = RateLimiter(settings)
     Instrumentator(

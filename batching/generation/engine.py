@@ -30,6 +30,7 @@ from batching.errors import (
 )
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
+from batching.generation.grammar import check_grammar
 from batching.generation.handle import GenerationHandle
 from batching.generation.model_runner import ModelRunner, build_slot_cache
 from batching.generation.observer import EngineObserver, NoopEngineObserver
@@ -68,6 +69,7 @@ class GenerationEngine:
         special_tokens: Sequence[str] = (),
         cuda_graphs: CudaGraphsMode = "auto",
         kv_bucket_min: int | None = None,  # None: 128 where graphs are captured, else 16
+        grammar_tokenizer: object = None,  # grammar.grammar_tokenizer(); None: no grammars
     ) -> None:
         # A private copy: a fast tokenizer is one Rust object, and transformers' encode() takes
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode
@@ -81,6 +83,7 @@ class GenerationEngine:
             kv_bucket_min=kv_bucket_min,
         )
         self._vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+        self._grammar_tokenizer = grammar_tokenizer
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
         self._scheduler: Scheduler[Request] = Scheduler(max_queue, timeout_s)
         self._observer: EngineObserver = observer or NoopEngineObserver()
@@ -92,6 +95,7 @@ class GenerationEngine:
             self._observer,
             tokenizer=engine_tokenizer,
             special_tokens=tuple(special_tokens),  # their text never reaches a client
+            grammar_tokenizer=grammar_tokenizer,
             eos_token_ids=frozenset(eos_token_ids),
             chunk_tokens=prefill_chunk_tokens,
             prefix_cache_tokens=prefix_cache_tokens,
@@ -232,6 +236,10 @@ class GenerationEngine:
             raise PromptTooLongError(len(prompt_ids), params.max_new_tokens, self.max_seq_len)
         if min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size:
             raise InvalidInputError(f"token ids must be in [0, {self._vocab_size})")
+        if params.grammar is not None:
+            if self._grammar_tokenizer is None:
+                raise InvalidInputError("structured output is not available for this model")
+            check_grammar(params.grammar, self._grammar_tokenizer)
 
     def _wake(self) -> None:
         with self._cond:

@@ -13,15 +13,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from batching.generation.logprobs import TokenLogprob
+
 FinishReason = Literal["eos", "stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
 class GenerationDelta:
-    """New output: the text that became final (may be "") and the token ids it came from."""
+    """New output: the text that became final (may be "") and the token ids it came from,
+    with their logprobs if the request asked. The prompt's logprobs, if asked, come first, in a
+    delta of their own (no text, no tokens) once the prompt is prefilled."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # None for the first prompt token
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class GenerationResult:
     text: str  # the whole output, stop string excluded
     token_ids: tuple[int, ...]
     timings: GenerationTimings
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, if asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # one per prompt token, if asked
 
 
 @dataclass(frozen=True)

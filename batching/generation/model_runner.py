@@ -81,7 +81,11 @@ class ModelRunner:
         self.cuda_graphs = CudaGraphsReport(False, reason or "not captured yet (warm-up does it)")
 
     def prefill(
-        self, first_slot: int, chunks: list[list[int]], starts: list[int] | None = None
+        self,
+        first_slot: int,
+        chunks: list[list[int]],
+        starts: list[int] | None = None,
+        every_position: bool = False,
     ) -> torch.Tensor:
         """Write the chunks' K/V to slots first_slot.. and return each row's next-token logits.
 
@@ -90,7 +94,8 @@ class ModelRunner:
         prompt): its tokens go to positions starts[r].. and attend to everything before them.
         The chunks are left-padded to the longest (q) and run as one batch [k, q], so each
         row's last token is in the last column (`logits_to_keep=1`). Returns float32 logits
-        [k, V] for each row's last token.
+        [k, V] for each row's last token, or with `every_position` the model's logits at every
+        column, [k, q, V] (for prompt logprobs; keep q small, V can be 150k).
         """
         rows = len(chunks)
         starts = starts if starts is not None else [0] * rows
@@ -112,8 +117,9 @@ class ModelRunner:
         spare = torch.full_like(input_ids, self.cache.spare_slot)  # [k, q]
         write_slots = torch.where(is_real, own_slots[:, None], spare)  # [k, q]; pads: spare
         view = self.cache.prefill_view(first_slot, write_slots, positions, kv_len)
-        logits = self._forward(input_ids, positions, mask, view)  # [k, 1, V]
-        return logits[:, -1].float()
+        keep = 0 if every_position else 1  # transformers: 0 keeps every position
+        logits = self._forward(input_ids, positions, mask, view, keep)  # [k, q or 1, V]
+        return logits if every_position else logits[:, -1].float()
 
     def decode_step(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """Feed one token to each of the rows 0..B-1 (row r holds lengths[r] tokens already).
@@ -207,6 +213,7 @@ class ModelRunner:
         position_ids: torch.Tensor,
         mask: torch.Tensor,
         cache_view: object,
+        logits_to_keep: int = 1,
     ) -> torch.Tensor:
         output = self.model(
             input_ids=input_ids,
@@ -214,7 +221,7 @@ class ModelRunner:
             attention_mask=mask,
             past_key_values=cache_view,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=logits_to_keep,
         )
         logits: torch.Tensor = output.logits
         return logits

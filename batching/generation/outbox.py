@@ -33,7 +33,7 @@ class Outbox:
     def token(self, request: Request, delta: GenerationDelta) -> None:
         if request.tokens_sampled == 1 and request.first_token_s is not None:
             self._observer.on_first_token(request.first_token_s - request.arrival_s)
-        if delta.text or delta.token_ids:
+        if delta.text or delta.token_ids or delta.prompt_logprobs:
             self._items.append((request.handle, delta))
 
     def finish(self, request: Request, now_s: float) -> None:

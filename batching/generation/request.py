@@ -9,6 +9,7 @@ import torch
 
 from batching.errors import EngineError
 from batching.generation.detokenizer import IncrementalDetokenizer, Tokenizer
+from batching.generation.grammar import GrammarMatcher
 from batching.generation.handle import (
     FinishReason,
     GenerationDelta,
@@ -16,6 +17,7 @@ from batching.generation.handle import (
     GenerationResult,
     GenerationTimings,
 )
+from batching.generation.logprobs import TokenLogprob
 from batching.generation.sampling import SamplingParams, make_generator
 
 
@@ -43,6 +45,9 @@ class Request:
         self.prefilled = 0  # prompt tokens whose K/V is in the slot (cached prefix included)
         self.cached_tokens = 0  # of those, copied from the prefix cache
         self.prefill_chunks = 0  # prefill forwards this prompt took
+        self.matcher: GrammarMatcher | None = None  # made on admission, if it has a grammar
+        self.logprobs: list[TokenLogprob] = []  # one per output token, if asked
+        self.prompt_logprobs: list[TokenLogprob | None] = []  # filled as the prompt prefills
         self.error: EngineError | None = None  # this request alone failed (see engine._accept)
         self.tokens_sampled = 0  # EOS included
 
@@ -64,14 +69,39 @@ class Request:
         """Finished (finish_reason set) or failed (error set): its slot can be released."""
         return self.finish_reason is not None or self.error is not None
 
-    def admit(self, tokenizer: Tokenizer, special_tokens: Sequence[str], now_s: float) -> None:
+    @property
+    def prefill_alone(self) -> bool:
+        """Prompt logprobs need the logits of every prompt position: prefilled on its own."""
+        return self.params.prompt_logprobs is not None
+
+    def admit(
+        self,
+        tokenizer: Tokenizer,
+        special_tokens: Sequence[str],
+        now_s: float,
+        grammar_tokenizer: object = None,
+    ) -> None:
         """The request got a slot (engine thread: the only user of its tokenizer copy)."""
         self.admitted_s = now_s
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, self.prompt_ids, self.params.stop, special_tokens
         )
+        if self.params.grammar is not None:
+            self.matcher = GrammarMatcher(grammar_tokenizer, self.params.grammar)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has no context
 
-    def accept(self, token_id: int, eos_token_ids: frozenset[int], now_s: float) -> GenerationDelta:
+    def finish_without_tokens(self) -> None:
+        """max_new_tokens = 0: the prompt was all that was asked for (its logprobs)."""
+        self.finish_reason = "length"
+
+    def accept(
+        self,
+        token_id: int,
+        eos_token_ids: frozenset[int],
+        now_s: float,
+        logprob: TokenLogprob | None = None,
+    ) -> GenerationDelta:
         """Take one sampled token; sets finish_reason when this token ends the request."""
         if self.detokenizer is None:
             raise RuntimeError("accept() before admit()")
@@ -84,13 +114,20 @@ class Request:
             return GenerationDelta(self.detokenizer.finish(), ())
         self.output_ids.append(token_id)
         self.next_token = token_id
+        logprobs = (logprob,) if logprob is not None else ()
+        self.logprobs += logprobs
         text = self.detokenizer.add(token_id)
+        if self.matcher is not None:
+            self.matcher.consume(token_id)
         if self.detokenizer.stopped:
             self.finish_reason = "stop"
+        elif self.matcher is not None and self.matcher.done:
+            self.finish_reason = "stop"  # the grammar is complete
+            text += self.detokenizer.finish()
         elif len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"
             text += self.detokenizer.finish()
-        return GenerationDelta(text, (token_id,))
+        return GenerationDelta(text, (token_id,), logprobs)
 
     def result(self, now_s: float) -> GenerationResult:
         if self.finish_reason is None:
@@ -111,4 +148,6 @@ class Request:
                 else (self.first_token_s - self.arrival_s) * 1000.0,
                 total_ms=(now_s - self.arrival_s) * 1000.0,
             ),
+            logprobs=tuple(self.logprobs),
+            prompt_logprobs=tuple(self.prompt_logprobs),
         )

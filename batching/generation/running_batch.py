@@ -28,9 +28,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from batching.errors import EngineError, ModelExecutionError, QueueTimeoutError
 from batching.generation.detokenizer import Tokenizer
+from batching.generation.grammar import apply_grammars
+from batching.generation.handle import GenerationDelta
 from batching.generation.kv_cache import BlockPool
+from batching.generation.logprobs import TokenLogprob, chosen_logprobs, prompt_logprobs
 from batching.generation.model_runner import ModelRunner
 from batching.generation.observer import EngineObserver
 from batching.generation.outbox import Outbox
@@ -42,6 +47,7 @@ from batching.generation.slots import SlotTable
 logger = logging.getLogger(__name__)
 
 IDLE_PREFILL_TOKENS = 2048  # the prefill budget of a step with no row decoding
+PROMPT_LOGPROBS_CHUNK_TOKENS = 256  # every position's logits: [256, V] at a time
 PREFIX_BLOCK_TOKENS = 16  # tokens per cached prefix block (vLLM's default block size)
 _IGNORED = SamplingParams(max_new_tokens=1)  # greedy: draws no random number
 
@@ -66,6 +72,7 @@ class RunningBatch:
         *,
         tokenizer: Tokenizer,
         special_tokens: tuple[str, ...],
+        grammar_tokenizer: object = None,
         eos_token_ids: frozenset[int],
         chunk_tokens: int,
         prefix_cache_tokens: int,
@@ -79,6 +86,7 @@ class RunningBatch:
         self._observer = observer
         self._tokenizer = tokenizer  # the engine thread's own copy
         self._special_tokens = special_tokens
+        self._grammar_tokenizer = grammar_tokenizer
         self._eos_token_ids = eos_token_ids
         self._chunk_tokens = chunk_tokens
         self._timeout_s = timeout_s
@@ -120,14 +128,15 @@ class RunningBatch:
         budget = self.budget
         for slot, request in enumerate(self._slots.owners):
             if request.prefilling:
-                chunk = request.prompt_ids[request.prefilled : request.prefilled + budget]
+                take = _chunk_size(request, budget)
+                chunk = request.prompt_ids[request.prefilled : request.prefilled + take]
                 return PrefillWork(slot, [request], [request.prefilled], [chunk])
         placed = self._place(admit(budget))
         if not placed:
             return None
         chunks = [r.prompt_ids[r.prefilled :] for r in placed]
         if len(placed) == 1:  # admitted alone when its prompt is longer than the budget
-            chunks[0] = chunks[0][:budget]
+            chunks[0] = chunks[0][: _chunk_size(placed[0], budget)]
         first_slot = self._slots.in_use - len(placed)
         return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
 
@@ -138,7 +147,7 @@ class RunningBatch:
         now_s = time.perf_counter()
         for request in requests:
             try:
-                request.admit(self._tokenizer, self._special_tokens, now_s)
+                request.admit(self._tokenizer, self._special_tokens, now_s, self._grammar_tokenizer)
                 slot = self._slots.allocate(
                     request, request.prompt_tokens, request.params.max_new_tokens
                 )
@@ -153,8 +162,8 @@ class RunningBatch:
         return placed
 
     def _load_cached_prefix(self, request: Request, slot: int) -> None:
-        if self.prefix_cache is None or self.prefix_pool is None:
-            return
+        if self.prefix_cache is None or self.prefix_pool is None or request.prefill_alone:
+            return  # (prompt logprobs need every position's logits: nothing can be skipped)
         # At least the last prompt token is prefilled: its logits give the first token.
         blocks = self.prefix_cache.match(request.prompt_ids, request.prompt_tokens - 1)
         hit = len(blocks) * PREFIX_BLOCK_TOKENS
@@ -171,17 +180,20 @@ class RunningBatch:
             r.prefilled + len(chunk) == r.prompt_tokens
             for r, chunk in zip(work.requests, work.chunks, strict=True)
         ]
-        done = [r for r, complete in zip(work.requests, completes, strict=True) if complete]
+        every_position = work.requests[0].prefill_alone  # then it is the only row
         try:
-            logits = self._runner.prefill(work.first_slot, work.chunks, work.starts)  # [k, V]
-            rows = [i for i, complete in enumerate(completes) if complete]
-            tokens = (
-                sample_next_tokens(
-                    logits[rows], [r.params for r in done], [r.generator for r in done]
-                )
-                if done
-                else []
-            )
+            logits = self._runner.prefill(
+                work.first_slot, work.chunks, work.starts, every_position
+            )  # [k, V], or [1, q, V] with every_position
+            if every_position:
+                self._record_prompt_logprobs(work.requests[0], work.starts[0], logits[0])
+                logits = logits[:, -1].float()  # [1, V]
+            rows = [
+                i
+                for i, r in enumerate(work.requests)
+                if completes[i] and r.params.max_new_tokens > 0
+            ]
+            tokens, logprobs = self._choose(logits, [work.requests[i] for i in rows], rows)
         except Exception as exc:
             logger.exception("prefill failed for %d requests", len(work.requests))
             self._fail(work.requests, exc)
@@ -191,12 +203,60 @@ class RunningBatch:
             request.prefilled += len(chunk)
             request.prefill_chunks += 1
         now_s = time.perf_counter()
-        for request, token in zip(done, tokens, strict=True):
+        sampled = dict(zip(rows, zip(tokens, logprobs, strict=True), strict=True))
+        for index, request in enumerate(work.requests):
+            if not completes[index]:
+                continue
             if request.prefill_chunks > 1:
                 self._observer.on_prefill_chunks(request.prefill_chunks)
             self._save_prompt_blocks(request)
-            self._accept(request, token, now_s)
+            if request.prompt_logprobs:  # they go out before the first token
+                self._outbox.token(
+                    request, GenerationDelta("", (), prompt_logprobs=tuple(request.prompt_logprobs))
+                )
+            if index in sampled:
+                self._accept(request, *sampled[index], now_s)
+            else:
+                request.finish_without_tokens()
         self.retire_ended()
+
+    def _record_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
+        """logits [q, V] at prompt positions start..: each predicts the next prompt token."""
+        following = request.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        top = request.params.prompt_logprobs or 0
+        request.prompt_logprobs += prompt_logprobs(logits[: len(following)], following, top)
+
+    def _choose(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        rows: list[int] | None = None,
+        riders: frozenset[int] = frozenset(),
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per request from logits[rows] (all rows if None): its grammar's mask
+        first, then sampling; and its logprob from the raw logits, if it asked. `riders`
+        (rows still prefilling that rode along in a decode step) get an ignored greedy token,
+        with no mask and no random number drawn."""
+        if rows is not None:
+            logits = logits[rows]  # a copy: masking below leaves the runner's buffer alone
+        if not requests:
+            return [], []
+        asked = [
+            i for i, r in enumerate(requests) if r.params.logprobs is not None and i not in riders
+        ]
+        raw = logits[asked] if asked else None  # before any grammar mask
+        apply_grammars(logits, [None if i in riders else r.matcher for i, r in enumerate(requests)])
+        params = [_IGNORED if i in riders else r.params for i, r in enumerate(requests)]
+        generators = [None if i in riders else r.generator for i, r in enumerate(requests)]
+        tokens = sample_next_tokens(logits, params, generators)
+        logprobs: list[TokenLogprob | None] = [None] * len(requests)
+        if raw is not None:
+            tops = [requests[i].params.logprobs or 0 for i in asked]
+            for i, logprob in zip(
+                asked, chosen_logprobs(raw, [tokens[i] for i in asked], tops), strict=True
+            ):
+                logprobs[i] = logprob
+        return tokens, logprobs
 
     def _save_prompt_blocks(self, request: Request) -> None:
         """Leave the prompt's K/V behind as reusable prefix blocks (only once it is whole, so
@@ -219,9 +279,8 @@ class RunningBatch:
         try:
             tokens_in = [0 if r.prefilling else r.next_token for r in rows]
             logits = self._runner.decode_step(tokens_in, list(self._slots.lengths))  # [B, V]
-            params = [_IGNORED if r.prefilling else r.params for r in rows]
-            generators = [None if r.prefilling else r.generator for r in rows]
-            tokens = sample_next_tokens(logits, params, generators)
+            riders = frozenset(i for i, r in enumerate(rows) if r.prefilling)
+            tokens, logprobs = self._choose(logits, rows, riders=riders)
         except Exception as exc:
             logger.exception("decode step failed for %d requests", len(rows))
             self._fail(rows, exc)
@@ -230,14 +289,16 @@ class RunningBatch:
         self._observer.on_token_gaps([now_s - (rows[i].last_token_s or now_s) for i in live])
         for slot in live:
             self._slots.advance(slot)
-            self._accept(rows[slot], tokens[slot], now_s)
+            self._accept(rows[slot], tokens[slot], logprobs[slot], now_s)
         self.retire_ended()
 
-    def _accept(self, request: Request, token: int, now_s: float) -> None:
-        """Hand one sampled token to its request; if that raises (detokenizer, stop strings),
-        only this row fails: it is retired with its error, its neighbours go on."""
+    def _accept(
+        self, request: Request, token: int, logprob: TokenLogprob | None, now_s: float
+    ) -> None:
+        """Hand one sampled token to its request; if that raises (detokenizer, stop strings,
+        grammar), only this row fails: it is retired with its error, its neighbours go on."""
         try:
-            delta = request.accept(token, self._eos_token_ids, now_s)
+            delta = request.accept(token, self._eos_token_ids, now_s, logprob)
         except Exception as exc:
             logger.exception("accepting a token failed (request_id=%s)", request.handle.request_id)
             request.error = model_error(exc)
@@ -261,6 +322,10 @@ class RunningBatch:
         move = self._slots.release(slot)
         if move is not None:
             self._runner.cache.move_slot(move.source, move.target, move.length)
+
+
+def _chunk_size(request: Request, budget: int) -> int:
+    return min(budget, PROMPT_LOGPROBS_CHUNK_TOKENS) if request.prefill_alone else budget
 
 
 def model_error(cause: Exception) -> ModelExecutionError:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from batching.errors import InvalidInputError
+from batching.generation.logprobs import MAX_TOP_LOGPROBS
 
 # Temperatures below this are greedy: dividing logits by a tiny (or subnormal) temperature
 # overflows them to inf, and softmax of inf - inf is NaN, i.e. garbage tokens. Greedy decoding
@@ -32,10 +33,17 @@ class SamplingParams:
     seed: int | None = None  # None = a fresh random seed per request
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     ignore_eos: bool = False  # keep going past EOS (benchmarks want fixed lengths)
+    logprobs: int | None = None  # None: off; k: each token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    grammar: str | None = None  # llguidance grammar the output must follow (grammar.py)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt only
+        if self.max_new_tokens < least:
+            raise InvalidInputError(f"max_new_tokens must be >= {least}, got {self.max_new_tokens}")
+        for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise InvalidInputError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
         if self.temperature < 0:
             raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -26,6 +26,10 @@ class Waiting(Protocol):
     @property
     def cancelled(self) -> bool: ...
 
+    @property
+    def prefill_alone(self) -> bool:
+        """It must not share its prefill forward (prompt logprobs: every position's logits)."""
+
 
 WaitingT = TypeVar("WaitingT", bound=Waiting)
 
@@ -81,7 +85,8 @@ class Scheduler(Generic[WaitingT]):
         while self._waiting and len(admitted) < free_slots:
             candidate = self._waiting[0]
             new_longest = max(longest, candidate.prompt_tokens)
-            if admitted and (len(admitted) + 1) * new_longest > prefill_token_budget:
+            alone = candidate.prefill_alone or (admitted and admitted[0].prefill_alone)
+            if admitted and (alone or (len(admitted) + 1) * new_longest > prefill_token_budget):
                 break
             admitted.append(self._waiting.popleft())
             longest = new_longest

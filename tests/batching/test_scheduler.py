@@ -16,6 +16,7 @@ class FakeRequest:
     prompt_tokens: int = 10
     arrival_s: float = 0.0
     cancelled: bool = False
+    prefill_alone: bool = False
 
 
 def queue(*requests: FakeRequest, max_queue: int = 10, timeout_s: float = 5.0) -> Scheduler:

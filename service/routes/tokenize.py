@@ -1,0 +1,64 @@
+"""POST /tokenize and /detokenize in vLLM's shapes: clients (lm-evaluation-harness among them)
+use the server's own tokenizer instead of guessing it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from batching.errors import InvalidInputError
+from service.deps import ApiKeyDep
+from service.errors import as_api_error
+from service.limits import RateLimitDep
+from service.openai.requests import chat_prompt_ids, checked_prompt_text
+from service.openai.schemas import ChatMessage
+from service.routes.generate import GenerationServiceDep
+
+router = APIRouter(tags=["tokenize"], dependencies=[ApiKeyDep, RateLimitDep])
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    prompt: str | None = Field(None, description="Text to tokenize (or give messages)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="A chat")
+    add_special_tokens: bool = Field(True, description="For prompt: BOS and the like")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    tokens: list[TokenId] = Field(max_length=100_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, service: GenerationServiceDep) -> TokenizeResponse:
+    if (body.prompt is None) == (body.messages is None):
+        raise as_api_error(InvalidInputError("give exactly one of prompt and messages"))
+    if body.messages is not None:
+        ids = chat_prompt_ids(body.messages, service)  # the chat template, as /v1 applies it
+    else:
+        text = checked_prompt_text(body.prompt or "", "prompt", service)
+        ids = service.loaded.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=service.engine.max_seq_len, tokens=ids)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, service: GenerationServiceDep) -> DetokenizeResponse:
+    vocab = len(service.loaded.tokenizer)
+    if any(token >= vocab for token in body.tokens):
+        raise as_api_error(InvalidInputError(f"tokens must be in [0, {vocab})"))
+    return DetokenizeResponse(prompt=service.loaded.tokenizer.decode(body.tokens))
