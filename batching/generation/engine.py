@@ -212,22 +212,44 @@ class GenerationEngine:
         """Queue one generation; iterate the returned handle for its deltas.
 
         Raises at once: EngineStoppedError (not running), PromptTooLongError (prompt +
-        max_new_tokens > max_seq_len), InvalidInputError (empty prompt, unknown token id),
-        QueueFullError (max_queue requests already wait).
+        max_new_tokens > max_seq_len), InvalidInputError (empty prompt, unknown token id, a
+        grammar that cannot be used), QueueFullError (max_queue requests already wait).
         """
+        (handle,) = await self.submit_choices(prompt_ids, [params], request_id=request_id)
+        return handle
+
+    async def submit_choices(
+        self,
+        prompt_ids: Sequence[int],
+        choices: Sequence[SamplingParams],
+        *,
+        request_id: str | None = None,
+    ) -> list[GenerationHandle]:
+        """Queue len(choices) generations of one prompt (OpenAI's `n`): they share one
+        prefill, then each samples with its own params. One handle per choice; raises as
+        submit() does, and InvalidInputError if they could never get their slots at once."""
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the generation engine is not running")
-        self._validate(prompt_ids, params)
-        handle = GenerationHandle(
-            request_id or f"gen-{next(self._request_ids)}", asyncio.get_running_loop(), self._wake
-        )
-        request = Request(handle, list(prompt_ids), params)
+        if not 1 <= len(choices) <= self.slots_total:
+            raise InvalidInputError(
+                f"{len(choices)} choices, but 1 to {self.slots_total} (the slots) are possible"
+            )
+        for params in choices:
+            self._validate(prompt_ids, params)
+        name = request_id or f"gen-{next(self._request_ids)}"
+        loop = asyncio.get_running_loop()
+        requests = [
+            Request(GenerationHandle(name, loop, self._wake), list(prompt_ids), params)
+            for params in choices
+        ]
+        for follower in requests[1:]:
+            follower.follow(requests[0])
         with self._cond:
             if not self._accepting:
                 raise EngineStoppedError("the generation engine is stopping")
-            self._scheduler.add(request)
+            self._scheduler.add(requests[0])  # the leader stands in the queue for them all
             self._cond.notify()
-        return handle
+        return [r.handle for r in requests]
 
     def _validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -265,8 +287,9 @@ class GenerationEngine:
             while not (self._stopping or self._slots.in_use or len(self._scheduler)):
                 self._cond.wait()
             if self._stopping:
-                for request in self._scheduler.take_all():
-                    self._outbox.fail(request, EngineStoppedError("the engine is stopping"))
+                for leader in self._scheduler.take_all():
+                    for request in (leader, *leader.followers):
+                        self._outbox.fail(request, EngineStoppedError("the engine is stopping"))
         self._outbox.flush()
         return not self._stopping or self._slots.in_use > 0
 
@@ -294,12 +317,15 @@ class GenerationEngine:
         with self._cond:
             cancelled, timed_out = self._scheduler.drop_stale(now_s)
             admitted = self._scheduler.admit(self._slots.free, prefill_budget)
-        for request in cancelled:
-            request.finish_reason = "cancelled"
-            self._outbox.finish(request, now_s)
-        for request in timed_out:
-            waited_s = now_s - request.arrival_s
-            self._outbox.fail(request, QueueTimeoutError(waited_s, self._scheduler.timeout_s))
+        for leader in cancelled:
+            for request in (leader, *leader.followers):
+                request.finish_reason = "cancelled"
+                self._outbox.finish(request, now_s)
+        for leader in timed_out:
+            waited_s = now_s - leader.arrival_s
+            for request in (leader, *leader.followers):
+                error = QueueTimeoutError(waited_s, self._scheduler.timeout_s)
+                self._outbox.fail(request, error)
         return admitted
 
     def _shut(self, message: str) -> None:
@@ -307,7 +333,7 @@ class GenerationEngine:
         with self._cond:
             self._accepting = False
             waiting = self._scheduler.take_all()
-        for request in waiting:
+        for request in (r for leader in waiting for r in (leader, *leader.followers)):
             self._outbox.fail(request, EngineStoppedError(message))
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]

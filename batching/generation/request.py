@@ -45,6 +45,8 @@ class Request:
         self.prefilled = 0  # prompt tokens whose K/V is in the slot (cached prefix included)
         self.cached_tokens = 0  # of those, copied from the prefix cache
         self.prefill_chunks = 0  # prefill forwards this prompt took
+        self.leader: Request | None = None  # set for choices 2..n of one prompt (follow())
+        self.followers: list[Request] = []
         self.matcher: GrammarMatcher | None = None  # made on admission, if it has a grammar
         self.logprobs: list[TokenLogprob] = []  # one per output token, if asked
         self.prompt_logprobs: list[TokenLogprob | None] = []  # filled as the prompt prefills
@@ -61,8 +63,25 @@ class Request:
 
     @property
     def prefilling(self) -> bool:
-        """Admitted, but part of its prompt is still to be prefilled (chunked prefill)."""
-        return self.admitted_s is not None and self.prefilled < self.prompt_tokens
+        """Admitted, but part of its prompt is still to be prefilled (chunked prefill).
+        A follower (see `leader`) never prefills: it copies its leader's prompt K/V."""
+        return self.leader is None and self.admitted_s is not None and not self.decoding
+
+    @property
+    def decoding(self) -> bool:
+        """Its whole prompt is in its slot: it takes part in decode steps."""
+        return self.admitted_s is not None and self.prefilled >= self.prompt_tokens
+
+    @property
+    def slots_needed(self) -> int:
+        """Slots it takes at admission: its own and one per follower."""
+        return 1 + len(self.followers)
+
+    def follow(self, leader: Request) -> None:
+        """One of n choices of the same prompt: it gets a copy of the leader's prompt K/V
+        once the leader has prefilled it, and samples its own tokens from then on."""
+        self.leader = leader
+        leader.followers.append(self)
 
     @property
     def ended(self) -> bool:

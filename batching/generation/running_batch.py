@@ -97,7 +97,7 @@ class RunningBatch:
     @property
     def budget(self) -> int:
         """Prompt tokens this step may prefill (padded): bounds the running streams' pause."""
-        if any(not r.prefilling for r in self._slots.owners):
+        if any(r.decoding for r in self._slots.owners):
             return self._chunk_tokens
         return max(self._chunk_tokens, IDLE_PREFILL_TOKENS)
 
@@ -113,6 +113,11 @@ class RunningBatch:
             if request.prefilling and now_s - request.arrival_s > self._timeout_s:
                 # Still no first token after REQUEST_TIMEOUT_S: a very long chunked prefill.
                 request.error = QueueTimeoutError(now_s - request.arrival_s, self._timeout_s)
+            leader = request.leader
+            if leader is not None and not request.decoding and leader.ended:
+                # Its leader ended before prefilling their prompt: so does it, the same way.
+                request.error = leader.error
+                request.finish_reason = "cancelled" if leader.error is None else None
             if not request.ended:
                 continue
             self.release(slot)
@@ -137,12 +142,19 @@ class RunningBatch:
         chunks = [r.prompt_ids[r.prefilled :] for r in placed]
         if len(placed) == 1:  # admitted alone when its prompt is longer than the budget
             chunks[0] = chunks[0][: _chunk_size(placed[0], budget)]
-        first_slot = self._slots.in_use - len(placed)
+        first_slot = self._slots.owners.index(placed[0])  # leaders are contiguous from here
         return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
 
     def _place(self, requests: list[Request]) -> list[Request]:
         """Give each request the next slot and copy in its longest cached prefix; one that
-        cannot be set up fails alone, at once (it left the queue, nobody else would answer)."""
+        cannot be set up fails alone, at once (it left the queue, nobody else would answer).
+        Followers get their slots after every leader, so the leaders' rows are contiguous."""
+        placed = self._place_each(requests, with_prefix=True)
+        followers = [f for r in requests for f in r.followers]
+        self._place_each(followers, with_prefix=False)
+        return [r for r in placed if r.leader is None]
+
+    def _place_each(self, requests: list[Request], *, with_prefix: bool) -> list[Request]:
         placed: list[Request] = []
         now_s = time.perf_counter()
         for request in requests:
@@ -151,7 +163,8 @@ class RunningBatch:
                 slot = self._slots.allocate(
                     request, request.prompt_tokens, request.params.max_new_tokens
                 )
-                self._load_cached_prefix(request, slot)
+                if with_prefix:
+                    self._load_cached_prefix(request, slot)
             except Exception as exc:
                 logger.exception("admission failed (request_id=%s)", request.handle.request_id)
                 if request in self._slots.owners:
@@ -188,12 +201,17 @@ class RunningBatch:
             if every_position:
                 self._record_prompt_logprobs(work.requests[0], work.starts[0], logits[0])
                 logits = logits[:, -1].float()  # [1, V]
-            rows = [
-                i
-                for i, r in enumerate(work.requests)
-                if completes[i] and r.params.max_new_tokens > 0
+            # Each completed prompt samples its first token, and so does each of its followers,
+            # from the same logits row (each with its own params and random stream).
+            choosers = [
+                (i, r)
+                for i, leader in enumerate(work.requests)
+                if completes[i]
+                for r in (leader, *leader.followers)
+                if r.params.max_new_tokens > 0
             ]
-            tokens, logprobs = self._choose(logits, [work.requests[i] for i in rows], rows)
+            rows = [i for i, _ in choosers]
+            tokens, logprobs = self._choose(logits, [r for _, r in choosers], rows)
         except Exception as exc:
             logger.exception("prefill failed for %d requests", len(work.requests))
             self._fail(work.requests, exc)
@@ -203,22 +221,46 @@ class RunningBatch:
             request.prefilled += len(chunk)
             request.prefill_chunks += 1
         now_s = time.perf_counter()
-        sampled = dict(zip(rows, zip(tokens, logprobs, strict=True), strict=True))
-        for index, request in enumerate(work.requests):
+        sampled = {
+            id(r): (token, logprob)
+            for (_, r), token, logprob in zip(choosers, tokens, logprobs, strict=True)
+        }
+        for index, leader in enumerate(work.requests):
             if not completes[index]:
                 continue
-            if request.prefill_chunks > 1:
-                self._observer.on_prefill_chunks(request.prefill_chunks)
-            self._save_prompt_blocks(request)
-            if request.prompt_logprobs:  # they go out before the first token
-                self._outbox.token(
-                    request, GenerationDelta("", (), prompt_logprobs=tuple(request.prompt_logprobs))
-                )
-            if index in sampled:
-                self._accept(request, *sampled[index], now_s)
-            else:
-                request.finish_without_tokens()
+            if leader.prefill_chunks > 1:
+                self._observer.on_prefill_chunks(leader.prefill_chunks)
+            self._save_prompt_blocks(leader)
+            self._fork(leader)
+            for request in (leader, *leader.followers):
+                self._first_output(request, sampled.get(id(request)), now_s)
         self.retire_ended()
+
+    def _fork(self, leader: Request) -> None:
+        """Copy the leader's whole prompt K/V into each follower's slot (one copy each)."""
+        for follower in leader.followers:
+            if follower.ended or follower not in self._slots.owners:
+                continue
+            source = self._slots.owners.index(leader)
+            target = self._slots.owners.index(follower)
+            self._runner.cache.move_slot(source, target, leader.prompt_tokens)
+            self._slots.advance(target, leader.prompt_tokens)
+            follower.prefilled = leader.prompt_tokens
+            follower.cached_tokens = leader.cached_tokens
+            follower.prompt_logprobs = list(leader.prompt_logprobs)
+
+    def _first_output(
+        self, request: Request, sampled: tuple[int, TokenLogprob | None] | None, now_s: float
+    ) -> None:
+        if request.ended or not request.decoding:
+            return
+        if request.prompt_logprobs:  # they go out before the first token
+            prompt = tuple(request.prompt_logprobs)
+            self._outbox.token(request, GenerationDelta("", (), prompt_logprobs=prompt))
+        if sampled is None:
+            request.finish_without_tokens()
+        else:
+            self._accept(request, *sampled, now_s)
 
     def _record_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
         """logits [q, V] at prompt positions start..: each predicts the next prompt token."""
@@ -272,14 +314,14 @@ class RunningBatch:
 
     def decode(self) -> None:
         rows = list(self._slots.owners)
-        live = [i for i, r in enumerate(rows) if not r.prefilling]
+        live = [i for i, r in enumerate(rows) if r.decoding]
         if not live:
             return
         self._observer.on_step(len(live))
         try:
-            tokens_in = [0 if r.prefilling else r.next_token for r in rows]
+            tokens_in = [r.next_token if r.decoding else 0 for r in rows]
             logits = self._runner.decode_step(tokens_in, list(self._slots.lengths))  # [B, V]
-            riders = frozenset(i for i, r in enumerate(rows) if r.prefilling)
+            riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
             tokens, logprobs = self._choose(logits, rows, riders=riders)
         except Exception as exc:
             logger.exception("decode step failed for %d requests", len(rows))

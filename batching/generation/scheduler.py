@@ -27,6 +27,10 @@ class Waiting(Protocol):
     def cancelled(self) -> bool: ...
 
     @property
+    def slots_needed(self) -> int:
+        """Slots it takes when admitted (n choices of one prompt take n)."""
+
+    @property
     def prefill_alone(self) -> bool:
         """It must not share its prefill forward (prompt logprobs: every position's logits)."""
 
@@ -82,13 +86,14 @@ class Scheduler(Generic[WaitingT]):
         """
         admitted: list[WaitingT] = []
         longest = 0
-        while self._waiting and len(admitted) < free_slots:
+        while self._waiting and self._waiting[0].slots_needed <= free_slots:
             candidate = self._waiting[0]
             new_longest = max(longest, candidate.prompt_tokens)
             alone = candidate.prefill_alone or (admitted and admitted[0].prefill_alone)
             if admitted and (alone or (len(admitted) + 1) * new_longest > prefill_token_budget):
                 break
             admitted.append(self._waiting.popleft())
+            free_slots -= candidate.slots_needed
             longest = new_longest
         return admitted
 

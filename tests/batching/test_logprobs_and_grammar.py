@@ -121,3 +121,46 @@ async def test_an_invalid_schema_is_refused_at_submit(make_engine, tokenizer) ->
     plain = make_engine()
     with pytest.raises(InvalidInputError, match="not available"):
         await plain.submit(PROMPT, SamplingParams(4, grammar=json_schema_grammar(SCHEMA)))
+
+
+async def test_n_choices_share_one_prefill_and_each_samples_as_it_would_alone(
+    tiny_llama, make_engine
+) -> None:
+    engine = make_engine(num_slots=4)
+    prefills: list[int] = []
+    hook = tiny_llama.register_forward_pre_hook(
+        lambda m, a, k: prefills.append(1) if k["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    try:
+        greedy = await engine.submit_choices(PROMPT, [SamplingParams(10)] * 3)
+        sampled = await engine.submit_choices(
+            [40, 41, 42, 43],
+            [SamplingParams(10, temperature=1.0, seed=s, ignore_eos=True) for s in (7, 8)],
+        )
+        greedy_results = [await asyncio.wait_for(h.wait(), WAIT_S) for h in greedy]
+        sampled_results = [await asyncio.wait_for(h.wait(), WAIT_S) for h in sampled]
+    finally:
+        hook.remove()
+    assert len(prefills) <= 2  # one prefill per prompt, not per choice (maybe both in one)
+    expected = reference(tiny_llama, PROMPT, 10)
+    assert [list(r.token_ids) for r in greedy_results] == [expected] * 3
+    for seed, result in zip((7, 8), sampled_results, strict=True):
+        params = SamplingParams(10, temperature=1.0, seed=seed, ignore_eos=True)
+        alone = await (await engine.submit([40, 41, 42, 43], params)).wait()
+        assert result.token_ids == alone.token_ids
+    assert engine.slots_in_use == 0
+    with pytest.raises(InvalidInputError, match="choices"):
+        await engine.submit_choices(PROMPT, [SamplingParams(4)] * 5)
+
+
+async def test_choices_of_a_prompt_prefilled_in_chunks_equal_generate(tiny_llama, make_engine):
+    engine = make_engine(num_slots=4, max_seq_len=128, prefill_chunk_tokens=16)
+    stream = await engine.submit([3, 4, 5], SamplingParams(40, ignore_eos=True))
+    await anext(stream)  # it decodes, so the long prompt is prefilled in chunks
+    prompt = torch.randint(3, VOCAB_SIZE, (50,), generator=torch.Generator().manual_seed(9))
+    handles = await engine.submit_choices(prompt.tolist(), [SamplingParams(8)] * 2)
+    expected = reference(tiny_llama, prompt.tolist(), 8)
+    for handle in handles:
+        assert list((await asyncio.wait_for(handle.wait(), WAIT_S)).token_ids) == expected
+    await stream.wait()

@@ -17,6 +17,7 @@ class FakeRequest:
     arrival_s: float = 0.0
     cancelled: bool = False
     prefill_alone: bool = False
+    slots_needed: int = 1
 
 
 def queue(*requests: FakeRequest, max_queue: int = 10, timeout_s: float = 5.0) -> Scheduler:
