@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
+from batching.generation.grammar import grammar_tokenizer, json_schema_grammar
 from batching.generation.sampling import SamplingParams
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def eos_token_ids(loaded: LoadedModel) -> list[int]:
@@ -37,17 +41,31 @@ def special_token_strings(loaded: LoadedModel) -> list[str]:
     return sorted(s for s in strings if s)
 
 
+def make_grammar_tokenizer(loaded: LoadedModel) -> object:
+    """llguidance's view of the tokenizer (structured output; token bytes for logprobs), or
+    None if it cannot be made (llguidance needs a fast tokenizer)."""
+    head = loaded.model.get_output_embeddings()
+    vocab_size = getattr(head, "out_features", None) or len(loaded.tokenizer)
+    try:
+        return grammar_tokenizer(loaded.tokenizer, vocab_size, eos_token_ids(loaded))
+    except Exception:
+        log.warning("structured output is off: llguidance cannot use this tokenizer", exc_info=True)
+        return None
+
+
 @dataclass
 class GenerationService:
     loaded: LoadedModel
     engine: GenerationEngine
     settings: Settings
     metrics: GenerateMetrics
+    grammar_tokenizer: object = None  # None: no structured output for this model
 
     @classmethod
     def create(
         cls, loaded: LoadedModel, settings: Settings, metrics: GenerateMetrics
     ) -> GenerationService:
+        grammars = make_grammar_tokenizer(loaded)
         engine = GenerationEngine(
             loaded.model,
             # HF's decode() is typed for batches too (str | list[str]); given one id list it
@@ -63,9 +81,10 @@ class GenerationService:
             cuda_graphs=settings.generate_cuda_graphs,
             prefill_chunk_tokens=settings.generate_prefill_chunk_tokens,
             prefix_cache_tokens=settings.generate_prefix_cache_tokens,
+            grammar_tokenizer=grammars,
         )
         metrics.slots_total.set(settings.generate_slots)
-        return cls(loaded, engine, settings, metrics)
+        return cls(loaded, engine, settings, metrics, grammars)
 
     @property
     def cancel_on_disconnect(self) -> bool:
@@ -104,6 +123,8 @@ class GenerationService:
             "attn_implementation": self.settings.attn_implementation,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
+            "max_choices": self.settings.generate_max_choices,
+            "structured_output": self.grammar_tokenizer is not None,
             "prefix_cache": {
                 "tokens": self.settings.generate_prefix_cache_tokens,
                 "bytes": self.engine.prefix_cache_bytes,
@@ -119,7 +140,12 @@ def sampling_params(
     top_k: int,
     seed: int | None,
     stop: list[str],
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    json_schema: dict[str, Any] | None = None,
+    json_object: bool = False,
 ) -> SamplingParams:
+    grammar = json_schema_grammar(json_schema) if json_schema is not None or json_object else None
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -127,4 +153,7 @@ def sampling_params(
         top_k=top_k,
         seed=seed,
         stop=tuple(stop),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        grammar=grammar,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -47,6 +47,9 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[StopString] = Field(default_factory=list, max_length=8)
+    json_schema: dict[str, Any] | None = Field(
+        None, description="The output is JSON valid against this schema (constrained decoding)"
+    )
     stream: bool = False
 
 

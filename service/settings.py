@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     generate_prefill_chunk_tokens: int = Field(
         256, ge=16, description="Most prompt tokens prefilled per step while streams decode"
     )
+    generate_max_choices: int = Field(
+        4, ge=1, description="Most choices (OpenAI's n) per request; each takes a slot"
+    )
     generate_prefix_cache_tokens: int = Field(
         0, ge=0, description="Prompt tokens of K/V kept for reuse by later prompts; 0 = off"
     )

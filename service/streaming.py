@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -50,11 +50,11 @@ async def _disconnected(request: Request) -> None:
 
 
 async def unless_disconnected(
-    work: Awaitable[T], handle: GenerationHandle, request: Request, cancel: bool
+    work: Awaitable[T], handles: Sequence[GenerationHandle], request: Request, cancel: bool
 ) -> T:
     """Await `work` (the first token, or the whole result), but if the client hangs up first,
-    let the request go (a queued one is then dropped before it costs any compute) and answer
-    499. Engine errors become their HTTP errors."""
+    let its generations go (a queued one is then dropped before it costs any compute) and
+    answer 499. Engine errors become their HTTP errors."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -62,7 +62,8 @@ async def unless_disconnected(
     finally:
         gone.cancel()
         if not task.done():
-            let_go(handle, cancel)
+            for handle in handles:
+                let_go(handle, cancel)
             if cancel:
                 task.cancel()
             else:  # let it run to the end; nobody reads the result
@@ -72,7 +73,7 @@ async def unless_disconnected(
     try:
         return task.result()
     except EngineError as exc:
-        raise as_api_error(exc, handle.request_id) from exc
+        raise as_api_error(exc, handles[0].request_id) from exc
 
 
 async def _first_or_none(handle: GenerationHandle) -> GenerationDelta | None:
@@ -83,18 +84,31 @@ async def _first_or_none(handle: GenerationHandle) -> GenerationDelta | None:
 
 
 async def first_delta(
-    handle: GenerationHandle, request: Request, cancel: bool = True
+    handle: GenerationHandle,
+    request: Request,
+    cancel: bool = True,
+    siblings: Sequence[GenerationHandle] = (),
 ) -> GenerationDelta | None:
     """Wait for generation to start, so queue errors (504, 500) still get a proper status
-    instead of arriving inside a 200 stream. None: it finished without any delta."""
-    return await unless_disconnected(_first_or_none(handle), handle, request, cancel)
+    instead of arriving inside a 200 stream. None: it finished without any delta. `siblings`
+    (the other choices of the same request) are let go too if the client leaves."""
+    handles = [handle, *siblings]
+    return await unless_disconnected(_first_or_none(handle), handles, request, cancel)
 
 
 async def wait_or_cancel_on_disconnect(
     handle: GenerationHandle, request: Request, cancel: bool = True
 ) -> GenerationResult:
     """A non-streamed generation that frees its slot if the client hangs up meanwhile."""
-    return await unless_disconnected(handle.wait(), handle, request, cancel)
+    return await unless_disconnected(handle.wait(), [handle], request, cancel)
+
+
+async def wait_all_or_cancel_on_disconnect(
+    handles: Sequence[GenerationHandle], request: Request, cancel: bool = True
+) -> list[GenerationResult]:
+    """Every choice's result; all are let go if the client hangs up meanwhile."""
+    work = asyncio.gather(*(handle.wait() for handle in handles))
+    return list(await unless_disconnected(work, handles, request, cancel))
 
 
 async def stream_deltas(

@@ -3,8 +3,13 @@ SamplingParams with OpenAI's defaults, refusing what this server cannot honour."
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from jinja2 import TemplateError
 
+from batching.errors import InvalidInputError
+from batching.generation.grammar import check_grammar
 from batching.generation.sampling import SamplingParams
 from service.generation import GenerationService, sampling_params
 from service.openai.errors import OpenAIError
@@ -80,7 +85,7 @@ def completion_prompt_ids(
 
 
 def checked_max_tokens(
-    body: SamplingRequest, prompt_tokens: int, service: GenerationService
+    body: SamplingRequest, prompt_tokens: int, service: GenerationService, echo: bool = False
 ) -> int:
     limit = service.settings.generate_max_new_tokens
     param, requested = body.requested_max_tokens()
@@ -89,19 +94,69 @@ def checked_max_tokens(
         return max(1, min(limit, service.engine.max_seq_len - prompt_tokens))
     if requested > limit:
         raise OpenAIError(f"{param}: {requested} is above the limit of {limit}", param)
+    if requested == 0 and not echo:
+        raise OpenAIError(f"{param}: 0 is only allowed with echo (to score the prompt)", param)
     return requested
 
 
-def to_sampling_params(body: SamplingRequest, max_tokens: int) -> SamplingParams:
+def checked_choices(body: SamplingRequest, service: GenerationService) -> int:
+    limit = service.settings.generate_max_choices
+    if body.choices > limit:
+        raise OpenAIError(f"n: {body.choices} is above the limit of {limit}", "n")
+    return body.choices
+
+
+def response_schema(body: SamplingRequest) -> tuple[dict[str, Any] | None, bool]:
+    """(JSON schema, whether any JSON object will do) from a chat request's response_format."""
+    form = getattr(body, "response_format", None)
+    if form is None or form.type == "text":
+        return None, False
+    if form.type == "json_object":
+        return None, True
+    if form.json_schema is None or form.json_schema.json_schema is None:
+        raise OpenAIError("response_format: json_schema.schema is required", "response_format")
+    return form.json_schema.json_schema, False
+
+
+def to_sampling_params(
+    body: SamplingRequest, max_tokens: int, prompt_logprobs: int | None = None
+) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0:  # keeping only the most likely token is greedy decoding
         temperature, top_p = 0.0, 1.0
-    return sampling_params(
-        max_new_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=body.top_k or 0,
-        seed=body.seed,
-        stop=body.stop_list,
-    )
+    schema, any_object = response_schema(body)
+    try:
+        return sampling_params(
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=body.top_k or 0,
+            seed=body.seed,
+            stop=body.stop_list,
+            logprobs=body.top_logprobs_asked(),
+            prompt_logprobs=prompt_logprobs,
+            json_schema=schema,
+            json_object=any_object,
+        )
+    except InvalidInputError as exc:
+        param = "response_format" if schema is not None or any_object else None
+        raise OpenAIError(str(exc), param) from exc
+
+
+def checked_grammar(grammar: str, service: GenerationService) -> None:
+    """A schema the grammar compiler refuses is the response_format's fault (400 naming it)."""
+    if service.grammar_tokenizer is None:
+        raise OpenAIError("structured output is not available for this model", "response_format")
+    try:
+        check_grammar(grammar, service.grammar_tokenizer)
+    except InvalidInputError as exc:
+        raise OpenAIError(str(exc), "response_format") from exc
+
+
+def choice_params(params: SamplingParams, choices: int) -> list[SamplingParams]:
+    """One SamplingParams per choice: with a seed, choice i draws from seed + i, so the
+    choices differ from each other and each is reproducible."""
+    if params.seed is None:
+        return [params] * choices
+    return [replace(params, seed=params.seed + i) for i in range(choices)]

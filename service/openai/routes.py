@@ -8,22 +8,25 @@ accepted whatever it says and answers carry the served model id (the one /v1/mod
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
+from batching.errors import EngineError
+from batching.generation.handle import GenerationResult
 from service.deps import ApiKeyDep, RuntimeDep
-from service.errors import ApiError, as_api_error
+from service.errors import as_api_error
 from service.generation import GenerationService
 from service.limits import RateLimitDep
-from service.openai.errors import OpenAIError, OpenAIRoute, openai_error_body
+from service.openai.errors import OpenAIError, OpenAIRoute
+from service.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from service.openai.requests import (
     chat_prompt_ids,
+    checked_choices,
+    checked_grammar,
     checked_max_tokens,
+    choice_params,
     completion_prompt_ids,
     reject_unsupported,
     to_sampling_params,
@@ -35,25 +38,25 @@ from service.openai.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    FinishReason,
     ModelCard,
     ModelList,
-    PromptTokensDetails,
     SamplingRequest,
-    Usage,
+)
+from service.openai.streams import (
+    ChatChunks,
+    ChunkFormat,
+    Completion,
+    CompletionChunks,
+    finish_reason,
+    sse_chunks,
+    usage,
 )
 from service.request_id import request_id_of
 from service.routes.generate import GenerationServiceDep
-from service.streaming import (
-    SSE_HEADERS,
-    first_delta,
-    sse_event,
-    stream_deltas,
-    submit,
-    wait_or_cancel_on_disconnect,
-)
+from service.streaming import SSE_HEADERS, first_delta, wait_all_or_cancel_on_disconnect
 
 router = APIRouter(
     prefix="/v1",
@@ -63,22 +66,6 @@ router = APIRouter(
     responses=ERROR_RESPONSES,
 )
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
-ChoiceMaker = Callable[[str, FinishReason | None], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One admitted request and the fields every response or chunk of it repeats."""
-
-    handle: GenerationHandle
-    id: str
-    model: str
-    created: int
-    cancel_on_disconnect: bool
-
-    def chunk(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-        return head | {"choices": choices} | extra
 
 
 async def start(
@@ -88,86 +75,43 @@ async def start(
     request: Request,
     service: GenerationService,
     id_prefix: str,
+    echo: bool = False,
 ) -> Completion:
     request_id = request_id_of(request)
-    params = to_sampling_params(body, checked_max_tokens(body, len(prompt_ids), service))
+    choices = checked_choices(body, service)
+    max_tokens = checked_max_tokens(body, len(prompt_ids), service, echo)
+    # Echo with logprobs scores the prompt too (lm-evaluation-harness's loglikelihood).
+    prompt_logprobs = body.top_logprobs_asked() if echo else None
+    params = to_sampling_params(body, max_tokens, prompt_logprobs)
+    if params.grammar is not None:
+        checked_grammar(params.grammar, service)
     try:
-        handle = await submit(service, prompt_ids, params, request_id)
-    except ApiError as exc:
-        if exc.status == 422:  # context overflow or a bad token id: the prompt is at fault
-            code = exc.error_type if exc.error_type == "context_length_exceeded" else None
-            raise OpenAIError(exc.message, param, code) from exc
-        raise
+        handles = await service.engine.submit_choices(
+            prompt_ids, choice_params(params, choices), request_id=request_id
+        )
+    except EngineError as exc:
+        error = as_api_error(exc, request_id)
+        if error.status == 422:  # context overflow, a bad token id, a bad grammar
+            code = error.error_type if error.error_type == "context_length_exceeded" else None
+            raise OpenAIError(error.message, param, code) from exc
+        raise error from exc
     return Completion(
-        handle,
+        handles,
         f"{id_prefix}-{request_id}",
         service.loaded.name,
         int(time.time()),
         service.cancel_on_disconnect,
+        TokenTexts(service.grammar_tokenizer, service.loaded.tokenizer),
     )
-
-
-def finish_reason(result: GenerationResult) -> FinishReason:
-    if result.finish_reason == "cancelled":  # only reachable if the client is gone anyway
-        raise ApiError(499, "client_closed", "the request was cancelled")
-    return "length" if result.finish_reason == "length" else "stop"  # eos and stop strings
-
-
-def usage(result: GenerationResult) -> Usage:
-    prompt, completion = result.prompt_tokens, result.completion_tokens
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
-    )
-
-
-async def sse_chunks(
-    run: Completion,
-    first: GenerationDelta | None,
-    kind: str,
-    choice: ChoiceMaker,
-    include_usage: bool,
-    opening: dict[str, Any] | None = None,
-) -> AsyncIterator[str]:
-    try:
-        if opening is not None:
-            yield sse_event(run.chunk(kind, [opening]))
-        async for delta in stream_deltas(run.handle, first, run.cancel_on_disconnect):
-            if delta.text:  # "" while a multi-byte character is still incomplete
-                yield sse_event(run.chunk(kind, [choice(delta.text, None)]))
-        result = run.handle.result
-        yield sse_event(run.chunk(kind, [choice("", finish_reason(result))]))
-        if include_usage:
-            yield sse_event(run.chunk(kind, [], usage=usage(result).model_dump()))
-    except Exception as exc:
-        # Headers are gone already: the failure travels as an event the SDKs raise from.
-        yield sse_event(openai_error_body(as_api_error(exc, run.handle.request_id))[1])
-    yield sse_event("[DONE]")
 
 
 async def streamed(
-    run: Completion,
-    request: Request,
-    kind: str,
-    choice: ChoiceMaker,
-    body: SamplingRequest,
-    opening: dict[str, Any] | None = None,
+    run: Completion, request: Request, form: ChunkFormat, body: SamplingRequest
 ) -> StreamingResponse:
-    # Peek the first token so that queue errors still get a real status.
-    first = await first_delta(run.handle, request, run.cancel_on_disconnect)
-    chunks = sse_chunks(run, first, kind, choice, body.include_usage, opening)
+    # Peek the first output so that queue errors still get a real status.
+    first = await first_delta(run.handles[0], request, run.cancel_on_disconnect, run.handles[1:])
+    chunks = sse_chunks(run, first, form, body.include_usage)
     return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-def chat_choice(text: str, reason: FinishReason | None) -> dict[str, Any]:
-    delta = {"content": text} if reason is None else {}
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-
-
-def completion_choice(text: str, reason: FinishReason | None) -> dict[str, Any]:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
 
 
 @router.get("/models", response_model=ModelList)
@@ -184,14 +128,19 @@ async def chat_completions(
     prompt_ids = chat_prompt_ids(body.messages, service)
     run = await start(body, prompt_ids, "messages", request, service, "chatcmpl")
     if body.stream:
-        opening = chat_choice("", None) | {"delta": {"role": "assistant", "content": ""}}
-        return await streamed(run, request, "chat.completion.chunk", chat_choice, body, opening)
-    result = await wait_or_cancel_on_disconnect(run.handle, request, run.cancel_on_disconnect)
-    choice = ChatChoice(
-        message=AssistantMessage(content=result.text), finish_reason=finish_reason(result)
-    )
+        return await streamed(run, request, ChatChunks(run.texts), body)
+    results = await wait_all_or_cancel_on_disconnect(run.handles, request, run.cancel_on_disconnect)
+    choices = [
+        ChatChoice(
+            index=index,
+            message=AssistantMessage(content=result.text),
+            finish_reason=finish_reason(result),
+            logprobs=chat_logprobs(result.logprobs, run.texts) if body.logprobs else None,
+        )
+        for index, result in enumerate(results)
+    ]
     return ChatCompletionResponse(
-        id=run.id, created=run.created, model=run.model, choices=[choice], usage=usage(result)
+        id=run.id, created=run.created, model=run.model, choices=choices, usage=usage(results)
     )
 
 
@@ -201,11 +150,44 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     reject_unsupported(body)
     prompt_ids = completion_prompt_ids(body.prompt, service)
-    run = await start(body, prompt_ids, "prompt", request, service, "cmpl")
+    echo = bool(body.echo)
+    run = await start(body, prompt_ids, "prompt", request, service, "cmpl", echo)
+    echo_text = echoed_text(body.prompt, prompt_ids, service) if echo else None
     if body.stream:
-        return await streamed(run, request, "text_completion", completion_choice, body)
-    result = await wait_or_cancel_on_disconnect(run.handle, request, run.cancel_on_disconnect)
-    choice = CompletionChoice(text=result.text, finish_reason=finish_reason(result))
+        waits = echo and body.logprobs is not None
+        form = CompletionChunks(run.texts, echo_text, prompt_ids, waits)
+        return await streamed(run, request, form, body)
+    results = await wait_all_or_cancel_on_disconnect(run.handles, request, run.cancel_on_disconnect)
+    choices = [
+        CompletionChoice(
+            index=index,
+            text=(echo_text or "") + result.text,
+            finish_reason=finish_reason(result),
+            logprobs=None
+            if body.logprobs is None
+            else result_logprobs(result, run, prompt_ids, echo),
+        )
+        for index, result in enumerate(results)
+    ]
     return CompletionResponse(
-        id=run.id, created=run.created, model=run.model, choices=[choice], usage=usage(result)
+        id=run.id, created=run.created, model=run.model, choices=choices, usage=usage(results)
     )
+
+
+def echoed_text(
+    prompt: str | list[str] | list[int], prompt_ids: list[int], service: GenerationService
+) -> str:
+    """The prompt as the client sent it; token ids are decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    return str(service.loaded.tokenizer.decode(prompt_ids))
+
+
+def result_logprobs(
+    result: GenerationResult, run: Completion, prompt_ids: list[int], echo: bool
+) -> CompletionLogprobs:
+    entries = [*(result.prompt_logprobs if echo else ()), *result.logprobs]
+    token_ids = [*(prompt_ids if echo else ()), *result.token_ids]
+    return completion_logprobs(entries, token_ids, run.texts)

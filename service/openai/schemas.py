@@ -2,8 +2,8 @@
 
 Field names, ranges and defaults are OpenAI's, so the official SDKs and tools built on them
 work unchanged. Unknown fields are ignored, as OpenAI does; known fields this server cannot
-honour (n > 1, logprobs, penalties, ...) are refused with a 400 naming the parameter rather
-than silently changing what the client asked for.
+honour (penalties, suffix, best_of) are refused with a 400 naming the parameter rather than
+silently changing what the client asked for.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from batching.generation.logprobs import MAX_TOP_LOGPROBS
 from service.schemas import StopString
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
@@ -30,13 +31,15 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str = Field("", description="Any value is accepted: the served model answers")
-    max_tokens: int | None = Field(None, ge=1, description="Default and cap: the server limit")
+    max_tokens: int | None = Field(
+        None, ge=0, description="Default and cap: the server limit; 0 only with echo"
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 1; 0 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default 1; 0 = greedy")
     top_k: int | None = Field(None, ge=0, description="Not OpenAI (vLLM-style extra); 0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopString | list[StopString] | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, description="Choices; at most GENERATE_MAX_CHOICES")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored")
@@ -62,10 +65,17 @@ class SamplingRequest(BaseModel):
         """(parameter name, value) of the output-length limit the client sent."""
         return "max_tokens", self.max_tokens
 
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def top_logprobs_asked(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and its k most likely alternatives."""
+        return None
+
     def unsupported(self) -> dict[str, bool]:
         """Parameter -> whether this request asks for something the server cannot do."""
         return {
-            "n": self.n not in (None, 1),
             "presence_penalty": bool(self.presence_penalty),
             "frequency_penalty": bool(self.frequency_penalty),
         }
@@ -100,35 +110,47 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content}
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens")
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> tuple[str, int | None]:
         if self.max_completion_tokens is not None:
             return "max_completion_tokens", self.max_completion_tokens
         return super().requested_max_tokens()
 
-    def unsupported(self) -> dict[str, bool]:
-        return super().unsupported() | {
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": bool(self.top_logprobs),
-        }
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] = Field(description="One prompt: text or token ids")
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
 
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> dict[str, bool]:
         return super().unsupported() | {
-            "logprobs": self.logprobs is not None,
-            "echo": bool(self.echo),
             "suffix": bool(self.suffix),
             "best_of": self.best_of not in (None, 1),
         }
@@ -150,11 +172,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -166,11 +202,21 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy shape lm-evaluation-harness reads: per token, its text, its logprob (None for
+    the first prompt token), its alternatives, and where its text starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

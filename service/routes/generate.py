@@ -128,6 +128,7 @@ async def generate(
         top_k=body.top_k,
         seed=body.seed,
         stop=body.stop,
+        json_schema=body.json_schema,
     )
     handle = await submit(service, checked_prompt_ids(body.prompt, service), params, request_id)
     model, cancel = service.loaded.name, service.cancel_on_disconnect

@@ -160,12 +160,23 @@ def test_context_overflow_is_a_bad_request_with_the_numbers(client):
 @pytest.mark.parametrize(
     ("extra", "param", "needle"),
     [
-        ({"n": 3}, "n", "n=3 is not supported"),
+        ({"n": 5}, "n", "n: 5 is above the limit of 4"),
         ({"max_tokens": 65}, "max_tokens", "65 is above the limit of 64"),
         ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
         ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences"),
-        ({"logprobs": True}, "logprobs", "logprobs=True is not supported"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "is not supported"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+                }
+            },
+            "response_format",
+            "nonsense",
+        ),
         ({"messages": []}, "messages", "at least 1 item"),
     ],
 )
