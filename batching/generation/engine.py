@@ -146,13 +146,13 @@ class GenerationEngine:
 
     @property
     def prefix_cache_bytes(self) -> int:
-        pool = self._batch.prefix_pool
-        return 0 if pool is None else pool.nbytes
+        prefixes = self._batch.prefixes
+        return 0 if prefixes is None else prefixes.nbytes
 
     @property
     def prefix_cache_usage_ratio(self) -> float:
-        cache = self._batch.prefix_cache
-        return 0.0 if cache is None else cache.usage_ratio
+        prefixes = self._batch.prefixes
+        return 0.0 if prefixes is None else prefixes.usage_ratio
 
     @property
     def max_seq_len(self) -> int:

@@ -28,28 +28,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from batching.errors import EngineError, ModelExecutionError, QueueTimeoutError
+from batching.errors import EngineError, QueueTimeoutError
+from batching.generation.choosing import choose_tokens, record_prompt_logprobs
 from batching.generation.detokenizer import Tokenizer
-from batching.generation.grammar import apply_grammars
 from batching.generation.handle import GenerationDelta
-from batching.generation.kv_cache import BlockPool
-from batching.generation.logprobs import TokenLogprob, chosen_logprobs, prompt_logprobs
+from batching.generation.logprobs import TokenLogprob
 from batching.generation.model_runner import ModelRunner
 from batching.generation.observer import EngineObserver
 from batching.generation.outbox import Outbox
-from batching.generation.prefix_cache import PrefixCache
+from batching.generation.placement import Placement, model_error
+from batching.generation.prefix_store import PrefixStore
 from batching.generation.request import Request
-from batching.generation.sampling import SamplingParams, sample_next_tokens
 from batching.generation.slots import SlotTable
 
 logger = logging.getLogger(__name__)
 
 IDLE_PREFILL_TOKENS = 2048  # the prefill budget of a step with no row decoding
 PROMPT_LOGPROBS_CHUNK_TOKENS = 256  # every position's logits: [256, V] at a time
-PREFIX_BLOCK_TOKENS = 16  # tokens per cached prefix block (vLLM's default block size)
-_IGNORED = SamplingParams(max_new_tokens=1)  # greedy: draws no random number
 
 
 @dataclass(frozen=True)
@@ -84,15 +79,22 @@ class RunningBatch:
         self._slots = slots
         self._outbox = outbox
         self._observer = observer
-        self._tokenizer = tokenizer  # the engine thread's own copy
-        self._special_tokens = special_tokens
-        self._grammar_tokenizer = grammar_tokenizer
         self._eos_token_ids = eos_token_ids
         self._chunk_tokens = chunk_tokens
         self._timeout_s = timeout_s
-        blocks = prefix_cache_tokens // PREFIX_BLOCK_TOKENS
-        self.prefix_cache = PrefixCache(PREFIX_BLOCK_TOKENS, blocks) if blocks else None
-        self.prefix_pool = BlockPool(runner.cache, PREFIX_BLOCK_TOKENS, blocks) if blocks else None
+        self.prefixes = (
+            PrefixStore(runner.cache, prefix_cache_tokens) if prefix_cache_tokens else None
+        )
+        self._placement = Placement(
+            slots,
+            outbox,
+            observer,
+            self.release,
+            tokenizer=tokenizer,
+            special_tokens=special_tokens,
+            grammar_tokenizer=grammar_tokenizer,
+            prefixes=self.prefixes,
+        )
 
     @property
     def budget(self) -> int:
@@ -136,7 +138,7 @@ class RunningBatch:
                 take = _chunk_size(request, budget)
                 chunk = request.prompt_ids[request.prefilled : request.prefilled + take]
                 return PrefillWork(slot, [request], [request.prefilled], [chunk])
-        placed = self._place(admit(budget))
+        placed = self._placement.place(admit(budget))
         if not placed:
             return None
         chunks = [r.prompt_ids[r.prefilled :] for r in placed]
@@ -144,47 +146,6 @@ class RunningBatch:
             chunks[0] = chunks[0][: _chunk_size(placed[0], budget)]
         first_slot = self._slots.owners.index(placed[0])  # leaders are contiguous from here
         return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
-
-    def _place(self, requests: list[Request]) -> list[Request]:
-        """Give each request the next slot and copy in its longest cached prefix; one that
-        cannot be set up fails alone, at once (it left the queue, nobody else would answer).
-        Followers get their slots after every leader, so the leaders' rows are contiguous."""
-        placed = self._place_each(requests, with_prefix=True)
-        followers = [f for r in requests for f in r.followers]
-        self._place_each(followers, with_prefix=False)
-        return [r for r in placed if r.leader is None]
-
-    def _place_each(self, requests: list[Request], *, with_prefix: bool) -> list[Request]:
-        placed: list[Request] = []
-        now_s = time.perf_counter()
-        for request in requests:
-            try:
-                request.admit(self._tokenizer, self._special_tokens, now_s, self._grammar_tokenizer)
-                slot = self._slots.allocate(
-                    request, request.prompt_tokens, request.params.max_new_tokens
-                )
-                if with_prefix:
-                    self._load_cached_prefix(request, slot)
-            except Exception as exc:
-                logger.exception("admission failed (request_id=%s)", request.handle.request_id)
-                if request in self._slots.owners:
-                    self.release(self._slots.owners.index(request))
-                self._outbox.fail(request, model_error(exc))
-                continue
-            placed.append(request)
-        return placed
-
-    def _load_cached_prefix(self, request: Request, slot: int) -> None:
-        if self.prefix_cache is None or self.prefix_pool is None or request.prefill_alone:
-            return  # (prompt logprobs need every position's logits: nothing can be skipped)
-        # At least the last prompt token is prefilled: its logits give the first token.
-        blocks = self.prefix_cache.match(request.prompt_ids, request.prompt_tokens - 1)
-        hit = len(blocks) * PREFIX_BLOCK_TOKENS
-        if blocks:
-            self.prefix_pool.load([b.block_id for b in blocks], slot)
-            self._slots.advance(slot, hit)
-            request.prefilled = request.cached_tokens = hit
-        self._observer.on_prefix_cache_query(request.prompt_tokens, hit)
 
     # ---- 3. prefill ----
 
@@ -199,7 +160,7 @@ class RunningBatch:
                 work.first_slot, work.chunks, work.starts, every_position
             )  # [k, V], or [1, q, V] with every_position
             if every_position:
-                self._record_prompt_logprobs(work.requests[0], work.starts[0], logits[0])
+                record_prompt_logprobs(work.requests[0], work.starts[0], logits[0])
                 logits = logits[:, -1].float()  # [1, V]
             # Each completed prompt samples its first token, and so does each of its followers,
             # from the same logits row (each with its own params and random stream).
@@ -211,7 +172,7 @@ class RunningBatch:
                 if r.params.max_new_tokens > 0
             ]
             rows = [i for i, _ in choosers]
-            tokens, logprobs = self._choose(logits, [r for _, r in choosers], rows)
+            tokens, logprobs = choose_tokens(logits[rows], [r for _, r in choosers])
         except Exception as exc:
             logger.exception("prefill failed for %d requests", len(work.requests))
             self._fail(work.requests, exc)
@@ -262,53 +223,11 @@ class RunningBatch:
         else:
             self._accept(request, *sampled, now_s)
 
-    def _record_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
-        """logits [q, V] at prompt positions start..: each predicts the next prompt token."""
-        following = request.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
-        top = request.params.prompt_logprobs or 0
-        request.prompt_logprobs += prompt_logprobs(logits[: len(following)], following, top)
-
-    def _choose(
-        self,
-        logits: torch.Tensor,
-        requests: list[Request],
-        rows: list[int] | None = None,
-        riders: frozenset[int] = frozenset(),
-    ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One token per request from logits[rows] (all rows if None): its grammar's mask
-        first, then sampling; and its logprob from the raw logits, if it asked. `riders`
-        (rows still prefilling that rode along in a decode step) get an ignored greedy token,
-        with no mask and no random number drawn."""
-        if rows is not None:
-            logits = logits[rows]  # a copy: masking below leaves the runner's buffer alone
-        if not requests:
-            return [], []
-        asked = [
-            i for i, r in enumerate(requests) if r.params.logprobs is not None and i not in riders
-        ]
-        raw = logits[asked] if asked else None  # before any grammar mask
-        apply_grammars(logits, [None if i in riders else r.matcher for i, r in enumerate(requests)])
-        params = [_IGNORED if i in riders else r.params for i, r in enumerate(requests)]
-        generators = [None if i in riders else r.generator for i, r in enumerate(requests)]
-        tokens = sample_next_tokens(logits, params, generators)
-        logprobs: list[TokenLogprob | None] = [None] * len(requests)
-        if raw is not None:
-            tops = [requests[i].params.logprobs or 0 for i in asked]
-            for i, logprob in zip(
-                asked, chosen_logprobs(raw, [tokens[i] for i in asked], tops), strict=True
-            ):
-                logprobs[i] = logprob
-        return tokens, logprobs
-
     def _save_prompt_blocks(self, request: Request) -> None:
         """Leave the prompt's K/V behind as reusable prefix blocks (only once it is whole, so
         a cancelled or failed prefill never leaves half a prefix in the cache)."""
-        if self.prefix_cache is None or self.prefix_pool is None:
-            return
-        fills = self.prefix_cache.insert(request.prompt_ids)
-        if fills:
-            slot = self._slots.owners.index(request)
-            self.prefix_pool.save(slot, [f.block_id for f in fills], [f.index for f in fills])
+        if self.prefixes is not None:
+            self.prefixes.save(request.prompt_ids, self._slots.owners.index(request))
 
     # ---- 4. decode ----
 
@@ -322,7 +241,7 @@ class RunningBatch:
             tokens_in = [r.next_token if r.decoding else 0 for r in rows]
             logits = self._runner.decode_step(tokens_in, list(self._slots.lengths))  # [B, V]
             riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
-            tokens, logprobs = self._choose(logits, rows, riders=riders)
+            tokens, logprobs = choose_tokens(logits, rows, riders)  # masks the runner's buffer
         except Exception as exc:
             logger.exception("decode step failed for %d requests", len(rows))
             self._fail(rows, exc)
@@ -368,10 +287,3 @@ class RunningBatch:
 
 def _chunk_size(request: Request, budget: int) -> int:
     return min(budget, PROMPT_LOGPROBS_CHUNK_TOKENS) if request.prefill_alone else budget
-
-
-def model_error(cause: Exception) -> ModelExecutionError:
-    """A ModelExecutionError chained to the model's own exception (its text stays in logs)."""
-    error = ModelExecutionError(f"the model failed: {cause!r}")
-    error.__cause__ = cause
-    return error

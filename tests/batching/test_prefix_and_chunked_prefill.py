@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from batching.errors import ModelExecutionError, QueueTimeoutError
-from batching.generation.running_batch import PREFIX_BLOCK_TOKENS
+from batching.generation.prefix_store import PREFIX_BLOCK_TOKENS
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import (
     VOCAB_SIZE,
@@ -223,8 +223,8 @@ async def test_decode_steps_with_padded_rows_never_write_to_cached_prefixes(
     )
     prompt = tokens(3 * PREFIX_BLOCK_TOKENS, seed=20)
     await (await engine.submit(prompt, SamplingParams(2))).wait()  # caches 2 blocks
-    pool = engine._batch.prefix_pool
-    assert pool is not None
+    assert engine._batch.prefixes is not None
+    pool = engine._batch.prefixes.pool
     before = pool.storage.clone()
     # 3 live rows pad up to the bucket of 4: the padded row writes to the spare slot.
     handles = [await engine.submit(tokens(5, seed=s), SamplingParams(20)) for s in (21, 22, 23)]

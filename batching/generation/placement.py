@@ -1,0 +1,93 @@
+"""Admitted requests into KV-cache slots: each gets the next free slot, and its longest cached
+prefix is copied in, so only the rest of its prompt is prefilled. Followers (choices 2..n of
+one prompt) get their slots after every leader, so the leaders' rows stay contiguous for one
+batched prefill; the followers copy their leader's prompt once it is prefilled."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from batching.errors import EngineError, ModelExecutionError
+from batching.generation.detokenizer import Tokenizer
+from batching.generation.observer import EngineObserver
+from batching.generation.outbox import Outbox
+from batching.generation.prefix_store import PrefixStore
+from batching.generation.request import Request
+from batching.generation.slots import SlotTable
+
+logger = logging.getLogger(__name__)
+
+
+class Placement:
+    def __init__(
+        self,
+        slots: SlotTable[Request],
+        outbox: Outbox,
+        observer: EngineObserver,
+        release: Callable[[int], None],
+        *,
+        tokenizer: Tokenizer,
+        special_tokens: tuple[str, ...],
+        grammar_tokenizer: object,
+        prefixes: PrefixStore | None,
+    ) -> None:
+        self._slots = slots
+        self._outbox = outbox
+        self._observer = observer
+        self._release = release
+        self._tokenizer = tokenizer  # the engine thread's own copy
+        self._special_tokens = special_tokens
+        self._grammar_tokenizer = grammar_tokenizer
+        self._prefixes = prefixes
+
+    def place(self, leaders: list[Request]) -> list[Request]:
+        """The leaders that got a slot, in slot order. One that cannot be set up fails alone,
+        with its followers, at once (it left the queue: nobody else would answer it)."""
+        placed = [leader for leader in leaders if self._place_one(leader, with_prefix=True)]
+        for leader in leaders:
+            for follower in leader.followers:
+                if leader in placed:
+                    self._place_one(follower, with_prefix=False)
+                else:
+                    self._fail(follower, leader.error)
+        return placed
+
+    def _place_one(self, request: Request, *, with_prefix: bool) -> bool:
+        try:
+            request.admit(
+                self._tokenizer, self._special_tokens, time.perf_counter(), self._grammar_tokenizer
+            )
+            slot = self._slots.allocate(
+                request, request.prompt_tokens, request.params.max_new_tokens
+            )
+            if with_prefix:
+                self._load_cached_prefix(request, slot)
+        except Exception as exc:
+            logger.exception("admission failed (request_id=%s)", request.handle.request_id)
+            if request in self._slots.owners:
+                self._release(self._slots.owners.index(request))
+            self._fail(request, model_error(exc))
+            return False
+        return True
+
+    def _load_cached_prefix(self, request: Request, slot: int) -> None:
+        if self._prefixes is None or request.prefill_alone:
+            return  # (prompt logprobs need every position's logits: nothing can be skipped)
+        hit = self._prefixes.load(request.prompt_ids, slot)
+        if hit:
+            self._slots.advance(slot, hit)
+            request.prefilled = request.cached_tokens = hit
+        self._observer.on_prefix_cache_query(request.prompt_tokens, hit)
+
+    def _fail(self, request: Request, error: EngineError | None) -> None:
+        request.error = error or ModelExecutionError("the request could not be admitted")
+        self._outbox.fail(request, request.error)
+
+
+def model_error(cause: Exception) -> ModelExecutionError:
+    """A ModelExecutionError chained to the model's own exception (its text stays in logs)."""
+    error = ModelExecutionError(f"the model failed: {cause!r}")
+    error.__cause__ = cause
+    return error
