@@ -17,9 +17,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.audit import AuditLog, AuditMiddleware
 from service.body_limit import BodySizeLimitMiddleware
 from service.errors import install_error_handlers
-from service.limits import RateLimiter
+from service.limits import RateLimiter, rate_limit_key
 from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from service.openai import routes as openai_routes
 from service.request_id import RequestIdMiddleware
@@ -64,16 +65,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics(settings.predict_max_batch_size, settings.generate_slots)
 
+    audit = (
+        AuditLog(
+            settings.audit_log,
+            with_content=settings.audit_log_content,
+            max_bytes=settings.audit_log_max_bytes,
+            backups=settings.audit_log_backups,
+        )
+        if settings.audit_log
+        else None
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings, metrics)
         app.state.runtime = runtime
+        if audit is not None:
+            audit.start()
         starting = asyncio.create_task(start_runtime(runtime))
         try:
             yield
         finally:
             starting.cancel()
             await runtime.stop()
+            if audit is not None:
+                audit.stop()
 
     # With API keys configured the schema (every route and limit) is not public: no /docs
     # page, and /openapi.json needs a key. An open API serves both as FastAPI does.
@@ -109,6 +125,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(InFlightMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if audit is not None:
+        keys = settings.api_key_set
+        app.add_middleware(
+            AuditMiddleware, log=audit, client_of=lambda request: rate_limit_key(request, keys)
+        )
     # Added last, so it runs first: every response, errors included, carries the id.
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.audit import audit_model
 from service.errors import RETRY_AFTER, ApiError
 from service.runtime import PredictService, Runtime
 from service.settings import Settings
@@ -62,12 +63,13 @@ def accepting_work(runtime: Runtime) -> None:
         raise ApiError(503, "unavailable", "the models are still loading", RETRY_AFTER)
 
 
-async def get_predict_service(runtime: RuntimeDep) -> PredictService:
+async def get_predict_service(request: Request, runtime: RuntimeDep) -> PredictService:
     if runtime.ready and runtime.predict is None:
         raise ApiError(404, "not_found", "/predict is disabled: PREDICT_MODEL is not set")
     accepting_work(runtime)
     if runtime.predict is None:  # ready implies loaded; this only guards a broken invariant
         raise ApiError(503, "unavailable", "the predict model is not loaded", RETRY_AFTER)
+    audit_model(request, runtime.predict.loaded.name, runtime.predict.loaded.revision)
     return runtime.predict
 
 

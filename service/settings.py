@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     )
     cors_origins: str = Field("", description="Comma-separated allowed origins; empty = CORS off")
     log_level: str = "INFO"
+    audit_log: str = Field(
+        "", description="One JSON line per work request to this file, or 'stdout'; empty = off"
+    )
+    audit_log_content: bool = Field(
+        False, description="Also log inputs and outputs (personal data: off by default)"
+    )
+    audit_log_max_bytes: int = Field(100 * 2**20, ge=1024, description="Rotate beyond this")
+    audit_log_backups: int = Field(5, ge=0, description="Rotated files kept")
 
     @field_validator("log_level")
     @classmethod

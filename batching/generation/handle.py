@@ -8,12 +8,15 @@ for all the handles of that loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from batching.generation.logprobs import TokenLogprob
+
+logger = logging.getLogger(__name__)
 
 FinishReason = Literal["eos", "stop", "length", "cancelled"]
 
@@ -81,6 +84,7 @@ class GenerationHandle:
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
         self._cancel_requested = threading.Event()  # read by the engine thread
+        self._on_end: list[Callable[[GenerationResult | None, BaseException | None], None]] = []
 
     def __aiter__(self) -> GenerationHandle:
         return self
@@ -133,9 +137,24 @@ class GenerationHandle:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
+    def add_end_callback(
+        self, callback: Callable[[GenerationResult | None, BaseException | None], None]
+    ) -> None:
+        """callback(result, error) on the handle's loop when the generation ends, whether or
+        not anybody reads the stream (an audit log records a mirrored stream's full output)."""
+        self._on_end.append(callback)
+
     def put_nowait(self, item: StreamItem) -> None:
         """Called on the handle's loop (via deliver_all) only."""
         self._items.put_nowait(item)
+        if isinstance(item, _Finished | _Failed):
+            result = item.result if isinstance(item, _Finished) else None
+            error = item.error if isinstance(item, _Failed) else None
+            for callback in self._on_end:
+                try:
+                    callback(result, error)
+                except Exception:  # a bookkeeping bug must not stop delivery to other handles
+                    logger.exception("an end callback of %s failed", self.request_id)
 
 
 def deliver_all(items: list[tuple[GenerationHandle, StreamItem]]) -> None:

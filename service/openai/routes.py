@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from batching.errors import EngineError
 from batching.generation.handle import GenerationResult
+from service.audit import audit_generations
 from service.deps import ApiKeyDep, RuntimeDep
 from service.errors import as_api_error
 from service.generation import GenerationService
@@ -95,6 +96,7 @@ async def start(
             code = error.error_type if error.error_type == "context_length_exceeded" else None
             raise OpenAIError(error.message, param, code) from exc
         raise error from exc
+    audit_generations(request, handles)
     return Completion(
         handles,
         f"{id_prefix}-{request_id}",

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
+from service.audit import audit_generations, audit_model
 from service.deps import ApiKeyDep, RuntimeDep, accepting_work
 from service.errors import RETRY_AFTER, ApiError
 from service.generation import GenerationService, sampling_params
@@ -29,12 +30,13 @@ from service.streaming import (
 router = APIRouter(tags=["generate"], dependencies=[ApiKeyDep, RateLimitDep])
 
 
-async def get_generation_service(runtime: RuntimeDep) -> GenerationService:
+async def get_generation_service(request: Request, runtime: RuntimeDep) -> GenerationService:
     if runtime.ready and runtime.generate is None:
         raise ApiError(404, "not_found", "generation is disabled: GENERATE_MODEL is not set")
     accepting_work(runtime)
     if runtime.generate is None:
         raise ApiError(503, "unavailable", "the generation model is not loaded", RETRY_AFTER)
+    audit_model(request, runtime.generate.loaded.name, runtime.generate.loaded.revision)
     return runtime.generate
 
 
@@ -131,6 +133,7 @@ async def generate(
         json_schema=body.json_schema,
     )
     handle = await submit(service, checked_prompt_ids(body.prompt, service), params, request_id)
+    audit_generations(request, [handle])
     model, cancel = service.loaded.name, service.cancel_on_disconnect
     if not body.stream:
         result = await wait_or_cancel_on_disconnect(handle, request, cancel)

@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Request
 
 from batching.errors import EngineError
+from service.audit import audit_predictions
 from service.deps import ApiKeyDep, PredictServiceDep, SettingsDep
 from service.errors import ApiError, as_api_error
 from service.limits import RateLimitDep
@@ -89,6 +90,7 @@ async def predict(
     check_text_lengths([body.text], settings)
     request_id = request_id_of(request)
     (prediction,) = await predict_texts(service, [body.text], request_id)
+    audit_predictions(request, [prediction])
     return to_response(prediction, service, started, request_id)
 
 
@@ -102,6 +104,7 @@ async def predict_batch(
     check_text_lengths(body.texts, settings)
     request_id = request_id_of(request)
     predictions = await predict_texts(service, body.texts, request_id)
+    audit_predictions(request, predictions)
     return PredictBatchResponse(
         results=[to_response(p, service, started, request_id) for p in predictions]
     )
