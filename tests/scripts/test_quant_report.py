@@ -63,3 +63,19 @@ def test_first_divergence_finds_where_token_sequences_part() -> None:
     assert quant_report.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert quant_report.first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert quant_report.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_a_generation_report_compares_greedy_tokens_and_reference_loss(
+    demo_models, tmp_path, capsys
+):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"text": "Hello", "reference": " world, how are you"}, {"text": "Once upon a time"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    report, table = report_of(demo_models["llm"], path, tmp_path, capsys)
+    none = report["settings"]["none"]
+    assert none["exact_match"] == 1.0 and none["divergences"] == [None, None]
+    assert none["reference_loss"] > 0
+    for name in ("int8", "nf4"):
+        figures = report["settings"][name]
+        assert 0.0 <= figures["exact_match"] <= 1.0 and len(figures["divergences"]) == 2
+    assert "| greedy exact match | 1.000 |" in table
