@@ -26,9 +26,10 @@ def inputs(tmp_path):
     return path
 
 
-def report_of(model, inputs, tmp_path, capsys) -> tuple[dict, str]:
+def report_of(model, inputs, tmp_path, capsys, *extra: str) -> tuple[dict, str]:
     out, png = tmp_path / "report.json", tmp_path / "report.png"
-    assert quant_report.main([str(model), str(inputs), "--out", str(out), "--plot", str(png)]) == 0
+    args = [str(model), str(inputs), "--out", str(out), "--plot", str(png), *extra]
+    assert quant_report.main(args) == 0
     assert png.stat().st_size > 0
     return json.loads(out.read_text()), capsys.readouterr().out
 
@@ -71,7 +72,7 @@ def test_a_generation_report_compares_greedy_tokens_and_reference_loss(
     path = tmp_path / "prompts.jsonl"
     rows = [{"text": "Hello", "reference": " world, how are you"}, {"text": "Once upon a time"}]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    report, table = report_of(demo_models["llm"], path, tmp_path, capsys)
+    report, table = report_of(demo_models["llm"], path, tmp_path, capsys, "--max-new-tokens", "6")
     none = report["settings"]["none"]
     assert none["exact_match"] == 1.0 and none["divergences"] == [None, None]
     assert none["reference_loss"] > 0
