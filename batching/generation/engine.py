@@ -26,6 +26,7 @@ from batching.errors import (
     EngineStoppedError,
     InvalidInputError,
     PromptTooLongError,
+    QueueFullError,
     QueueTimeoutError,
 )
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
@@ -40,6 +41,7 @@ from batching.generation.running_batch import RunningBatch
 from batching.generation.sampling import SamplingParams
 from batching.generation.scheduler import Scheduler
 from batching.generation.slots import SlotTable
+from batching.priority import DEFAULT_AGING_S, PRIORITY_MAX, PRIORITY_MIN
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class GenerationEngine:
         cuda_graphs: CudaGraphsMode = "auto",
         kv_bucket_min: int | None = None,  # None: 128 where graphs are captured, else 16
         grammar_tokenizer: object = None,  # grammar.grammar_tokenizer(); None: no grammars
+        priority_aging_s: float = DEFAULT_AGING_S,
     ) -> None:
         # A private copy: a fast tokenizer is one Rust object, and transformers' encode() takes
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode
@@ -85,7 +88,8 @@ class GenerationEngine:
         self._vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
         self._grammar_tokenizer = grammar_tokenizer
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
-        self._scheduler: Scheduler[Request] = Scheduler(max_queue, timeout_s)
+        self._scheduler: Scheduler[Request] = Scheduler(max_queue, timeout_s, priority_aging_s)
+        self._evicted: list[Request] = []  # refused from a full queue for a more urgent one
         self._observer: EngineObserver = observer or NoopEngineObserver()
         self._outbox = Outbox(self._observer)
         self._batch = RunningBatch(
@@ -207,7 +211,12 @@ class GenerationEngine:
     # ---- the event-loop side ----
 
     async def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
     ) -> GenerationHandle:
         """Queue one generation; iterate the returned handle for its deltas.
 
@@ -215,7 +224,9 @@ class GenerationEngine:
         max_new_tokens > max_seq_len), InvalidInputError (empty prompt, unknown token id, a
         grammar that cannot be used), QueueFullError (max_queue requests already wait).
         """
-        (handle,) = await self.submit_choices(prompt_ids, [params], request_id=request_id)
+        (handle,) = await self.submit_choices(
+            prompt_ids, [params], request_id=request_id, priority=priority
+        )
         return handle
 
     async def submit_choices(
@@ -224,6 +235,7 @@ class GenerationEngine:
         choices: Sequence[SamplingParams],
         *,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> list[GenerationHandle]:
         """Queue len(choices) generations of one prompt (OpenAI's `n`): they share one
         prefill, then each samples with its own params. One handle per choice; raises as
@@ -234,12 +246,16 @@ class GenerationEngine:
             raise InvalidInputError(
                 f"{len(choices)} choices, but 1 to {self.slots_total} (the slots) are possible"
             )
+        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise InvalidInputError(
+                f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {priority}"
+            )
         for params in choices:
             self._validate(prompt_ids, params)
         name = request_id or f"gen-{next(self._request_ids)}"
         loop = asyncio.get_running_loop()
         requests = [
-            Request(GenerationHandle(name, loop, self._wake), list(prompt_ids), params)
+            Request(GenerationHandle(name, loop, self._wake), list(prompt_ids), params, priority)
             for params in choices
         ]
         for follower in requests[1:]:
@@ -247,7 +263,10 @@ class GenerationEngine:
         with self._cond:
             if not self._accepting:
                 raise EngineStoppedError("the generation engine is stopping")
-            self._scheduler.add(requests[0])  # the leader stands in the queue for them all
+            # The leader stands in the queue for them all.
+            evicted = self._scheduler.add(requests[0], time.perf_counter())
+            if evicted is not None:
+                self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
         return [r.handle for r in requests]
 
@@ -297,6 +316,7 @@ class GenerationEngine:
         """retire -> prefill -> decode -> deliver (RunningBatch does each; see its docstring)."""
         self._step_started_s = time.perf_counter()
         try:
+            self._answer_evicted()
             self._batch.retire_ended()
             work = self._batch.next_prefill(self._take_admissions)
             if work is not None:
@@ -311,12 +331,20 @@ class GenerationEngine:
         finally:
             self._step_started_s = None
 
+    def _answer_evicted(self) -> None:
+        """503 for the requests a more urgent one pushed out of the full queue."""
+        with self._cond:
+            evicted, self._evicted = self._evicted, []
+        for leader in evicted:
+            for request in (leader, *leader.followers):
+                self._outbox.fail(request, QueueFullError(self._scheduler.max_queue))
+
     def _take_admissions(self, prefill_budget: int) -> list[Request]:
         """Waiting requests for the free slots; stale ones are answered, at no compute."""
         now_s = time.perf_counter()
         with self._cond:
             cancelled, timed_out = self._scheduler.drop_stale(now_s)
-            admitted = self._scheduler.admit(self._slots.free, prefill_budget)
+            admitted = self._scheduler.admit(self._slots.free, prefill_budget, now_s)
         for leader in cancelled:
             for request in (leader, *leader.followers):
                 request.finish_reason = "cancelled"
@@ -330,6 +358,7 @@ class GenerationEngine:
 
     def _shut(self, message: str) -> None:
         """The loop ended (stopped or died): every request still here gets EngineStoppedError."""
+        self._answer_evicted()
         with self._cond:
             self._accepting = False
             waiting = self._scheduler.take_all()

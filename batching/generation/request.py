@@ -29,10 +29,12 @@ class Request:
         handle: GenerationHandle,
         prompt_ids: list[int],
         params: SamplingParams,
+        priority: int = 0,
     ) -> None:
         self.handle = handle
         self.prompt_ids = prompt_ids
         self.params = params
+        self.priority = priority  # lower is admitted sooner (batching/priority.py)
         self.arrival_s = time.perf_counter()
         self.admitted_s: float | None = None
         self.first_token_s: float | None = None

@@ -1,4 +1,5 @@
-"""Where a /generate request waits: a bounded FCFS queue in front of the KV-cache slots.
+"""Where a /generate request waits: a bounded queue in front of the KV-cache slots, served by
+priority, then first come first served (priority.py: lower is sooner, with aging).
 
 Plain Python, no threads of its own: the engine guards it with one lock (submit() adds from the
 event loop, the engine thread takes), so it can be unit-tested without a model.
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
 from batching.errors import QueueFullError
+from batching.priority import DEFAULT_AGING_S, urgency
 
 
 class Waiting(Protocol):
@@ -34,19 +36,24 @@ class Waiting(Protocol):
     def prefill_alone(self) -> bool:
         """It must not share its prefill forward (prompt logprobs: every position's logits)."""
 
+    @property
+    def priority(self) -> int:
+        """Lower is served sooner."""
+
 
 WaitingT = TypeVar("WaitingT", bound=Waiting)
 
 
 class Scheduler(Generic[WaitingT]):
-    """First come, first served admission from a bounded waiting queue."""
+    """Admission by priority (with aging), then arrival, from a bounded waiting queue."""
 
-    def __init__(self, max_queue: int, timeout_s: float) -> None:
-        if max_queue < 1:
-            raise ValueError("max_queue must be >= 1")
+    def __init__(self, max_queue: int, timeout_s: float, aging_s: float = DEFAULT_AGING_S) -> None:
+        if max_queue < 1 or aging_s <= 0:
+            raise ValueError("max_queue must be >= 1 and aging_s > 0")
         self.max_queue = max_queue
         self.timeout_s = timeout_s
-        self._waiting: deque[WaitingT] = deque()
+        self.aging_s = aging_s
+        self._waiting: deque[WaitingT] = deque()  # in arrival order
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -54,11 +61,22 @@ class Scheduler(Generic[WaitingT]):
     def __iter__(self) -> Iterator[WaitingT]:
         return iter(self._waiting)
 
-    def add(self, request: WaitingT) -> None:
-        """Queue a request, or refuse it at once (QueueFullError) if max_queue already wait."""
+    def add(self, request: WaitingT, now_s: float) -> WaitingT | None:
+        """Queue a request. With max_queue waiting, the least urgent of them and the newcomer
+        is refused: QueueFullError for the newcomer, or the evicted one is returned (the
+        caller answers it 503, as if it had just been refused)."""
+        evicted = None
         if len(self._waiting) >= self.max_queue:
-            raise QueueFullError(self.max_queue)
+            least = max(self._waiting, key=lambda r: self._urgency(r, now_s))
+            if self._urgency(request, now_s) >= self._urgency(least, now_s):
+                raise QueueFullError(self.max_queue)
+            self._waiting.remove(least)
+            evicted = least
         self._waiting.append(request)
+        return evicted
+
+    def _urgency(self, request: WaitingT, now_s: float) -> tuple[float, float]:
+        return urgency(request.priority, request.arrival_s, now_s, self.aging_s)
 
     def drop_stale(self, now_s: float) -> tuple[list[WaitingT], list[WaitingT]]:
         """Remove (cancelled, timed_out) requests, before they cost any compute."""
@@ -75,26 +93,32 @@ class Scheduler(Generic[WaitingT]):
         self._waiting = kept
         return cancelled, timed_out
 
-    def admit(self, free_slots: int, prefill_token_budget: int) -> list[WaitingT]:
-        """Take requests from the front while a slot is free and the prefill budget allows.
+    def admit(
+        self, free_slots: int, prefill_token_budget: int, now_s: float = 0.0
+    ) -> list[WaitingT]:
+        """Take the most urgent requests while a slot is free and the prefill budget allows.
 
         The budget counts padded tokens (rows x longest prompt), which is what a batched
         prefill computes. The front request is always taken when a slot is free, even if it
         alone exceeds the budget (it is then admitted alone and prefilled in chunks, see
         running_batch.py), so a long prompt cannot starve. Strict FCFS: a request that does
-        not fit the budget stops admission for this step rather than being overtaken.
+        not fit the budget stops admission for this step rather than being overtaken by a less
+        urgent one.
         """
         admitted: list[WaitingT] = []
         longest = 0
-        while self._waiting and self._waiting[0].slots_needed <= free_slots:
-            candidate = self._waiting[0]
+        for candidate in sorted(self._waiting, key=lambda r: self._urgency(r, now_s)):
+            if candidate.slots_needed > free_slots:
+                break
             new_longest = max(longest, candidate.prompt_tokens)
             alone = candidate.prefill_alone or (admitted and admitted[0].prefill_alone)
             if admitted and (alone or (len(admitted) + 1) * new_longest > prefill_token_budget):
                 break
-            admitted.append(self._waiting.popleft())
+            admitted.append(candidate)
             free_slots -= candidate.slots_needed
             longest = new_longest
+        for request in admitted:
+            self._waiting.remove(request)
         return admitted
 
     def take_all(self) -> list[WaitingT]:

@@ -237,3 +237,40 @@ async def test_a_step_that_hangs_shows_in_step_running_s(
     await asyncio.wait_for(handle.wait(), WAIT_S)
     await asyncio.sleep(0.01)  # the step that delivered the result has returned by now
     assert engine.step_running_s == 0.0
+
+
+async def test_an_urgent_request_is_admitted_next_and_pushes_out_the_least_urgent_when_full(
+    gated_llama: tuple[LlamaForCausalLM, Gate], make_engine: EngineFactory
+) -> None:
+    model, gate = gated_llama
+    observer = RecordingObserver()
+    engine = make_engine(model=model, num_slots=1, max_queue=3, observer=observer)
+    gate.close()
+    running = await engine.submit(PROMPT, SamplingParams(2, ignore_eos=True))
+    await gate.wait_until_entered()  # it holds the only slot
+    batch = [
+        await engine.submit(PROMPT, SamplingParams(2, ignore_eos=True), priority=10)
+        for _ in range(3)
+    ]
+    urgent = await engine.submit(PROMPT, SamplingParams(2, ignore_eos=True), priority=0)
+    gate.open()
+    order: list[str] = []
+
+    async def finish(name: str, handle) -> None:
+        try:
+            await asyncio.wait_for(handle.wait(), WAIT_S)
+            order.append(name)
+        except QueueFullError:
+            order.append(f"{name}: refused")
+
+    await asyncio.gather(
+        finish("running", running),
+        finish("urgent", urgent),
+        *(finish(f"batch-{i}", h) for i, h in enumerate(batch)),
+    )
+    # The queue held 3: the urgent one took the place of the last-come batch request, and
+    # went first once the slot was free; the other two batch requests keep their order.
+    assert order.index("urgent") < order.index("batch-0") < order.index("batch-1")
+    assert "batch-2: refused" in order
+    with pytest.raises(InvalidInputError, match="priority"):
+        await engine.submit(PROMPT, SamplingParams(2), priority=1000)

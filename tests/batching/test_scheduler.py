@@ -18,19 +18,20 @@ class FakeRequest:
     cancelled: bool = False
     prefill_alone: bool = False
     slots_needed: int = 1
+    priority: int = 0
 
 
 def queue(*requests: FakeRequest, max_queue: int = 10, timeout_s: float = 5.0) -> Scheduler:
     scheduler: Scheduler[FakeRequest] = Scheduler(max_queue=max_queue, timeout_s=timeout_s)
     for request in requests:
-        scheduler.add(request)
+        scheduler.add(request, now_s=request.arrival_s)
     return scheduler
 
 
 def test_a_full_queue_refuses_at_once() -> None:
     scheduler = queue(FakeRequest("a"), FakeRequest("b"), max_queue=2)
     with pytest.raises(QueueFullError) as caught:
-        scheduler.add(FakeRequest("c"))
+        scheduler.add(FakeRequest("c"), now_s=0.0)
     assert caught.value.max_queue == 2
     assert len(scheduler) == 2
 
@@ -80,3 +81,43 @@ def test_take_all_empties_the_queue() -> None:
     scheduler = queue(FakeRequest("a"), FakeRequest("b"))
     assert [r.name for r in scheduler.take_all()] == ["a", "b"]
     assert len(scheduler) == 0
+
+
+def test_the_most_urgent_priority_is_admitted_first_then_arrival_order() -> None:
+    scheduler = queue(
+        FakeRequest("batch-1", priority=10),
+        FakeRequest("batch-2", priority=10, arrival_s=0.1),
+        FakeRequest("chat", priority=0, arrival_s=0.2),
+        FakeRequest("batch-3", priority=10, arrival_s=0.3),
+    )
+    admitted = scheduler.admit(free_slots=3, prefill_token_budget=1000, now_s=0.5)
+    assert [r.name for r in admitted] == ["chat", "batch-1", "batch-2"]
+
+
+def test_aging_lets_a_low_priority_request_through_after_a_bounded_wait() -> None:
+    scheduler: Scheduler[FakeRequest] = Scheduler(max_queue=10, timeout_s=1e9, aging_s=1.0)
+    scheduler.add(FakeRequest("old-batch", priority=10, arrival_s=0.0), now_s=0.0)
+    scheduler.add(FakeRequest("fresh-chat", priority=0, arrival_s=9.0), now_s=9.0)
+    # At t=9.5 the batch request has aged to 0.5: the chat one (0) is still more urgent...
+    assert [r.name for r in scheduler.admit(1, 1000, now_s=9.5)] == ["fresh-chat"]
+    scheduler.add(FakeRequest("next-chat", priority=0, arrival_s=10.5), now_s=10.5)
+    # ...at t=11 it has aged below 0 (10 - 11 = -1) and goes before a fresh chat request.
+    assert [r.name for r in scheduler.admit(1, 1000, now_s=11.0)] == ["old-batch"]
+
+
+def test_a_full_queue_refuses_its_least_urgent_request_first() -> None:
+    scheduler = queue(FakeRequest("batch", priority=10), FakeRequest("chat"), max_queue=2)
+    evicted = scheduler.add(FakeRequest("urgent", priority=0, arrival_s=0.1), now_s=0.1)
+    assert evicted is not None and evicted.name == "batch"
+    with pytest.raises(QueueFullError):  # not more urgent than the least urgent left
+        scheduler.add(FakeRequest("another", priority=0, arrival_s=0.2), now_s=0.2)
+    assert sorted(r.name for r in scheduler) == ["chat", "urgent"]
+
+
+def test_timeouts_and_cancellation_apply_to_every_priority() -> None:
+    old = FakeRequest("old", priority=-5, arrival_s=0.0)
+    gone = FakeRequest("gone", priority=50, arrival_s=9.5, cancelled=True)
+    kept = FakeRequest("kept", priority=50, arrival_s=9.5)
+    scheduler = queue(old, gone, kept, timeout_s=5.0)
+    assert scheduler.drop_stale(now_s=10.0) == ([gone], [old])
+    assert list(scheduler) == [kept]
