@@ -133,6 +133,12 @@ def audit_model(request: Request, name: str, revision: str) -> None:
         record.set(model=name, revision=revision)
 
 
+def audit_priority(request: Request, priority: int) -> None:
+    record = audit_of(request)
+    if record is not None:
+        record.set(priority=priority)
+
+
 def audit_generations(request: Request, handles: list[GenerationHandle]) -> None:
     record = audit_of(request)
     if record is not None:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.audit import audit_model
+from service.audit import audit_model, audit_priority
 from service.errors import RETRY_AFTER, ApiError
 from service.runtime import PredictService, Runtime
 from service.settings import Settings
@@ -74,3 +74,14 @@ async def get_predict_service(request: Request, runtime: RuntimeDep) -> PredictS
 
 
 PredictServiceDep = Annotated[PredictService, Depends(get_predict_service)]
+
+
+def resolve_priority(request: Request, settings: Settings, requested: int | None) -> int:
+    """A request's priority (lower is sooner). Its API key's configured priority
+    (API_KEY_PRIORITIES, else 0) is the most urgent it may be: it may ask for less urgency,
+    never for more, so a batch key cannot jump the queue by sending priority 0."""
+    key = configured_key(request, settings.api_key_set)
+    floor = settings.key_priorities.get(key, 0) if key is not None else 0
+    priority = floor if requested is None else max(requested, floor)
+    audit_priority(request, priority)
+    return priority

@@ -82,6 +82,7 @@ class GenerationService:
             prefill_chunk_tokens=settings.generate_prefill_chunk_tokens,
             prefix_cache_tokens=settings.generate_prefix_cache_tokens,
             grammar_tokenizer=grammars,
+            priority_aging_s=settings.priority_aging_s,
         )
         metrics.slots_total.set(settings.generate_slots)
         return cls(loaded, engine, settings, metrics, grammars)

@@ -112,8 +112,15 @@ class GenerateMetrics:
         )
         self.ttft = Histogram(
             "generate_time_to_first_token_seconds",
-            "Submit to first token",
+            "Submit to first token, by request priority",
+            ["priority"],
             buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "generate_requests_rejected",
+            "Generation requests refused (queue_full) or timed out in the queue, by priority",
+            ["reason", "priority"],
             registry=registry,
         )
         self.inter_token = Histogram(
@@ -185,8 +192,11 @@ class GenerateMetrics:
     def on_step(self, batch_size: int) -> None:
         self.step_batch_size.observe(batch_size)
 
-    def on_first_token(self, ttft_s: float) -> None:
-        self.ttft.observe(ttft_s)
+    def on_first_token(self, ttft_s: float, priority: int) -> None:
+        self.ttft.labels(priority=str(priority)).observe(ttft_s)
+
+    def on_rejected(self, reason: str, priority: int) -> None:
+        self.rejected.labels(reason=reason, priority=str(priority)).inc()
 
     def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
         for gap in gaps_s:

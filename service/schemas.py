@@ -6,21 +6,34 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from batching.priority import PRIORITY_MAX, PRIORITY_MIN
+
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
 # Stop strings are matched against every new piece of text on the engine thread, at a cost
 # that grows with their length: long ones would slow every stream in the batch.
 MAX_STOP_CHARS = 64
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+Priority = Annotated[
+    int | None,
+    Field(
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="Lower is served sooner (default: your API key's priority, else 0); "
+        "you may ask for less urgency than your key's, never for more",
+    ),
+]
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: NonEmptyText = Field(description="Text to classify or embed")
+    priority: Priority = None
 
 
 class PredictBatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[NonEmptyText] = Field(min_length=1, description="Texts, answered in order")
+    priority: Priority = None
 
 
 class PredictResponse(BaseModel):
@@ -50,6 +63,7 @@ class GenerateRequest(BaseModel):
     json_schema: dict[str, Any] | None = Field(
         None, description="The output is JSON valid against this schema (constrained decoding)"
     )
+    priority: Priority = None
     stream: bool = False
 
 

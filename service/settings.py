@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from batching.priority import PRIORITY_MAX, PRIORITY_MIN
+
 
 class Settings(BaseSettings):
     """Every knob of the service. `.env.example` lists each field with its default."""
@@ -65,6 +67,14 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         "", description="Comma-separated accepted keys; empty leaves the API open"
     )
+    api_key_priorities: str = Field(
+        "",
+        description="Comma-separated key=priority: the most urgent a key's requests may be "
+        "(e.g. batchkey=10); other keys and an open API: 0",
+    )
+    priority_aging_s: float = Field(
+        5.0, gt=0, description="A waiting request's priority improves by 1 per this many seconds"
+    )
     rate_limit: str = Field(
         "600/minute", description="slowapi limit per configured API key, else per client IP"
     )
@@ -79,6 +89,17 @@ class Settings(BaseSettings):
     audit_log_max_bytes: int = Field(100 * 2**20, ge=1024, description="Rotate beyond this")
     audit_log_backups: int = Field(5, ge=0, description="Rotated files kept")
 
+    @field_validator("api_key_priorities")
+    @classmethod
+    def _key_priorities_parse(cls, value: str) -> str:
+        for item in (i.strip() for i in value.split(",") if i.strip()):
+            key, _, number = item.partition("=")
+            if not key.strip() or not number.strip().lstrip("-").isdigit():
+                raise ValueError(f"expected key=priority items, got {item!r}")
+            if not PRIORITY_MIN <= int(number) <= PRIORITY_MAX:
+                raise ValueError(f"{item!r}: priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}]")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _upper_log_level(cls, value: str) -> str:
@@ -87,6 +108,11 @@ class Settings(BaseSettings):
     @property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def key_priorities(self) -> dict[str, int]:
+        pairs = (item.split("=", 1) for item in self.api_key_priorities.split(",") if "=" in item)
+        return {key.strip(): int(value) for key, value in pairs}
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -27,10 +27,16 @@ def sse_event(payload: Any) -> str:
 
 
 async def submit(
-    service: GenerationService, prompt_ids: list[int], params: SamplingParams, request_id: str
+    service: GenerationService,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    request_id: str,
+    priority: int = 0,
 ) -> GenerationHandle:
     try:
-        return await service.engine.submit(prompt_ids, params, request_id=request_id)
+        return await service.engine.submit(
+            prompt_ids, params, request_id=request_id, priority=priority
+        )
     except EngineError as exc:
         raise as_api_error(exc, request_id) from exc
 

@@ -264,7 +264,11 @@ class GenerationEngine:
             if not self._accepting:
                 raise EngineStoppedError("the generation engine is stopping")
             # The leader stands in the queue for them all.
-            evicted = self._scheduler.add(requests[0], time.perf_counter())
+            try:
+                evicted = self._scheduler.add(requests[0], time.perf_counter())
+            except QueueFullError:
+                self._observer.on_rejected("queue_full", priority)
+                raise
             if evicted is not None:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
@@ -336,6 +340,7 @@ class GenerationEngine:
         with self._cond:
             evicted, self._evicted = self._evicted, []
         for leader in evicted:
+            self._observer.on_rejected("queue_full", leader.priority)
             for request in (leader, *leader.followers):
                 self._outbox.fail(request, QueueFullError(self._scheduler.max_queue))
 
@@ -350,6 +355,7 @@ class GenerationEngine:
                 request.finish_reason = "cancelled"
                 self._outbox.finish(request, now_s)
         for leader in timed_out:
+            self._observer.on_rejected("timeout", leader.priority)
             waited_s = now_s - leader.arrival_s
             for request in (leader, *leader.followers):
                 error = QueueTimeoutError(waited_s, self._scheduler.timeout_s)

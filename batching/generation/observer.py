@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 FinishLabel = Literal["eos", "stop", "length", "cancelled", "error"]
+RejectLabel = Literal["queue_full", "timeout"]
 
 
 class EngineObserver(Protocol):
@@ -19,8 +20,13 @@ class EngineObserver(Protocol):
     def on_step(self, batch_size: int) -> None:
         """One decode forward ran over `batch_size` sequences (generate_step_batch_size)."""
 
-    def on_first_token(self, ttft_s: float) -> None:
-        """A request got its first token, ttft_s after submit (generate_time_to_first_token)."""
+    def on_first_token(self, ttft_s: float, priority: int) -> None:
+        """A request got its first token, ttft_s after submit
+        (generate_time_to_first_token_seconds{priority})."""
+
+    def on_rejected(self, reason: RejectLabel, priority: int) -> None:
+        """A request was refused: a full queue, or it waited past its timeout
+        (generate_requests_rejected_total{reason,priority})."""
 
     def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
         """Gaps since each decoded row's previous token (generate_inter_token_latency)."""
@@ -48,7 +54,10 @@ class NoopEngineObserver:
     def on_step(self, batch_size: int) -> None:
         pass
 
-    def on_first_token(self, ttft_s: float) -> None:
+    def on_first_token(self, ttft_s: float, priority: int) -> None:
+        pass
+
+    def on_rejected(self, reason: RejectLabel, priority: int) -> None:
         pass
 
     def on_token_gaps(self, gaps_s: Sequence[float]) -> None:

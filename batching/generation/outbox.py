@@ -32,7 +32,9 @@ class Outbox:
 
     def token(self, request: Request, delta: GenerationDelta) -> None:
         if request.tokens_sampled == 1 and request.first_token_s is not None:
-            self._observer.on_first_token(request.first_token_s - request.arrival_s)
+            self._observer.on_first_token(
+                request.first_token_s - request.arrival_s, request.priority
+            )
         if delta.text or delta.token_ids or delta.prompt_logprobs:
             self._items.append((request.handle, delta))
 

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from batching.errors import EngineError
 from batching.generation.handle import GenerationResult
 from service.audit import audit_generations
-from service.deps import ApiKeyDep, RuntimeDep
+from service.deps import ApiKeyDep, RuntimeDep, resolve_priority
 from service.errors import as_api_error
 from service.generation import GenerationService
 from service.limits import RateLimitDep
@@ -88,7 +88,10 @@ async def start(
         checked_grammar(params.grammar, service)
     try:
         handles = await service.engine.submit_choices(
-            prompt_ids, choice_params(params, choices), request_id=request_id
+            prompt_ids,
+            choice_params(params, choices),
+            request_id=request_id,
+            priority=resolve_priority(request, service.settings, body.priority),
         )
     except EngineError as exc:
         error = as_api_error(exc, request_id)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from batching.generation.logprobs import MAX_TOP_LOGPROBS
-from service.schemas import StopString
+from service.schemas import Priority, StopString
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
 FinishReason = Literal["stop", "length"]
@@ -37,6 +37,7 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 1; 0 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default 1; 0 = greedy")
     top_k: int | None = Field(None, ge=0, description="Not OpenAI (vLLM-style extra); 0 = off")
+    priority: Priority = None  # vLLM's extra field
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopString | list[StopString] | None = None
     n: int | None = Field(None, ge=1, description="Choices; at most GENERATE_MAX_CHOICES")

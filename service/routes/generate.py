@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from service.audit import audit_generations, audit_model
-from service.deps import ApiKeyDep, RuntimeDep, accepting_work
+from service.deps import ApiKeyDep, RuntimeDep, accepting_work, resolve_priority
 from service.errors import RETRY_AFTER, ApiError
 from service.generation import GenerationService, sampling_params
 from service.limits import RateLimitDep
@@ -132,7 +132,10 @@ async def generate(
         stop=body.stop,
         json_schema=body.json_schema,
     )
-    handle = await submit(service, checked_prompt_ids(body.prompt, service), params, request_id)
+    priority = resolve_priority(request, service.settings, body.priority)
+    handle = await submit(
+        service, checked_prompt_ids(body.prompt, service), params, request_id, priority
+    )
     audit_generations(request, [handle])
     model, cancel = service.loaded.name, service.cancel_on_disconnect
     if not body.stream:

@@ -162,12 +162,18 @@ class RecordingObserver:
         self.finished: list[tuple[FinishLabel, int, int, float]] = []
         self.prefix_queries: list[tuple[int, int]] = []  # (prompt tokens, hit tokens)
         self.prefill_chunks: list[int] = []
+        self.first_token_priorities: list[int] = []
+        self.rejected: list[tuple[str, int]] = []
 
     def on_step(self, batch_size: int) -> None:
         self.steps.append(batch_size)
 
-    def on_first_token(self, ttft_s: float) -> None:
+    def on_first_token(self, ttft_s: float, priority: int) -> None:
         self.ttfts_s.append(ttft_s)
+        self.first_token_priorities.append(priority)
+
+    def on_rejected(self, reason: str, priority: int) -> None:
+        self.rejected.append((reason, priority))
 
     def on_token_gaps(self, gaps_s: Sequence[float]) -> None:
         self.gaps_s.extend(gaps_s)

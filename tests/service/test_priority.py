@@ -1,0 +1,72 @@
+"""Priority over HTTP: an urgent request overtakes a queue of batch work; a key's configured
+priority is the most urgent its requests can be."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from metrics_text import parse_metrics
+
+BATCH_KEY, CHAT_KEY = "batch-key", "chat-key"
+
+
+@pytest.fixture(scope="module")
+def server(start_server, demo_models):
+    return start_server(
+        GENERATE_MODEL=str(demo_models["llm"]),
+        GENERATE_SLOTS="1",
+        API_KEYS=f"{BATCH_KEY},{CHAT_KEY}",
+        API_KEY_PRIORITIES=f"{BATCH_KEY}=10",
+        RATE_LIMIT="100000/minute",
+    )
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_an_urgent_request_waits_less_than_the_batch_requests_queued_before_it(server):
+    async def run() -> tuple[list[dict], dict]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+
+            async def post(key: str, prompt: str) -> dict:
+                body = {"prompt": prompt, "max_new_tokens": 48}
+                answer = await http.post("/generate", json=body, headers=bearer(key))
+                assert answer.status_code == 200, answer.text
+                return answer.json()
+
+            batch = []
+            for i in range(5):  # the first takes the only slot, the rest queue in order
+                batch.append(asyncio.ensure_future(post(BATCH_KEY, f"batch job {i}")))
+                await asyncio.sleep(0.05)
+            urgent = asyncio.ensure_future(post(CHAT_KEY, "a user is waiting"))
+            return list(await asyncio.gather(*batch)), await urgent
+
+    batch, urgent = asyncio.run(run())
+    queued_before = [b["timings"]["queue_ms"] for b in batch[1:]]
+    assert urgent["timings"]["queue_ms"] < min(queued_before), (urgent["timings"], queued_before)
+
+
+def test_a_keys_priority_is_a_floor_that_an_explicit_field_cannot_go_below(server):
+    def ttft_count(priority: str) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        name = "generate_time_to_first_token_seconds_count"
+        return parse_metrics(text).get(f'{name}{{priority="{priority}"}}', 0.0)
+
+    before = {p: ttft_count(p) for p in ("0", "10", "20")}
+    for key, asked in ((BATCH_KEY, 0), (BATCH_KEY, 20), (CHAT_KEY, None)):
+        body = {"prompt": "p", "max_new_tokens": 2, "priority": asked}
+        assert (
+            httpx.post(f"{server.url}/generate", json=body, headers=bearer(key)).status_code == 200
+        )
+    after = {p: ttft_count(p) for p in ("0", "10", "20")}
+    # batch-key asking for 0 got its floor, 10; asking for 20 (less urgent) got 20; chat: 0.
+    assert {p: after[p] - before[p] for p in after} == {"0": 1, "10": 1, "20": 1}
+    out_of_range = httpx.post(
+        f"{server.url}/generate", json={"prompt": "p", "priority": 101}, headers=bearer(CHAT_KEY)
+    )
+    assert out_of_range.status_code == 422
+    assert "priority" in out_of_range.json()["error"]["message"]
+    assert "100" in out_of_range.json()["error"]["message"]
