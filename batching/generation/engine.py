@@ -14,24 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from batching.errors import (
     EngineStoppedError,
-    InvalidInputError,
-    PromptTooLongError,
     QueueFullError,
     QueueTimeoutError,
 )
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
-from batching.generation.grammar import check_grammar
 from batching.generation.handle import GenerationHandle
 from batching.generation.model_runner import ModelRunner, build_slot_cache
 from batching.generation.observer import EngineObserver, NoopEngineObserver
@@ -41,7 +39,8 @@ from batching.generation.running_batch import RunningBatch
 from batching.generation.sampling import SamplingParams
 from batching.generation.scheduler import Scheduler
 from batching.generation.slots import SlotTable
-from batching.priority import DEFAULT_AGING_S, PRIORITY_MAX, PRIORITY_MIN
+from batching.generation.submission import SubmissionRules
+from batching.priority import DEFAULT_AGING_S
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +84,10 @@ class GenerationEngine:
             cuda_graphs=cuda_graphs,
             kv_bucket_min=kv_bucket_min,
         )
-        self._vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
-        self._grammar_tokenizer = grammar_tokenizer
+
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
+        vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+        self._rules = SubmissionRules(self._slots, vocab_size, grammar_tokenizer)
         self._scheduler: Scheduler[Request] = Scheduler(max_queue, timeout_s, priority_aging_s)
         self._evicted: list[Request] = []  # refused from a full queue for a more urgent one
         self._observer: EngineObserver = observer or NoopEngineObserver()
@@ -242,16 +242,7 @@ class GenerationEngine:
         submit() does, and InvalidInputError if they could never get their slots at once."""
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the generation engine is not running")
-        if not 1 <= len(choices) <= self.slots_total:
-            raise InvalidInputError(
-                f"{len(choices)} choices, but 1 to {self.slots_total} (the slots) are possible"
-            )
-        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-            raise InvalidInputError(
-                f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {priority}"
-            )
-        for params in choices:
-            self._validate(prompt_ids, params)
+        self._rules.check(prompt_ids, choices, priority)
         name = request_id or f"gen-{next(self._request_ids)}"
         loop = asyncio.get_running_loop()
         requests = [
@@ -273,18 +264,6 @@ class GenerationEngine:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
         return [r.handle for r in requests]
-
-    def _validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidInputError("the prompt has no tokens")
-        if not self._slots.fits(len(prompt_ids), params.max_new_tokens):
-            raise PromptTooLongError(len(prompt_ids), params.max_new_tokens, self.max_seq_len)
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size:
-            raise InvalidInputError(f"token ids must be in [0, {self._vocab_size})")
-        if params.grammar is not None:
-            if self._grammar_tokenizer is None:
-                raise InvalidInputError("structured output is not available for this model")
-            check_grammar(params.grammar, self._grammar_tokenizer)
 
     def _wake(self) -> None:
         with self._cond:
@@ -311,8 +290,7 @@ class GenerationEngine:
                 self._cond.wait()
             if self._stopping:
                 for leader in self._scheduler.take_all():
-                    for request in (leader, *leader.followers):
-                        self._outbox.fail(request, EngineStoppedError("the engine is stopping"))
+                    self._fail_group(leader, lambda: EngineStoppedError("the engine is stopping"))
         self._outbox.flush()
         return not self._stopping or self._slots.in_use > 0
 
@@ -341,8 +319,7 @@ class GenerationEngine:
             evicted, self._evicted = self._evicted, []
         for leader in evicted:
             self._observer.on_rejected("queue_full", leader.priority)
-            for request in (leader, *leader.followers):
-                self._outbox.fail(request, QueueFullError(self._scheduler.max_queue))
+            self._fail_group(leader, lambda: QueueFullError(self._scheduler.max_queue))
 
     def _take_admissions(self, prefill_budget: int) -> list[Request]:
         """Waiting requests for the free slots; stale ones are answered, at no compute."""
@@ -351,16 +328,18 @@ class GenerationEngine:
             cancelled, timed_out = self._scheduler.drop_stale(now_s)
             admitted = self._scheduler.admit(self._slots.free, prefill_budget, now_s)
         for leader in cancelled:
-            for request in (leader, *leader.followers):
+            for request in leader.group:
                 request.finish_reason = "cancelled"
                 self._outbox.finish(request, now_s)
         for leader in timed_out:
             self._observer.on_rejected("timeout", leader.priority)
-            waited_s = now_s - leader.arrival_s
-            for request in (leader, *leader.followers):
-                error = QueueTimeoutError(waited_s, self._scheduler.timeout_s)
-                self._outbox.fail(request, error)
+            waited_s, limit_s = now_s - leader.arrival_s, self._scheduler.timeout_s
+            self._fail_group(leader, functools.partial(QueueTimeoutError, waited_s, limit_s))
         return admitted
+
+    def _fail_group(self, leader: Request, make_error: Callable[[], Exception]) -> None:
+        for request in leader.group:
+            self._outbox.fail(request, make_error())
 
     def _shut(self, message: str) -> None:
         """The loop ended (stopped or died): every request still here gets EngineStoppedError."""
@@ -368,8 +347,8 @@ class GenerationEngine:
         with self._cond:
             self._accepting = False
             waiting = self._scheduler.take_all()
-        for request in (r for leader in waiting for r in (leader, *leader.followers)):
-            self._outbox.fail(request, EngineStoppedError(message))
+        for leader in waiting:
+            self._fail_group(leader, lambda: EngineStoppedError(message))
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]
             self._slots.release(slot)

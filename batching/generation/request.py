@@ -75,6 +75,11 @@ class Request:
         return self.admitted_s is not None and self.prefilled >= self.prompt_tokens
 
     @property
+    def group(self) -> tuple[Request, ...]:
+        """It and its followers: what is answered together while it waits in the queue."""
+        return (self, *self.followers)
+
+    @property
     def slots_needed(self) -> int:
         """Slots it takes at admission: its own and one per follower."""
         return 1 + len(self.followers)
