@@ -20,6 +20,8 @@ def server(start_server, demo_models):
         API_KEYS=f"{BATCH_KEY},{CHAT_KEY}",
         API_KEY_PRIORITIES=f"{BATCH_KEY}=10",
         RATE_LIMIT="100000/minute",
+        GENERATE_MAX_NEW_TOKENS="400",
+        GENERATE_MAX_SEQ_LEN="512",
     )
 
 
@@ -28,24 +30,38 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def test_an_urgent_request_waits_less_than_the_batch_requests_queued_before_it(server):
-    async def run() -> tuple[list[dict], dict]:
+    """Ordering, not timing: the batch jobs are all queued (the gauge says so) while a long
+    job holds the only slot, then the urgent one arrives; it must be admitted before every batch
+    job that was already waiting, so its queue time is the shortest of them."""
+
+    async def run() -> tuple[dict, list[dict], dict]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
 
-            async def post(key: str, prompt: str) -> dict:
-                body = {"prompt": prompt, "max_new_tokens": 48}
+            async def post(key: str, prompt: str, max_new_tokens: int = 8) -> dict:
+                body = {"prompt": prompt, "max_new_tokens": max_new_tokens}
                 answer = await http.post("/generate", json=body, headers=bearer(key))
                 assert answer.status_code == 200, answer.text
                 return answer.json()
 
-            batch = []
-            for i in range(5):  # the first takes the only slot, the rest queue in order
-                batch.append(asyncio.ensure_future(post(BATCH_KEY, f"batch job {i}")))
-                await asyncio.sleep(0.05)
-            urgent = asyncio.ensure_future(post(CHAT_KEY, "a user is waiting"))
-            return list(await asyncio.gather(*batch)), await urgent
+            async def until(name: str, count: int) -> None:
+                for _ in range(2000):
+                    metrics = parse_metrics((await http.get("/metrics")).text)
+                    if metrics.get(name, 0.0) >= count:
+                        return
+                    await asyncio.sleep(0.002)
+                raise AssertionError(f"{name} never reached {count}")
 
-    batch, urgent = asyncio.run(run())
-    queued_before = [b["timings"]["queue_ms"] for b in batch[1:]]
+            blocker = asyncio.ensure_future(post(BATCH_KEY, "a long batch job", 400))
+            await until("generate_slots_in_use", 1)
+            batch = [asyncio.ensure_future(post(BATCH_KEY, f"batch job {i}")) for i in range(4)]
+            await until("generate_waiting_requests", 4)
+            urgent = asyncio.ensure_future(post(CHAT_KEY, "a user is waiting"))
+            return await blocker, list(await asyncio.gather(*batch)), await urgent
+
+    blocker, batch, urgent = asyncio.run(run())
+    # The blocker really held the slot while the urgent request arrived (no early EOS).
+    assert blocker["completion_tokens"] == 400, blocker
+    queued_before = [b["timings"]["queue_ms"] for b in batch]
     assert urgent["timings"]["queue_ms"] < min(queued_before), (urgent["timings"], queued_before)
 
 
