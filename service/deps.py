@@ -12,7 +12,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.errors import RETRY_AFTER, ApiError
-from service.runtime import PredictService, Runtime
+from service.predict_service import PredictService
+from service.runtime import Runtime
 from service.settings import Settings
 
 

@@ -6,6 +6,7 @@ Each test gets a fresh NGINX (fresh rate-limit buckets) in front of one shared a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
@@ -27,7 +28,7 @@ PREDICT_RATE_PER_S, PREDICT_BURST = 20, 40  # nginx/edge.conf, zone=predict
 def bursts(arrivals_s: list[float], gap_s: float = 0.00025) -> int:
     """How many separate deliveries the events came in: events parsed from one network read
     arrive microseconds apart, events of separate reads a token's time apart."""
-    return 1 + sum(1 for a, b in zip(arrivals_s, arrivals_s[1:], strict=False) if b - a > gap_s)
+    return 1 + sum(1 for a, b in itertools.pairwise(arrivals_s) if b - a > gap_s)
 
 
 @pytest.fixture
