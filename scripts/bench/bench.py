@@ -5,7 +5,8 @@
 
 One run, the same models and the same inputs for every system:
   /predict   512 single-text requests (8-40 words), closed loop at concurrency 1, 16, 64 and
-             open loop (Poisson) at fractions of the ceiling: ours, LitServe, naive, HTTP floor.
+             open loop (Poisson) at fractions of the ceiling: ours, LitServe, naive, HTTP floor;
+             then texts of which half repeat an earlier one: ours with and without its cache.
   /generate  32 prompts (16-32 tokens) x 64 new tokens, all sent at once, streamed: ours over
              HTTP, our engine without HTTP, static generate(), transformers' continuous batching
              (offline and `transformers serve --continuous-batching`), naive, HTTP floor.
@@ -37,9 +38,10 @@ import bench_load as load
 import bench_offline as offline
 import bench_report
 import bench_servers as servers
-from make_bench_models import build_bench_models, generate_prompts, predict_texts
+from make_bench_models import build_bench_models, generate_prompts, predict_texts, repeated_texts
 
 PREDICT_SYSTEMS = ("floor", "ours", "litserve", "naive")
+CACHE_SYSTEMS = ("ours", "ours-cache")  # the same server, response cache off and on
 # Ours runs as two processes, one model each, as LitServe and transformers serve do: on a small
 # CPU box two engine threads in one process slow each other down (see BENCHMARKS.md).
 GENERATE_SERVERS = ("floor", "ours-generate", "naive", "transformers-serve")
@@ -65,6 +67,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--group-padding-tokens",
+        type=int,
+        default=64,
+        help="ours: PREDICT_MAX_GROUP_PADDING_TOKENS; the model-alone limit groups the same way",
+    )
+    parser.add_argument(
+        "--repeat-share", type=float, default=0.5, help="cache workload: share of repeated texts"
+    )
+    parser.add_argument("--cache-concurrency", type=_ints, default=[1, 64])
+    parser.add_argument("--cache-size", type=int, default=4096, help="ours-cache: entries")
     parser.add_argument("--repeats", type=int, default=None, help="3; quick: 1")
     parser.add_argument(
         "--naive-streams",
@@ -142,6 +155,31 @@ async def predict_phase(
             run = await systems.measure(n, calls[n], calls[n], texts, rate=rate, desc=desc)
             by_system[n][f"open@{rate}/s"] = run
     predict["systems"] = by_system
+    await cache_phase(args, systems, by_system)
+
+
+async def cache_phase(
+    args: argparse.Namespace, systems: servers.Systems, by_system: dict[str, Any]
+) -> None:
+    """The same server with its response cache off and on, over texts half of which repeat.
+    Each repeat draws new texts, so every run starts with a cold cache; the warm-up uses texts
+    of its own."""
+    if not all(n in systems.specs for n in CACHE_SYSTEMS):
+        return
+    warm = predict_texts(16, seed=99)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in CACHE_SYSTEMS}
+    for repeat in range(args.repeats):
+        for c in args.cache_concurrency:
+            texts = repeated_texts(args.predict_requests, args.repeat_share, seed=repeat * 100 + c)
+            for n in CACHE_SYSTEMS:
+                call = load.predict_call(systems.specs[n].url)
+                desc = f"predict {n} repeated c{c} #{repeat + 1}"
+                run = await systems.measure(n, call, call, texts, c, desc=desc, warm_items=warm)
+                runs[n].setdefault(f"repeated c{c}", []).append(run)
+    for n, by_run in runs.items():
+        by_system.setdefault(n, {}).update(
+            {run: median_run(r, "req_per_s") for run, r in by_run.items()}
+        )
 
 
 def generate_call(name: str, url: str, model: str, new_tokens: int) -> load.Call:
@@ -189,9 +227,15 @@ def offline_phase(
     """Each system in a fresh process (see bench_offline.isolated)."""
     print("offline: the model alone, our engine, transformers continuous batching ...")
     iso, g, n, r = offline.isolated, args.generate_model, args.new_tokens, args.repeats
-    results["predict"]["limit"] = iso(
-        offline.predict_limit, args.predict_model, texts, args.max_batch, r
+    predict, model, batch = results["predict"], args.predict_model, args.max_batch
+    # The limit does the service's per-batch work, padding groups included; one padded forward
+    # per batch (what the service did before it grouped) is kept for comparison.
+    predict["limit"] = iso(
+        offline.predict_limit, model, texts, batch, r, args.group_padding_tokens
     )["req_per_s"]
+    predict["limit_one_forward"] = iso(offline.predict_limit, model, texts, batch, r, None)[
+        "req_per_s"
+    ]
     static = iso(offline.generate_limit, g, prompts, n, r)
     generate = results["generate"]
     generate["prefill_s"] = static.pop("prefill_s")
@@ -209,15 +253,21 @@ def server_specs(args: argparse.Namespace, prompts_max_tokens: int) -> dict[str,
         slots=args.prompts, max_seq_len=prompts_max_tokens + n, max_new_tokens=n,
         checkout=args.ours_dir.resolve(),
     )  # fmt: skip
+    grouping = {"PREDICT_MAX_GROUP_PADDING_TOKENS": str(args.group_padding_tokens)}
+    cache = grouping | {"PREDICT_CACHE_SIZE": str(args.cache_size)}
     specs = {
-        "ours": ours(p, ""),
+        "ours": ours(p, "", extra_env=grouping),
+        "ours-cache": ours(p, "", name="ours-cache", extra_env=cache),
         "ours-generate": ours("", g),
         "floor": servers.peer("floor"),
         "naive": servers.peer("naive", p, g),
         "litserve": servers.peer("litserve", p, "", args.max_batch, args.max_wait_ms),
         "transformers-serve": servers.transformers_serve(g),
     }
-    skipped = {*args.skip, *("ours-generate" for x in args.skip if x == "ours")}
+    skipped = {
+        *args.skip,
+        *(f"ours-{kind}" for x in args.skip if x == "ours" for kind in ("generate", "cache")),
+    }
     if "litserve" not in skipped and importlib.util.find_spec("litserve") is None:
         print("litserve is not installed (pip install --no-deps litserve pyzmq): skipped")
         skipped.add("litserve")

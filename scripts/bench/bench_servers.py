@@ -48,6 +48,8 @@ def ours(
     max_seq_len: int,
     max_new_tokens: int,
     checkout: Path = REPO,
+    name: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> ServerSpec:
     """`python -m service` run from `checkout` (another checkout: before/after comparisons)."""
     port = free_port()
@@ -66,8 +68,8 @@ def ours(
         "LOG_LEVEL": "WARNING",
         "HOST": "127.0.0.1",
         "PORT": str(port),
-    }
-    name = "ours" if predict_model else "ours-generate"
+    } | (extra_env or {})
+    name = name or ("ours" if predict_model else "ours-generate")
     return ServerSpec(name, [sys.executable, "-m", "service"], env, "/ready", port, checkout)
 
 
@@ -146,13 +148,16 @@ class Systems:
         rate: float | None = None,
         desc: str = "",
         histogram: str = "predict_batch_size",
+        warm_items: Sequence[Any] | None = None,
     ) -> dict[str, Any]:
         """One run (closed loop at `concurrency`, or open loop at `rate`), after a short
-        warm-up, with the server's mean batch size from its /metrics."""
+        warm-up (on `warm_items`, by default the first 16 items), with the server's mean batch
+        size and response-cache hit ratio from its /metrics."""
         proc, url = self.procs[name], self.specs[name].url
+        warm = list(warm_items if warm_items is not None else items[:16])
         proc.resume()
         try:
-            await load.run_closed(warm_call, items[:16], min(16, len(items)))
+            await load.run_closed(warm_call, warm, min(16, len(warm)))
             before, tcp_before = await metrics.scrape_metrics(url), metrics.tcp_counters()
             if rate is None:
                 samples, wall_s = await load.run_closed(
@@ -165,7 +170,9 @@ class Systems:
             proc.pause()
         tcp = {k: v - tcp_before.get(k, 0) for k, v in tcp_after.items()}
         mean_batch = metrics.histogram_mean(before, after, histogram)
-        return load.summarize(samples, wall_s) | {"mean_batch": mean_batch, "tcp": tcp}
+        hit_ratio = metrics.hit_ratio(before, after, "predict_cache")
+        summary = load.summarize(samples, wall_s) | {"mean_batch": mean_batch, "tcp": tcp}
+        return summary | ({"cache_hit_ratio": hit_ratio} if hit_ratio is not None else {})
 
 
 def group_cpu_ticks(pgid: int) -> int:
