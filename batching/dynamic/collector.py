@@ -5,8 +5,8 @@ Where a /predict request waits: `BatchCollector.submit()` puts (item, future) in
 from the front and runs them on a worker thread, one batch at a time.
 
 When a batch starts: as soon as the worker is free and something is queued, unless waiting
-can pay (pacing.py). Waiting pays only while requests arrive faster than batches complete
-(the median recent gap between arrivals is shorter than a batch's duration); then the batch
+can pay (pacing.py). Waiting pays only while requests arrive faster than batches complete:
+when the median recent gap between arrivals is shorter than half a batch's duration, the batch
 waits until it is full or `max_wait_ms` after its first item. So a request that reaches an
 idle model runs at once, with no batching tax; under load batches form by themselves, since
 what arrives while the worker computes is the next batch, and it starts the moment the worker

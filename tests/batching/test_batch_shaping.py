@@ -33,6 +33,12 @@ def test_waiting_pays_when_requests_arrive_faster_than_batches_complete() -> Non
     assert paced([0.001] * 8, batch_duration_s=0.020).worth_waiting()
 
 
+def test_waiting_needs_the_next_request_within_half_a_batch() -> None:
+    # A request every 6 ms and batches of 10 ms: one arrives per batch, but too late to wait for.
+    assert not paced([0.006] * 8, batch_duration_s=0.010).worth_waiting()
+    assert paced([0.004] * 8, batch_duration_s=0.010).worth_waiting()
+
+
 def test_sporadic_requests_never_wait() -> None:
     # One request every 50 ms, a batch takes 5 ms: nobody would come in time.
     assert not paced([0.050] * 8, batch_duration_s=0.005).worth_waiting()
