@@ -85,6 +85,11 @@ async def submit_all(
     leave the queue before they cost compute, and the caller gets that first error. The
     collector counts its own rejections (queue_full, timeout, invalid) in the metrics.
     """
+    if len(items) <= 1:  # nothing to cancel: skip the task group (the /predict hot path)
+        try:
+            return [await collector.submit(item) for item in items]
+        except EngineError as exc:
+            raise as_api_error(exc, request_id) from exc
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(collector.submit(item)) for item in items]
