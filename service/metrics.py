@@ -96,7 +96,7 @@ class PredictMetrics:
         )
         self.cache_misses = Counter(
             "predict_cache_misses",
-            "Texts looked up in the response cache and computed",
+            "Texts looked up in the response cache and not found there",
             registry=registry,
         )
         for reason in ("queue_full", "timeout", "invalid"):

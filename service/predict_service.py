@@ -56,6 +56,7 @@ class PredictService:
         try:
             items = [self.predictor.encode(text) for text in missing]
         except EngineError as exc:
+            self.metrics.count_rejected("invalid")
             raise as_api_error(exc, request_id) from exc
         fresh = dict(zip(missing, await submit_all(self.collector, items, request_id), strict=True))
         if self.cache is not None and use.write:

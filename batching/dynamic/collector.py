@@ -61,10 +61,10 @@ class BatchCollector(Generic[ItemT, ResultT]):
         observer: CollectorObserver | None = None,
         executor: Executor | None = None,
     ) -> None:
-        if max_queue < 1:
-            raise ValueError("max_queue must be at least 1")
-        if max_wait_ms < 0 or timeout_s <= 0:
-            raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        if max_wait_ms < 0 or timeout_s <= 0 or (max_group_padding_tokens or 0) < 0:
+            raise ValueError("max_wait_ms and max_group_padding_tokens >= 0, timeout_s > 0")
         self._run_batch = run_batch
         self._size_of = size_of
         self._budget = BatchBudget(max_batch_size, max_batch_tokens)
