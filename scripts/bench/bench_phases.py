@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
 from typing import Any
 
 import bench_load as load
@@ -127,7 +129,12 @@ def offline_phase(
 ) -> None:
     """Each system in a fresh process (see bench_offline.isolated)."""
     print("offline: the model alone, our engine, transformers continuous batching ...")
-    iso, g, n, r = offline.isolated, args.generate_model, args.new_tokens, args.repeats
+    g, n, r = args.generate_model, args.new_tokens, args.repeats
+
+    def iso(fn: Callable[..., Any], *fn_args: Any) -> Any:
+        servers.wait_for_quiet({os.getpgid(0)}, args.max_background_cpu)
+        return offline.isolated(fn, *fn_args)
+
     predict, model, batch = results["predict"], args.predict_model, args.max_batch
     # The limit does the service's per-batch work, padding groups included; one padded forward
     # per batch (what the service did before it grouped) is kept for comparison.
