@@ -13,7 +13,8 @@ from fastapi import Depends, Request
 
 from service.audit import audit_model, audit_priority
 from service.errors import RETRY_AFTER, ApiError
-from service.runtime import PredictService, Runtime
+from service.predict_service import PredictService
+from service.runtime import Runtime
 from service.settings import Settings
 
 

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5)
 TOKEN_COUNT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SIMILARITY_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 def power_of_two_buckets(maximum: int) -> tuple[float, ...]:
@@ -54,7 +55,7 @@ class PredictMetrics:
         )
         self.batch_size = Histogram(
             "predict_batch_size",
-            "Items per model forward",
+            "Items per batch (a batch runs as one or more length-sorted forwards)",
             buckets=power_of_two_buckets(max_batch_size),
             registry=registry,
         )
@@ -80,6 +81,22 @@ class PredictMetrics:
             "predict_score",
             "Top-label confidence of classifications (watch for drift)",
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+            registry=registry,
+        )
+        # Registered for every model, so dashboards find the series; a classifier leaves it
+        # empty, as an embedding model leaves predict_score empty.
+        self.embedding_similarity = Histogram(
+            "predict_embedding_similarity",
+            "Cosine similarity of each embedding to a running mean of recent ones (drift)",
+            buckets=SIMILARITY_BUCKETS,
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "predict_cache_hits", "Texts answered from the response cache", registry=registry
+        )
+        self.cache_misses = Counter(
+            "predict_cache_misses",
+            "Texts looked up in the response cache and not found there",
             registry=registry,
         )
         for reason in ("queue_full", "timeout", "invalid"):

@@ -18,10 +18,13 @@ from typing import Any, TypeVar
 import torch
 
 from batching.dynamic.collector import BatchCollector
+from service.embedding_drift import EmbeddingDrift
 from service.generation import GenerationService
-from service.metrics import PredictMetrics, ServiceMetrics
+from service.metrics import ServiceMetrics
 from service.models import LoadedModel, load_generate_model, load_predict_model
-from service.predictor import Prediction, Predictor
+from service.predict_cache import PredictionCache
+from service.predict_service import PredictService
+from service.predictor import EncodedText, Prediction, Predictor
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,17 +47,6 @@ async def on_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
     """
     with ThreadPoolExecutor(1, thread_name_prefix="model-setup") as pool:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-
-
-@dataclass
-class PredictService:
-    predictor: Predictor
-    collector: BatchCollector[str, Prediction]
-    metrics: PredictMetrics
-
-    @property
-    def loaded(self) -> LoadedModel:
-        return self.predictor.loaded
 
 
 @dataclass
@@ -98,22 +90,7 @@ class Runtime:
         """Load, warm up, start the engines, then flip ready. Raises on any failure."""
         s = self.settings
         if s.predict_model:
-            loaded = await on_fresh_thread(load_predict_model, s)
-            self._log_loaded(loaded)
-            predictor = Predictor(loaded)
-            warm_s = await on_fresh_thread(self._warm_up_predictor, predictor)
-            log.info("predict warm-up took %.2fs", warm_s)
-            collector: BatchCollector[str, Prediction] = BatchCollector(
-                predictor.run_batch,
-                max_batch_size=s.predict_max_batch_size,
-                max_wait_ms=s.predict_max_wait_ms,
-                max_queue=s.predict_max_queue,
-                timeout_s=s.request_timeout_s,
-                size_of=predictor.token_count,
-                observer=self.metrics.predict,
-            )
-            collector.start()
-            self.predict = PredictService(predictor, collector, self.metrics.predict)
+            self.predict = await self._start_predict(s)
         if s.generate_model:
             loaded = await on_fresh_thread(load_generate_model, s)
             self._log_loaded(loaded)
@@ -145,6 +122,35 @@ class Runtime:
         self.ready = True
         log.info("ready after %.2fs", time.time() - self.started_at)
 
+    async def _start_predict(self, s: Settings) -> PredictService:
+        loaded = await on_fresh_thread(load_predict_model, s)
+        self._log_loaded(loaded)
+        predictor = Predictor(loaded)
+        warm_s = await on_fresh_thread(self._warm_up_predictor, predictor)
+        log.info("predict warm-up took %.2fs", warm_s)
+        metrics = self.metrics.predict
+        if loaded.task == "embedding":
+            predictor.embedding_observer = EmbeddingDrift(
+                metrics.embedding_similarity.observe
+            ).observe_batch
+        collector: BatchCollector[EncodedText, Prediction] = BatchCollector(
+            predictor.run_batch,
+            max_batch_size=s.predict_max_batch_size,
+            max_batch_tokens=s.predict_max_batch_tokens or None,
+            max_wait_ms=s.predict_max_wait_ms,
+            max_queue=s.predict_max_queue,
+            timeout_s=s.request_timeout_s,
+            size_of=predictor.token_count,
+            max_group_padding_tokens=s.predict_max_group_padding_tokens,
+            observer=metrics,
+        )
+        collector.start()
+        # A cache per loaded model: a new model (or revision) starts with an empty one.
+        cache: PredictionCache[Prediction] | None = None
+        if s.predict_cache_size:
+            cache = PredictionCache(s.predict_cache_size, s.predict_cache_ttl_s)
+        return PredictService(predictor, collector, metrics, cache)
+
     def loaded_models(self) -> list[LoadedModel]:
         models = []
         if self.predict is not None:
@@ -171,7 +177,7 @@ class Runtime:
         started = time.perf_counter()
         size = 1
         while True:
-            predictor.run_batch(["warm-up text of a typical length for this service"] * size)
+            predictor.predict(["warm-up text of a typical length for this service"] * size)
             if size >= self.settings.predict_max_batch_size:
                 break
             size = min(size * 2, self.settings.predict_max_batch_size)
@@ -212,7 +218,10 @@ class Runtime:
         if self.predict is not None:
             info["predict"] = _model_info(self.predict.loaded) | {
                 "max_batch_size": s.predict_max_batch_size,
+                "max_batch_tokens": s.predict_max_batch_tokens,
+                "max_group_padding_tokens": s.predict_max_group_padding_tokens,
                 "max_wait_ms": s.predict_max_wait_ms,
+                "cache_size": s.predict_cache_size,
                 "max_queue": s.predict_max_queue,
             }
         if self.generate is not None:

@@ -45,6 +45,9 @@ class PredictResponse(BaseModel):
     model_revision: str
     processing_time_ms: float
     request_id: str
+    cached: bool | None = Field(
+        None, description="Served from the response cache (only with PREDICT_CACHE_SIZE > 0)"
+    )
 
 
 class PredictBatchResponse(BaseModel):

@@ -24,8 +24,28 @@ class Settings(BaseSettings):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     predict_max_batch_size: int = Field(32, ge=1, le=1024)
-    predict_max_wait_ms: float = Field(5.0, ge=0)
+    predict_max_batch_tokens: int = Field(
+        8192,
+        ge=0,
+        description="Most padded tokens (texts x longest) in one batch; a longer text runs "
+        "alone; 0 = count only",
+    )
+    predict_max_group_padding_tokens: int = Field(
+        64,
+        ge=0,
+        description="A length-sorted batch runs as groups, each padded to its own longest "
+        "text, with at most this much padding per group",
+    )
+    predict_max_wait_ms: float = Field(
+        5.0, ge=0, description="Longest wait for more texts, only while traffic makes it pay"
+    )
     predict_max_queue: int = Field(1024, ge=1)
+    predict_cache_size: int = Field(
+        0, ge=0, description="Results kept in the in-process response cache; 0 = off"
+    )
+    predict_cache_ttl_s: float = Field(
+        300.0, ge=0, description="Seconds a cached result may be served; 0 = no expiry"
+    )
     max_input_chars: int = Field(2000, ge=1)
     max_batch_texts: int = Field(64, ge=1)
 

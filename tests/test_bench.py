@@ -17,7 +17,7 @@ import bench_report as report
 import httpx
 import pytest
 from bench_peers import floor_app
-from make_bench_models import generate_prompts, made_up_words, predict_texts
+from make_bench_models import generate_prompts, made_up_words, predict_texts, repeated_texts
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 # ---- arguments ----
@@ -35,6 +35,11 @@ def test_full_run_defaults_match_the_documented_workload() -> None:
     assert (args.predict_requests, args.repeats, args.open_rates) == (512, 3, [0.5, 0.8])
     assert (args.naive_streams, args.skip) == (0, [])
     assert (args.prompts, args.new_tokens, args.max_batch, args.max_wait_ms) == (32, 64, 32, 5.0)
+    assert (args.repeat_share, args.cache_concurrency, args.group_padding_tokens) == (
+        0.5,
+        [1, 64],
+        64,
+    )
 
 
 def test_lists_and_model_folders_are_parsed() -> None:
@@ -188,9 +193,15 @@ def _results() -> dict:
             "floor": 1500.0,
             "ceiling": 250.0,
             "systems": {
-                "ours": {"c16": run(200, 90), "c64": run(240, 300)},
+                "ours": {
+                    "c1": run(100, 20),
+                    "c16": run(230, 90),
+                    "c64": run(240, 300),
+                    "repeated c64": run(240, 300),
+                },
+                "ours-cache": {"repeated c64": run(360, 200)},
                 "litserve": {"c16": run(180, 100), "c64": run(190, 400)},
-                "naive": {"c64": run(100, 900)},
+                "naive": {"c1": run(105, 20), "c64": run(100, 900)},
             },
         },
         "generate": {
@@ -212,6 +223,8 @@ def test_every_target_is_computed_from_one_results_dict() -> None:
     measured = {t.name: round(t.measured, 3) for t in targets}
     assert measured["/predict c64: ours / LitServe req/s"] == round(240 / 190, 3)
     assert measured["/predict c64: ours / ceiling"] == 0.96
+    assert measured["/predict c1: ours p50 / naive p50"] == 1.0
+    assert measured["/predict repeated c64, half the texts repeated: cache on / off req/s"] == 1.5
     assert measured["/generate: ours / naive server tok/s"] == round(800 / 70, 3)
     assert measured["/generate: ours TTFT p99 / one batched prefill"] == round(500 / 300, 3)
     assert all(t.met for t in targets)
@@ -227,7 +240,8 @@ def test_a_missing_system_fails_its_target_instead_of_crashing() -> None:
     by_name = {t.name: t for t in targets}
     assert not by_name["/predict c64: ours / LitServe req/s"].met
     results["targets"] = [t.as_dict() for t in targets]
-    assert results["targets"][0]["measured"] is None
+    missing = next(t for t in results["targets"] if t["name"].endswith("ours / LitServe req/s"))
+    assert missing["measured"] is None
     assert "| not measured |" in report.report(results)
 
 
@@ -238,6 +252,14 @@ def test_predict_texts_have_8_to_40_words_and_are_reproducible() -> None:
     texts = predict_texts(200)
     assert texts == predict_texts(200)
     assert all(8 <= len(t.split()) <= 40 for t in texts)
+
+
+def test_cache_workload_repeats_half_its_texts_each_after_its_first_use() -> None:
+    texts = repeated_texts(200, 0.5, seed=3)
+    assert len(texts) == 200 and len(set(texts)) == 100
+    first_use = {t: texts.index(t) for t in set(texts)}
+    assert all(first_use[t] <= i for i, t in enumerate(texts))
+    assert set(texts).isdisjoint(repeated_texts(200, 0.5, seed=4))  # a cold cache every run
 
 
 def test_made_up_words_are_distinct() -> None:

@@ -1,16 +1,25 @@
 """Dynamic batching for one-shot work (/predict): many awaiting callers, one model call per batch.
 
 Where a /predict request waits: `BatchCollector.submit()` puts (item, future) in a bounded FIFO
-and awaits the future. A single collector task (the only writer) takes batches from the front:
-it waits for a first item, then until `max_batch_size` items are there or `max_wait_ms` has
-passed since that item arrived, and runs `run_batch` on a worker thread.
+(waiting.py) and awaits the future. A single collector task (the only writer) takes batches
+from the front and runs them on a worker thread, one batch at a time.
 
-Pipelining: at most one batch is inside `run_batch` at a time. While it computes, new items
-keep queueing, so the next batch forms meanwhile; when the worker frees, that batch starts at
-once if it is full or its first item is already `max_wait_ms` old. Batches are taken only when
-the worker is free, so callers that left or waited past `timeout_s` are still dropped then.
+When a batch starts: as soon as the worker is free and something is queued, unless waiting
+can pay (pacing.py). Waiting pays only while requests arrive faster than batches complete:
+when the median recent gap between arrivals is shorter than half a batch's duration, the batch
+waits until it is full or `max_wait_ms` after its first item. So a request that reaches an
+idle model runs at once, with no batching tax; under load batches form by themselves, since
+what arrives while the worker computes is the next batch, and it starts the moment the worker
+frees. Triton's dynamic batcher (by default it never delays a batch) and TEI (its batching task
+runs whatever is queued whenever the model is free) behave the same way when idle.
 
-Isolation: one bad input fails only its own caller (see isolation.py).
+How big a batch is: at most `max_batch_size` items and, with `max_batch_tokens`, at most that
+many padded tokens (rows x longest, sizes from `size_of`), taken in arrival order (budget.py);
+an item over the budget runs alone. The worker sorts the batch by size and runs it as groups
+whose padding stays within `max_group_padding_tokens` (grouping.py, isolation.py).
+
+Callers that left, or that waited past `timeout_s`, are dropped before compute. One bad input
+fails only its own caller (isolation.py).
 """
 
 from __future__ import annotations
@@ -18,35 +27,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from batching.dynamic.budget import BatchBudget, FormingBatch
 from batching.dynamic.isolation import Failed, run_sorted
 from batching.dynamic.observer import CollectorObserver, NoopObserver
-from batching.errors import (
-    EngineStoppedError,
-    InvalidInputError,
-    QueueFullError,
-    QueueTimeoutError,
-)
+from batching.dynamic.pacing import BatchPacer
+from batching.dynamic.waiting import Entry, WaitingQueue
+from batching.errors import EngineStoppedError, InvalidInputError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
-
-
-@dataclass(eq=False)  # hashed by identity: entries are keys of the waiting set
-class _Entry(Generic[ItemT, ResultT]):
-    """One accepted submit(): the caller awaits `future`; only the collector resolves it."""
-
-    item: ItemT
-    future: asyncio.Future[ResultT]
-    enqueued_at_s: float  # loop.time() at submit()
-    expiry: asyncio.TimerHandle | None = None
 
 
 class BatchCollector(Generic[ItemT, ResultT]):
@@ -57,30 +52,36 @@ class BatchCollector(Generic[ItemT, ResultT]):
         run_batch: Callable[[list[ItemT]], list[ResultT]],
         *,
         max_batch_size: int = 32,
+        max_batch_tokens: int | None = None,
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
         timeout_s: float = 30.0,
         size_of: Callable[[ItemT], int] | None = None,
+        max_group_padding_tokens: int | None = None,
         observer: CollectorObserver | None = None,
         executor: Executor | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
-        if max_wait_ms < 0 or timeout_s <= 0:
-            raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
+        if max_wait_ms < 0 or timeout_s <= 0 or (max_group_padding_tokens or 0) < 0:
+            raise ValueError("max_wait_ms and max_group_padding_tokens >= 0, timeout_s > 0")
         self._run_batch = run_batch
         self._size_of = size_of
-        self._max_batch_size = max_batch_size
+        self._budget = BatchBudget(max_batch_size, max_batch_tokens)
+        self._max_group_padding_tokens = max_group_padding_tokens
         self._max_wait_s = max_wait_ms / 1000
         self._max_queue = max_queue
-        self._timeout_s = timeout_s
         self._observer: CollectorObserver = observer if observer is not None else NoopObserver()
         self._owns_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="batch-collector")
-        # An ordered set: FIFO from the front, O(1) removal of a caller that gave up.
-        self._waiting: OrderedDict[_Entry[ItemT, ResultT], None] = OrderedDict()
-        self._computing: list[_Entry[ItemT, ResultT]] = []
-        self._wakeup = asyncio.Event()  # set for: a first waiting item, a full batch, stop()
+        self._pacer = BatchPacer()
+        self._waiting: WaitingQueue[ItemT, ResultT] = WaitingQueue(
+            timeout_s, lambda: self._observer.count_rejected("timeout")
+        )
+        self._computing: list[Entry[ItemT, ResultT]] = []
+        # While the collector waits for a batch to fill, submit() offers each new item to it.
+        self._forming: FormingBatch | None = None
+        self._wakeup = asyncio.Event()  # set for: a first item, a batch that filled, stop()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._batch_started_s: float | None = None  # loop.time() while run_batch computes
@@ -134,30 +135,34 @@ class BatchCollector(Generic[ItemT, ResultT]):
 
         Raises EngineStoppedError if not running, QueueFullError at once if max_queue items wait,
         QueueTimeoutError if its batch did not start within timeout_s, and InvalidInputError or
-        ModelExecutionError if the model failed on this item.
+        ModelExecutionError if the model failed on this item. If size_of raises, that error
+        reaches the caller and nothing is queued.
         """
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the batch collector is not running")
         if len(self._waiting) >= self._max_queue:
             self._observer.count_rejected("queue_full")
             raise QueueFullError(self._max_queue)
-        loop = asyncio.get_running_loop()
-        entry: _Entry[ItemT, ResultT] = _Entry(item, loop.create_future(), loop.time())
-        entry.expiry = loop.call_at(entry.enqueued_at_s + self._timeout_s, self._expire, entry)
-        self._waiting[entry] = None
-        if len(self._waiting) == 1 or len(self._waiting) >= self._max_batch_size:
+        size = self._size_of(item) if self._size_of is not None else 0
+        entry = self._waiting.add(item, size)
+        self._pacer.on_arrival(entry.enqueued_at_s)
+        forming = self._forming
+        if len(self._waiting) == 1 or (forming is not None and _fills(forming, size)):
             self._wakeup.set()
         try:
             return await entry.future
         except asyncio.CancelledError:
-            self._forget(entry)  # the client is gone: its item must not cost compute
+            self._waiting.forget(entry)  # the client is gone: its item must not cost compute
             raise
 
     async def _serve(self) -> None:
         """The collector task: form a batch, compute it, repeat; answer everyone on the way out."""
         try:
             while await self._wait_for_batch():
-                self._take_batch()
+                now_s = asyncio.get_running_loop().time()
+                self._computing = self._waiting.take(self._budget, now_s)
+                for entry in self._computing:
+                    self._observer.observe_queue_wait_seconds(now_s - entry.enqueued_at_s)
                 if self._computing:
                     await self._compute()
         finally:
@@ -165,7 +170,8 @@ class BatchCollector(Generic[ItemT, ResultT]):
             self._fail_unanswered()
 
     async def _wait_for_batch(self) -> bool:
-        """Wait for a first item, then until the batch is full or max_wait_ms after that item.
+        """Wait for a first item; then, only if waiting can pay, until the batch is full or
+        max_wait_ms after its first item.
 
         Returns False once stopping with nothing left. While stopping nothing new can arrive,
         so what is queued goes at once.
@@ -175,45 +181,42 @@ class BatchCollector(Generic[ItemT, ResultT]):
                 return False
             self._wakeup.clear()
             await self._wakeup.wait()
+        if not (self._accepting and self._pacer.worth_waiting()):
+            return True
+        forming = FormingBatch(self._budget)
+        for entry in self._waiting:
+            if _fills(forming, entry.size):
+                break
         loop = asyncio.get_running_loop()
-        deadline_s = next(iter(self._waiting)).enqueued_at_s + self._max_wait_s
-        while (
-            self._accepting
-            and 0 < len(self._waiting) < self._max_batch_size
-            and loop.time() < deadline_s
-        ):
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline_s):
-                    await self._wakeup.wait()
+        deadline_s = self._waiting.oldest().enqueued_at_s + self._max_wait_s
+        self._forming = forming  # an item cancelled meanwhile stays counted: it closes early
+        try:
+            while self._accepting and self._waiting and not forming.is_full:
+                if loop.time() >= deadline_s:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline_s):
+                        await self._wakeup.wait()
+        finally:
+            self._forming = None
         return True
-
-    def _take_batch(self) -> None:
-        """Move up to max_batch_size live items into the batch; gone or stale ones cost nothing."""
-        now_s = asyncio.get_running_loop().time()
-        while self._waiting and len(self._computing) < self._max_batch_size:
-            entry, _ = self._waiting.popitem(last=False)
-            if entry.expiry is not None:
-                entry.expiry.cancel()
-            waited_s = now_s - entry.enqueued_at_s
-            if entry.future.done():
-                continue  # cancelled by its caller, or already timed out
-            if waited_s > self._timeout_s:
-                self._expire(entry)  # its timer is late (a busy loop); same answer
-                continue
-            self._computing.append(entry)  # from here on _fail_unanswered() can see it
-            self._observer.observe_queue_wait_seconds(waited_s)
 
     async def _compute(self) -> None:
         """Run the taken batch on the worker thread and give each caller its own outcome."""
         batch = self._computing
         self._observer.observe_batch_size(len(batch))
-        items = [entry.item for entry in batch]
+        items, sizes = [entry.item for entry in batch], [entry.size for entry in batch]
         loop = asyncio.get_running_loop()
         self._batch_started_s = loop.time()
         try:
             outcomes, inference_s = await loop.run_in_executor(
-                self._executor, run_sorted, self._run_batch, self._size_of, items
+                self._executor,
+                run_sorted,
+                self._run_batch,
+                sizes,
+                items,
+                self._max_group_padding_tokens,
             )
         finally:
             self._batch_started_s = None
@@ -227,30 +230,23 @@ class BatchCollector(Generic[ItemT, ResultT]):
             else:
                 entry.future.set_result(outcome)
         self._computing = []
+        self._pacer.on_batch_done(inference_s)
         self._observer.observe_inference_seconds(inference_s)
-
-    def _expire(self, entry: _Entry[ItemT, ResultT]) -> None:
-        """The item waited timeout_s and its batch has not started: answer now, compute nothing."""
-        self._forget(entry)
-        if not entry.future.done():
-            waited_s = asyncio.get_running_loop().time() - entry.enqueued_at_s
-            entry.future.set_exception(QueueTimeoutError(waited_s, self._timeout_s))
-            self._observer.count_rejected("timeout")
-
-    def _forget(self, entry: _Entry[ItemT, ResultT]) -> None:
-        self._waiting.pop(entry, None)
-        if entry.expiry is not None:
-            entry.expiry.cancel()
 
     def _fail_unanswered(self) -> None:
         """Answer whatever is still pending, so no accepted item is ever left hanging."""
-        pending = [*self._computing, *self._waiting]
+        pending = [*self._computing, *self._waiting.drain()]
         self._computing = []
         for entry in pending:
-            self._forget(entry)
             if not entry.future.done():
                 entry.future.set_exception(EngineStoppedError("the batch collector stopped"))
 
     def _log_death(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             logger.error("batch collector task died", exc_info=task.exception())
+
+
+def _fills(forming: FormingBatch, size: int) -> bool:
+    """Offer an item to the forming batch; True once the batch can take no more."""
+    forming.offer(size)
+    return forming.is_full

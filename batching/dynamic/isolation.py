@@ -1,22 +1,21 @@
 """The worker-thread side of the collector: run one batch so that only bad items fail.
 
-Plain functions of their arguments, no collector state. If `run_batch` raises, the batch is
-re-run in halves, recursively, until each failing item is alone; only those callers get an
-error. Cost: one bad item in a batch of n adds about 2*log2(n) calls recomputing about 2n
-items; if every item fails it takes 2n - 1 calls.
+Plain functions of their arguments, no collector state. A batch is sorted by size and run as
+groups whose padding stays small (grouping.py), one `run_batch` call per group. If a call
+raises, that group is re-run in halves, recursively, until each failing item is alone; only
+those callers get an error. Cost: one bad item in a group of n adds about 2*log2(n) calls
+recomputing about 2n items; if every item fails it takes 2n - 1 calls.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from typing import TypeVar
 
+from batching.dynamic.grouping import padding_groups
 from batching.errors import EngineError, ModelExecutionError
-
-logger = logging.getLogger(__name__)
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -31,27 +30,22 @@ class Failed:
 
 def run_sorted(
     run_batch: Callable[[list[ItemT]], list[ResultT]],
-    size_of: Callable[[ItemT], int] | None,
+    sizes: list[int],
     items: list[ItemT],
+    max_padding_tokens: int | None = None,
 ) -> tuple[list[ResultT | Failed], float]:
-    """Sort by size (less padding), run with isolation, restore the callers' order; time it."""
+    """Sort by size, run each padding group with isolation, restore the callers' order; time it.
+
+    `sizes[i]` is the size of `items[i]` (all equal: the arrival order is kept, in one group).
+    """
     started_s = time.perf_counter()
-    order = _order_by_size(items, size_of)
-    outcomes = _run_isolating(run_batch, [items[i] for i in order])
-    by_position = dict(zip(order, outcomes, strict=True))
+    order = sorted(range(len(items)), key=sizes.__getitem__)  # stable: ties keep arrival order
+    by_position: dict[int, ResultT | Failed] = {}
+    for group in padding_groups([sizes[i] for i in order], max_padding_tokens):
+        positions = [order[i] for i in group]
+        outcomes = _run_isolating(run_batch, [items[i] for i in positions])
+        by_position.update(zip(positions, outcomes, strict=True))
     return [by_position[i] for i in range(len(items))], time.perf_counter() - started_s
-
-
-def _order_by_size(items: list[ItemT], size_of: Callable[[ItemT], int] | None) -> list[int]:
-    """Indices shortest first; the original order if there is no size_of or it fails."""
-    indices = list(range(len(items)))
-    if size_of is None:
-        return indices
-    try:
-        return sorted(indices, key=lambda i: size_of(items[i]))
-    except Exception:
-        logger.exception("size_of failed; running this batch unsorted")
-        return indices
 
 
 def _run_isolating(

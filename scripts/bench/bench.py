@@ -5,7 +5,8 @@
 
 One run, the same models and the same inputs for every system:
   /predict   512 single-text requests (8-40 words), closed loop at concurrency 1, 16, 64 and
-             open loop (Poisson) at fractions of the ceiling: ours, LitServe, naive, HTTP floor.
+             open loop (Poisson) at fractions of the ceiling: ours, LitServe, naive, HTTP floor;
+             then texts of which half repeat an earlier one: ours with and without its cache.
   /generate  32 prompts (16-32 tokens) x 64 new tokens, all sent at once, streamed: ours over
              HTTP, our engine without HTTP, static generate(), transformers' continuous batching
              (offline and `transformers serve --continuous-batching`), naive, HTTP floor.
@@ -33,17 +34,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
 
-import bench_load as load
 import bench_offline as offline
+import bench_phases as phases
 import bench_report
 import bench_servers as servers
 from make_bench_models import build_bench_models, generate_prompts, predict_texts
-
-PREDICT_SYSTEMS = ("floor", "ours", "litserve", "naive")
-# Ours runs as two processes, one model each, as LitServe and transformers serve do: on a small
-# CPU box two engine threads in one process slow each other down (see BENCHMARKS.md).
-GENERATE_SERVERS = ("floor", "ours-generate", "naive", "transformers-serve")
-SHOWN_AS = {"ours-generate": "ours"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -65,6 +60,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--group-padding-tokens",
+        type=int,
+        default=64,
+        help="ours: PREDICT_MAX_GROUP_PADDING_TOKENS; the model-alone limit groups the same way",
+    )
+    parser.add_argument(
+        "--repeat-share", type=float, default=0.5, help="cache workload: share of repeated texts"
+    )
+    parser.add_argument("--cache-concurrency", type=_ints, default=[1, 64])
+    parser.add_argument("--cache-size", type=int, default=4096, help="ours-cache: entries")
+    parser.add_argument(
+        "--max-background-cpu",
+        type=float,
+        default=0.25,
+        help="cores other processes may use during a run before it is measured again",
+    )
+    parser.add_argument("--retries", type=int, default=3, help="re-measurements per run")
     parser.add_argument("--repeats", type=int, default=None, help="3; quick: 1")
     parser.add_argument(
         "--naive-streams",
@@ -109,99 +122,6 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The repeat with the median `key` (an actual run, so its fields stay consistent)."""
-    ordered = sorted(runs, key=lambda r: r.get(key) or 0.0)
-    return ordered[len(ordered) // 2] | {"repeats": [r.get(key) for r in runs]}
-
-
-async def predict_phase(
-    args: argparse.Namespace, systems: servers.Systems, texts: list[str], results: dict[str, Any]
-) -> None:
-    names = [n for n in PREDICT_SYSTEMS if n in systems.specs]
-    calls = {n: load.predict_call(systems.specs[n].url) for n in names}
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
-    for repeat in range(args.repeats):  # systems interleaved: drift in load hits all alike
-        for c in args.concurrency:
-            for n in names:
-                desc = f"predict {n} c{c} #{repeat + 1}"
-                run = await systems.measure(n, calls[n], calls[n], texts, c, desc=desc)
-                runs[n].setdefault(f"c{c}", []).append(run)
-    by_system = {
-        n: {run: median_run(r, "req_per_s") for run, r in by_run.items()}
-        for n, by_run in runs.items()
-    }
-    predict = results["predict"]
-    floor_runs = by_system.get("floor", {}).values()
-    floor = max((s.get("req_per_s", 0.0) for s in floor_runs), default=0.0)
-    predict |= {"floor": floor, "ceiling": bench_report.ceiling(predict["limit"], floor)}
-    for fraction in args.open_rates if floor else []:
-        rate = round(fraction * predict["ceiling"], 1)
-        for n in (n for n in names if n != "floor"):
-            desc = f"predict {n} open {rate}/s"
-            run = await systems.measure(n, calls[n], calls[n], texts, rate=rate, desc=desc)
-            by_system[n][f"open@{rate}/s"] = run
-    predict["systems"] = by_system
-
-
-def generate_call(name: str, url: str, model: str, new_tokens: int) -> load.Call:
-    if name == "transformers-serve":
-        return load.completions_call(url, model, new_tokens)
-    return load.generate_call(url, new_tokens)
-
-
-async def generate_phase(
-    args: argparse.Namespace, systems: servers.Systems, prompts: list[str], results: dict[str, Any]
-) -> None:
-    names = [n for n in GENERATE_SERVERS if n in systems.specs]
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for repeat in range(args.repeats):
-        for n in names:
-            url = systems.specs[n].url
-            call = generate_call(n, url, args.generate_model, args.new_tokens)
-            warm = generate_call(n, url, args.generate_model, 4)
-            desc = f"generate {n} #{repeat + 1}"
-            items = (
-                prompts[: args.naive_streams] if n == "naive" and args.naive_streams else prompts
-            )
-            runs[n].append(
-                await systems.measure(
-                    n,
-                    call,
-                    warm,
-                    items,
-                    len(items),
-                    desc=desc,
-                    histogram="generate_step_batch_size",
-                )
-            )
-    by_system = results["generate"]["systems"]
-    for n, by_repeat in runs.items():
-        by_system[SHOWN_AS.get(n, n)] = {"streams": median_run(by_repeat, "tok_per_s")}
-    floor = by_system.get("floor", {}).get("streams", {}).get("tok_per_s", 0.0)
-    limit = by_system["static"]["streams"]["tok_per_s"]
-    results["generate"] |= {"floor": floor, "ceiling": bench_report.ceiling(limit, floor)}
-
-
-def offline_phase(
-    args: argparse.Namespace, texts: list[str], prompts: list[str], results: dict[str, Any]
-) -> None:
-    """Each system in a fresh process (see bench_offline.isolated)."""
-    print("offline: the model alone, our engine, transformers continuous batching ...")
-    iso, g, n, r = offline.isolated, args.generate_model, args.new_tokens, args.repeats
-    results["predict"]["limit"] = iso(
-        offline.predict_limit, args.predict_model, texts, args.max_batch, r
-    )["req_per_s"]
-    static = iso(offline.generate_limit, g, prompts, n, r)
-    generate = results["generate"]
-    generate["prefill_s"] = static.pop("prefill_s")
-    systems = generate["systems"]
-    systems["static"] = {"streams": static}
-    systems["engine"] = {"streams": iso(offline.engine_run, g, prompts, n, r)}
-    if "transformers-cb" not in args.skip:
-        systems["transformers-cb"] = {"streams": iso(offline.transformers_cb, g, prompts, n, r)}
-
-
 def server_specs(args: argparse.Namespace, prompts_max_tokens: int) -> dict[str, Any]:
     p, g, n = args.predict_model, args.generate_model, args.new_tokens
     ours = functools.partial(
@@ -209,15 +129,21 @@ def server_specs(args: argparse.Namespace, prompts_max_tokens: int) -> dict[str,
         slots=args.prompts, max_seq_len=prompts_max_tokens + n, max_new_tokens=n,
         checkout=args.ours_dir.resolve(),
     )  # fmt: skip
+    grouping = {"PREDICT_MAX_GROUP_PADDING_TOKENS": str(args.group_padding_tokens)}
+    cache = grouping | {"PREDICT_CACHE_SIZE": str(args.cache_size)}
     specs = {
-        "ours": ours(p, ""),
+        "ours": ours(p, "", extra_env=grouping),
+        "ours-cache": ours(p, "", name="ours-cache", extra_env=cache),
         "ours-generate": ours("", g),
         "floor": servers.peer("floor"),
         "naive": servers.peer("naive", p, g),
         "litserve": servers.peer("litserve", p, "", args.max_batch, args.max_wait_ms),
         "transformers-serve": servers.transformers_serve(g),
     }
-    skipped = {*args.skip, *("ours-generate" for x in args.skip if x == "ours")}
+    skipped = {
+        *args.skip,
+        *(f"ours-{kind}" for x in args.skip if x == "ours" for kind in ("generate", "cache")),
+    }
     if "litserve" not in skipped and importlib.util.find_spec("litserve") is None:
         print("litserve is not installed (pip install --no-deps litserve pyzmq): skipped")
         skipped.add("litserve")
@@ -246,20 +172,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": {"systems": {}},
     }
     clock = _Clock(results["meta"])
-    offline_phase(args, texts, prompts, results)
+    phases.offline_phase(args, texts, prompts, results)
     clock.lap("offline")
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = args.out / "logs"
     log_dir.mkdir(exist_ok=True)
     specs = server_specs(args, max(prompt_tokens))
     print(f"starting {', '.join(specs)} (logs in {log_dir}) ...")
-    with contextlib.closing(servers.Systems(specs, log_dir)) as systems:
+    systems_started = servers.Systems(specs, log_dir, args.max_background_cpu, args.retries)
+    with contextlib.closing(systems_started) as systems:
         systems.wait_ready()
         results["meta"]["idle_cpu_percent"] = systems.idle_cpu_percent
         clock.lap("servers ready")
-        asyncio.run(predict_phase(args, systems, texts, results))
+        asyncio.run(phases.predict_phase(args, systems, texts, results))
         clock.lap("/predict runs")
-        asyncio.run(generate_phase(args, systems, prompts, results))
+        asyncio.run(phases.generate_phase(args, systems, prompts, results))
         clock.lap("/generate runs")
     targets = bench_report.predict_targets(results) + bench_report.generate_targets(results)
     results["targets"] = [t.as_dict() for t in targets]

@@ -36,6 +36,17 @@ def histogram_mean(before: dict[str, float], after: dict[str, float], name: str)
     return round(total / count, 4) if count > 0 else None
 
 
+def hit_ratio(before: dict[str, float], after: dict[str, float], prefix: str) -> float | None:
+    """hits / (hits + misses) between two scrapes of `<prefix>_hits_total` and `_misses_total`
+    (None if there were no lookups)."""
+
+    def grown(name: str) -> float:
+        return after.get(f"{prefix}_{name}_total", 0.0) - before.get(f"{prefix}_{name}_total", 0.0)
+
+    lookups = grown("hits") + grown("misses")
+    return round(grown("hits") / lookups, 4) if lookups > 0 else None
+
+
 async def scrape_metrics(url: str) -> dict[str, float]:
     """GET {url}/metrics, parsed; {} when the server has no such endpoint."""
     try:

@@ -1,6 +1,7 @@
 """The systems without HTTP: the model alone, our engine, transformers' continuous batching.
 
-* `predict_limit`: tokenize + forward + softmax at the max batch size, back to back.
+* `predict_limit`: tokenize + forward + softmax at the max batch size, back to back, in the
+  service's padding groups (or as one forward per batch, for comparison).
 * `generate_limit`: all prompts as one left-padded batch through `model.generate()`, and the
   time of one forward over all of them (the batched prefill, TTFT's yardstick).
 * `engine_run`: our GenerationEngine driven directly; TTFT/ITL timed where a caller reads.
@@ -32,6 +33,7 @@ from transformers import (
     GenerationConfig,
 )
 
+from batching.dynamic.grouping import padding_groups
 from batching.generation.engine import GenerationEngine
 from batching.generation.sampling import SamplingParams
 
@@ -52,16 +54,26 @@ def load_llm(path: str) -> tuple[Any, Any]:
 
 
 @torch.inference_mode()
-def predict_limit(path: str, texts: list[str], max_batch: int, repeats: int) -> dict[str, Any]:
-    """Requests/s of the classifier alone: the same per-batch work as the service's Predictor."""
+def predict_limit(
+    path: str, texts: list[str], max_batch: int, repeats: int, group_padding_tokens: int | None
+) -> dict[str, Any]:
+    """Requests/s of the classifier alone, doing the per-batch work of the service: each text
+    tokenised once, a batch of `max_batch` sorted by length and run in padding groups
+    (batching/dynamic/grouping.py; None = one forward per batch), softmax."""
     model, tokenizer = load_classifier(path)
     batches = [texts[i : i + max_batch] for i in range(0, len(texts), max_batch)]
 
     def one_pass() -> float:
         started = time.perf_counter()
         for batch in batches:
-            encoded = tokenizer(batch, padding=True, truncation=True, return_tensors="pt")
-            model(**encoded).logits.float().softmax(dim=-1).tolist()
+            encoded = sorted(
+                (tokenizer(t, truncation=True, max_length=512) for t in batch),
+                key=lambda e: len(e["input_ids"]),
+            )
+            sizes = [len(e["input_ids"]) for e in encoded]
+            for group in padding_groups(sizes, group_padding_tokens):
+                padded = tokenizer.pad([encoded[i] for i in group], return_tensors="pt")
+                model(**padded).logits.float().softmax(dim=-1).tolist()
         return time.perf_counter() - started
 
     one_pass()  # warm-up
@@ -70,6 +82,7 @@ def predict_limit(path: str, texts: list[str], max_batch: int, repeats: int) -> 
         "req_per_s": round(len(texts) / wall_s, 1),
         "wall_s": round(wall_s, 3),
         "batch_size": max_batch,
+        "group_padding_tokens": group_padding_tokens,
     }
 
 

@@ -3,12 +3,13 @@ measure one of them at a time while the others are paused (`Systems`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def ours(
     max_seq_len: int,
     max_new_tokens: int,
     checkout: Path = REPO,
+    name: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> ServerSpec:
     """`python -m service` run from `checkout` (another checkout: before/after comparisons)."""
     port = free_port()
@@ -66,8 +69,8 @@ def ours(
         "LOG_LEVEL": "WARNING",
         "HOST": "127.0.0.1",
         "PORT": str(port),
-    }
-    name = "ours" if predict_model else "ours-generate"
+    } | (extra_env or {})
+    name = name or ("ours" if predict_model else "ours-generate")
     return ServerSpec(name, [sys.executable, "-m", "service"], env, "/ready", port, checkout)
 
 
@@ -117,12 +120,26 @@ def idle_cpu_percent(server: HttpServer, seconds: float = 2.0) -> float:
 
 
 class Systems:
-    """The servers, all started at once; each is paused (SIGSTOP) except while measured."""
+    """The servers, all started at once; each is paused (SIGSTOP) except while measured.
 
-    def __init__(self, specs: dict[str, ServerSpec], log_dir: Path) -> None:
+    The machine may be shared: a run during which processes outside the benchmark used more
+    than `max_background_cpu` cores (on average) is measured again, up to `retries` times; the
+    share is recorded with each run (`background_cpu`).
+    """
+
+    def __init__(
+        self,
+        specs: dict[str, ServerSpec],
+        log_dir: Path,
+        max_background_cpu: float = 0.25,
+        retries: int = 3,
+    ) -> None:
         self.specs = specs
         self.procs = {name: start_server(spec, log_dir) for name, spec in specs.items()}
         self.idle_cpu_percent: dict[str, float] = {}
+        self.max_background_cpu = max_background_cpu
+        self.retries = retries
+        self._own_groups = {os.getpgid(0), *(proc.proc.pid for proc in self.procs.values())}
 
     def wait_ready(self) -> None:
         for name, proc in self.procs.items():
@@ -141,18 +158,48 @@ class Systems:
         name: str,
         call: load.Call,
         warm_call: load.Call,
+        items: Sequence[Any] | Callable[[int], Sequence[Any]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """`measure_once`, again while other processes took more than their share of the CPU.
+
+        `items` may be a function of the attempt (0, 1, ...): a run against a cache must not
+        see the texts of a discarded attempt again.
+        """
+        for attempt in range(self.retries + 1):
+            these = items(attempt) if callable(items) else items
+            await asyncio.to_thread(wait_for_quiet, self._own_groups, self.max_background_cpu)
+            before_ticks, before_s = background_cpu_ticks(self._own_groups), time.monotonic()
+            run = await self.measure_once(name, call, warm_call, these, *args, **kwargs)
+            used_s = (background_cpu_ticks(self._own_groups) - before_ticks) / CLOCK_TICKS_PER_S
+            run["background_cpu"] = round(used_s / max(time.monotonic() - before_s, 1e-3), 2)
+            run["attempts"] = attempt + 1
+            if run["background_cpu"] <= self.max_background_cpu:
+                break
+            print(f"{name}: other processes used {run['background_cpu']} cores, measuring again")
+        return run
+
+    async def measure_once(
+        self,
+        name: str,
+        call: load.Call,
+        warm_call: load.Call,
         items: Sequence[Any],
         concurrency: int | None = None,
         rate: float | None = None,
         desc: str = "",
         histogram: str = "predict_batch_size",
+        warm_items: Sequence[Any] | None = None,
     ) -> dict[str, Any]:
         """One run (closed loop at `concurrency`, or open loop at `rate`), after a short
-        warm-up, with the server's mean batch size from its /metrics."""
+        warm-up (on `warm_items`, by default the first 16 items), with the server's mean batch
+        size and response-cache hit ratio from its /metrics."""
         proc, url = self.procs[name], self.specs[name].url
+        warm = list(warm_items if warm_items is not None else items[:16])
         proc.resume()
         try:
-            await load.run_closed(warm_call, items[:16], min(16, len(items)))
+            await load.run_closed(warm_call, warm, min(16, len(warm)))
             before, tcp_before = await metrics.scrape_metrics(url), metrics.tcp_counters()
             if rate is None:
                 samples, wall_s = await load.run_closed(
@@ -165,22 +212,51 @@ class Systems:
             proc.pause()
         tcp = {k: v - tcp_before.get(k, 0) for k, v in tcp_after.items()}
         mean_batch = metrics.histogram_mean(before, after, histogram)
-        return load.summarize(samples, wall_s) | {"mean_batch": mean_batch, "tcp": tcp}
+        hit_ratio = metrics.hit_ratio(before, after, "predict_cache")
+        summary = load.summarize(samples, wall_s) | {"mean_batch": mean_batch, "tcp": tcp}
+        return summary | ({"cache_hit_ratio": hit_ratio} if hit_ratio is not None else {})
 
 
 def group_cpu_ticks(pgid: int) -> int:
     """utime + stime of every live process in process group `pgid` (from /proc)."""
+    # fields[0] is the state; 2 = pgrp, 11/12 = utime/stime
+    return sum(int(f[11]) + int(f[12]) for f in _proc_stats() if int(f[2]) == pgid)
+
+
+def background_cpu_ticks(own_groups: set[int]) -> int:
+    """utime + stime of every user process outside the benchmark's process groups."""
     ticks = 0
+    for fields in _proc_stats():
+        group = int(fields[2])
+        if group != 0 and group not in own_groups:  # group 0: kernel threads
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def wait_for_quiet(
+    own_groups: set[int], max_background_cpu: float, timeout_s: float = 180.0, probe_s: float = 2.0
+) -> float:
+    """Wait (at most `timeout_s`) until other processes use at most `max_background_cpu` cores
+    over `probe_s`; returns the seconds waited. A shared box's neighbours come and go."""
+    started_s = time.monotonic()
+    while time.monotonic() - started_s < timeout_s:
+        before = background_cpu_ticks(own_groups)
+        time.sleep(probe_s)
+        used = (background_cpu_ticks(own_groups) - before) / CLOCK_TICKS_PER_S / probe_s
+        if used <= max_background_cpu:
+            break
+    return time.monotonic() - started_s
+
+
+def _proc_stats() -> Iterator[list[str]]:
+    """The fields after the command name of /proc/<pid>/stat, for every live process."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            yield (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid:  # fields[0] is the state; 2 = pgrp, 11/12 = utime/stime
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks
 
 
 @contextlib.contextmanager

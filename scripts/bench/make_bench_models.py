@@ -127,6 +127,23 @@ def predict_texts(count: int, seed: int = 1) -> list[str]:
     return [source.sentence(source.rng.randint(8, 40)) for _ in range(count)]
 
 
+def repeated_texts(count: int, repeat_share: float, seed: int) -> list[str]:
+    """`count` texts of which `repeat_share` repeat an earlier one (the cache workload).
+
+    The unique texts are new for each seed, so each run starts with a cold cache; every repeat
+    comes after its text's first use, at a random distance.
+    """
+    rng = random.Random(seed)
+    unique = predict_texts(count - round(count * repeat_share), seed=1000 + seed)
+    order = list(unique)
+    for _ in range(count - len(unique)):
+        order.insert(rng.randint(1, len(order)), "")  # a slot for a repeat
+    texts: list[str] = []
+    for text in order:
+        texts.append(text or rng.choice(texts))
+    return texts
+
+
 def generate_prompts(
     tokenizer: PreTrainedTokenizerFast,
     count: int,

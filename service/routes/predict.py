@@ -1,20 +1,25 @@
-"""POST /predict and /predict/batch: validate, hand texts to the BatchCollector, answer."""
+"""POST /predict and /predict/batch: validate, answer through the cache and the collector.
+
+With PREDICT_CACHE_SIZE > 0 each result says whether it came from the response cache
+(`cached`), and the response's `X-Cache` header sums it up: `hit` (all cached), `miss` (none),
+`partial` (a /predict/batch call with some of each). See service/predict_cache.py for
+`Cache-Control: no-cache / no-store`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
-from batching.errors import EngineError
 from service.audit import audit_predictions
 from service.deps import ApiKeyDep, PredictServiceDep, SettingsDep
-from service.errors import ApiError, as_api_error
+from service.errors import ApiError
 from service.limits import RateLimitDep
-from service.predictor import Classification, Prediction
+from service.predict_cache import CacheUse
+from service.predict_service import Answer, PredictService
+from service.predictor import Classification
 from service.request_id import request_id_of
-from service.runtime import PredictService
 from service.schemas import (
     PredictBatchRequest,
     PredictBatchResponse,
@@ -45,34 +50,32 @@ def check_text_lengths(texts: list[str], settings: Settings) -> None:
             )
 
 
-async def predict_texts(
-    service: PredictService, texts: list[str], request_id: str
-) -> list[Prediction]:
-    """Submit every text as its own item: they may land in different batches.
-
-    If one fails (a full queue, a timeout, a bad input), its siblings are cancelled, so they
-    leave the queue before they cost compute, and the caller gets that first error. The
-    collector counts its own rejections (queue_full, timeout, invalid) in the metrics.
-    """
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(service.collector.submit(text)) for text in texts]
-    except ExceptionGroup as failures:
-        first = failures.exceptions[0]
-        if isinstance(first, EngineError):
-            raise as_api_error(first, request_id) from first
-        raise
-    return [task.result() for task in tasks]
+async def answer_texts(
+    service: PredictService, texts: list[str], request: Request, response: Response
+) -> list[Answer]:
+    answers = await service.answer(
+        texts,
+        request_id_of(request),
+        CacheUse.from_cache_control(request.headers.get("cache-control")),
+    )
+    if service.cache is not None:
+        hits = sum(answer.cached for answer in answers)
+        response.headers["X-Cache"] = (
+            "hit" if hits == len(answers) else "miss" if hits == 0 else "partial"
+        )
+    return answers
 
 
 def to_response(
-    prediction: Prediction, service: PredictService, started: float, request_id: str
+    answer: Answer, service: PredictService, started: float, request_id: str
 ) -> PredictResponse:
+    prediction = answer.prediction
     common = {
         "model": service.loaded.name,
         "model_revision": service.loaded.revision,
         "processing_time_ms": round((time.perf_counter() - started) * 1000, 3),
         "request_id": request_id,
+        "cached": answer.cached if service.cache is not None else None,
     }
     if isinstance(prediction, Classification):
         service.metrics.score.observe(prediction.score)
@@ -84,27 +87,34 @@ def to_response(
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
 async def predict(
-    body: PredictRequest, request: Request, service: PredictServiceDep, settings: SettingsDep
+    body: PredictRequest,
+    request: Request,
+    response: Response,
+    service: PredictServiceDep,
+    settings: SettingsDep,
 ) -> PredictResponse:
     started = time.perf_counter()
     check_text_lengths([body.text], settings)
-    request_id = request_id_of(request)
-    (prediction,) = await predict_texts(service, [body.text], request_id)
-    audit_predictions(request, [prediction])
-    return to_response(prediction, service, started, request_id)
+    (answer,) = await answer_texts(service, [body.text], request, response)
+    audit_predictions(request, [answer.prediction])
+    return to_response(answer, service, started, request_id_of(request))
 
 
 @router.post(
     "/predict/batch", response_model=PredictBatchResponse, response_model_exclude_none=True
 )
 async def predict_batch(
-    body: PredictBatchRequest, request: Request, service: PredictServiceDep, settings: SettingsDep
+    body: PredictBatchRequest,
+    request: Request,
+    response: Response,
+    service: PredictServiceDep,
+    settings: SettingsDep,
 ) -> PredictBatchResponse:
     started = time.perf_counter()
     check_text_lengths(body.texts, settings)
+    answers = await answer_texts(service, body.texts, request, response)
     request_id = request_id_of(request)
-    predictions = await predict_texts(service, body.texts, request_id)
-    audit_predictions(request, predictions)
+    audit_predictions(request, [answer.prediction for answer in answers])
     return PredictBatchResponse(
-        results=[to_response(p, service, started, request_id) for p in predictions]
+        results=[to_response(a, service, started, request_id) for a in answers]
     )

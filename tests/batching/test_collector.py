@@ -116,35 +116,145 @@ async def gather(*awaitables: Any) -> list[Any]:
     return await asyncio.wait_for(asyncio.gather(*awaitables, return_exceptions=True), WAIT_S)
 
 
-async def test_full_batch_closes_at_once(make_collector: MakeCollector) -> None:
+async def keep_busy(collector: BatchCollector[str, str], model: FakeModel) -> asyncio.Task:
+    """Occupy the worker with item "x" (the model must be blocked); returns its task."""
+    busy = asyncio.create_task(collector.submit("x"))
+    await model.wait_entered()
+    return busy
+
+
+async def finish_busy_batch(model: FakeModel, busy: asyncio.Task) -> None:
+    """Let "x" compute a while (the items queued meanwhile arrived faster than it completes),
+    then release the model and wait for x's answer."""
+    await asyncio.sleep(0.01)
+    model.release.set()
+    assert await gather(busy) == ["X"]
+
+
+async def test_item_at_an_idle_collector_starts_without_waiting_for_the_deadline(
+    make_collector: MakeCollector,
+) -> None:
     model, observer = FakeModel(), RecordingObserver()
     collector = make_collector(model, max_wait_ms=ONE_MINUTE_MS, observer=observer)
 
-    first = await enqueue(collector, ["a"])
-    await asyncio.sleep(0)  # the collector now waits for more items (for up to a minute)
-    rest = [collector.submit(item) for item in "bcd"]
-
-    assert await gather(*first, *rest) == ["A", "B", "C", "D"]
-    assert model.batches == [["a", "b", "c", "d"]]
+    # gather() gives up after WAIT_S, far below the minute the batch could have waited.
+    assert await gather(collector.submit("a")) == ["A"]
+    assert model.batches == [["a"]]
     assert threading.current_thread() not in model.threads  # the model ran off the loop
-    assert observer.batch_sizes == [4]
-    assert len(observer.queue_waits_s) == 4 and min(observer.queue_waits_s) >= 0
-    assert len(observer.inference_s) == 1
+    assert observer.batch_sizes == [1]
+
+
+async def test_items_arriving_together_at_an_idle_collector_share_a_batch(
+    make_collector: MakeCollector,
+) -> None:
+    model = FakeModel()
+    collector = make_collector(model, max_wait_ms=ONE_MINUTE_MS)
+
+    assert await gather(*(collector.submit(item) for item in "abc")) == ["A", "B", "C"]
+    assert model.batches == [["a", "b", "c"]]
+
+
+async def test_partial_batch_waits_while_requests_arrive_faster_than_batches_complete(
+    make_collector: MakeCollector,
+) -> None:
+    model, observer = FakeModel(blocked=True), RecordingObserver()
+    collector = make_collector(
+        model, max_batch_size=8, max_wait_ms=ONE_MINUTE_MS, observer=observer
+    )
+    busy = await keep_busy(collector, model)
+    queued = await enqueue(collector, list("abcde"))  # microseconds apart, during one batch
+    await finish_busy_batch(model, busy)
+
+    # The worker is free, but a-e (5 of 8) wait for more: later items join the same batch,
+    # and the batch closes at once when it is full, not a minute later.
+    late = [collector.submit(item) for item in "fgh"]
+    assert await gather(*queued, *late) == list("ABCDEFGH")
+    assert model.batches == [["x"], list("abcdefgh")]
+    assert observer.batch_sizes == [1, 8]
+    assert len(observer.queue_waits_s) == 9 and min(observer.queue_waits_s) >= 0
+    assert len(observer.inference_s) == 2
 
 
 async def test_partial_batch_is_flushed_at_the_deadline(make_collector: MakeCollector) -> None:
-    model = FakeModel()
+    model = FakeModel(blocked=True)
     collector = make_collector(model, max_batch_size=8, max_wait_ms=100.0)
+    busy = await keep_busy(collector, model)
     loop = asyncio.get_running_loop()
-    started_s = loop.time()
+    queued_at_s = loop.time()
+    queued = await enqueue(collector, list("abcde"))
+    await finish_busy_batch(model, busy)
 
-    first = asyncio.create_task(collector.submit("a"))
-    await asyncio.sleep(0)  # "a" waits in a batch that is still open
-    second = asyncio.create_task(collector.submit("b"))
+    assert await gather(*queued) == list("ABCDE")
+    assert model.batches == [["x"], list("abcde")]
+    assert loop.time() - queued_at_s >= 0.09  # it did wait for more until the deadline
 
-    assert await gather(first, second) == ["A", "B"]
-    assert model.batches == [["a", "b"]]
-    assert loop.time() - started_s >= 0.09  # it did wait for more until the deadline
+
+async def test_burst_fills_batches_to_the_maximum(make_collector: MakeCollector) -> None:
+    model, observer = FakeModel(), RecordingObserver()
+    collector = make_collector(model, max_batch_size=4, observer=observer)
+    items = [f"item{i}" for i in range(17)]
+
+    assert await gather(*(collector.submit(item) for item in items)) == [i.upper() for i in items]
+    assert observer.batch_sizes == [4, 4, 4, 4, 1]
+
+
+async def test_token_budget_bounds_rows_times_longest(make_collector: MakeCollector) -> None:
+    model, observer = FakeModel(blocked=True), RecordingObserver()
+    collector = make_collector(
+        model, max_batch_size=8, max_batch_tokens=12, size_of=len, observer=observer
+    )
+    busy = await keep_busy(collector, model)
+    items = ["aaa", "b", "cc", "dddd", "e", "ff", "ggg", "h", "i", "jjjjj", "k"]
+    queued = await enqueue(collector, items)
+    model.release.set()
+
+    assert await gather(busy, *queued) == ["X", *(item.upper() for item in items)]
+    batches = model.batches[1:]
+    assert [item for batch in batches for item in sorted(batch, key=items.index)] == items
+    for batch in batches:
+        assert len(batch) * max(map(len, batch)) <= 12, batch
+    # Arrival order is kept across batches; each closes just before the item that would not fit.
+    assert observer.batch_sizes[1:] == [3, 3, 3, 2]
+
+
+async def test_text_longer_than_the_budget_runs_alone(make_collector: MakeCollector) -> None:
+    model = FakeModel(blocked=True)
+    collector = make_collector(model, max_batch_size=8, max_batch_tokens=6, size_of=len)
+    busy = await keep_busy(collector, model)
+    items = ["a", "b", "far-too-long-for-the-budget", "c", "d"]
+    queued = await enqueue(collector, items)
+    model.release.set()
+
+    assert await gather(busy, *queued) == ["X", *(item.upper() for item in items)]
+    assert model.batches == [["x"], ["a", "b"], ["far-too-long-for-the-budget"], ["c", "d"]]
+
+
+async def test_sorted_batch_runs_in_groups_whose_padding_stays_small(
+    make_collector: MakeCollector,
+) -> None:
+    model, observer = FakeModel(), RecordingObserver()
+    collector = make_collector(
+        model, max_batch_size=8, size_of=len, max_group_padding_tokens=2, observer=observer
+    )
+    items = ["bbbbb", "a", "cc", "dddddd", "e", "fffff"]
+
+    outcomes = await gather(*(collector.submit(item) for item in items))
+
+    assert outcomes == [item.upper() for item in items]
+    assert observer.batch_sizes == [6]  # one batch taken from the queue ...
+    assert model.batches == [["a", "e", "cc"], ["bbbbb", "fffff", "dddddd"]]  # ... two forwards
+    assert len(observer.inference_s) == 1
+
+
+async def test_poisoned_item_reruns_only_its_own_group(make_collector: MakeCollector) -> None:
+    model = FakeModel(poison=frozenset({"bad"}))
+    collector = make_collector(model, max_batch_size=8, size_of=len, max_group_padding_tokens=0)
+
+    outcomes = await gather(*(collector.submit(item) for item in ["a", "bad", "cc", "dd"]))
+
+    assert outcomes[0] == "A" and outcomes[2:] == ["CC", "DD"]
+    assert isinstance(outcomes[1], ModelExecutionError)
+    assert model.batches == [["a"], ["cc", "dd"], ["bad"]]  # bad alone: no halving of others
 
 
 async def test_batch_is_sorted_by_length_but_results_go_to_their_callers(

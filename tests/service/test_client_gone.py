@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from types import SimpleNamespace
 
 import pytest
 from starlette.requests import Request
@@ -14,7 +13,7 @@ from batching.dynamic.collector import BatchCollector
 from batching.generation.engine import GenerationEngine
 from batching.generation.sampling import SamplingParams
 from service.errors import ApiError
-from service.routes.predict import predict_texts
+from service.predict_service import submit_all
 from service.streaming import first_delta
 from tests.batching.conftest import (
     EOS_ID,
@@ -91,9 +90,8 @@ async def test_a_batch_item_that_cannot_be_queued_takes_its_siblings_out_of_the_
     try:
         busy = asyncio.ensure_future(collector.submit("busy"))  # holds the worker
         await asyncio.to_thread(started.wait, WAIT_S)
-        service = SimpleNamespace(collector=collector)
         with pytest.raises(ApiError) as caught:
-            await predict_texts(service, ["a", "b", "c", "d"], "req-1")  # type: ignore[arg-type]
+            await submit_all(collector, ["a", "b", "c", "d"], "req-1")
         assert caught.value.status == 503
         assert collector.queue_depth == 0  # "a" and "b" were queued, then withdrawn
         release.set()

@@ -18,6 +18,10 @@ def server(start_server, demo_models):
     return start_server(
         PREDICT_MODEL=str(demo_models["classifier"]),
         PREDICT_MAX_BATCH_SIZE="32",
+        # Small enough that the equality test below runs many budget-bound batches, each in
+        # several padding groups (its texts are 6-40 tokens long).
+        PREDICT_MAX_BATCH_TOKENS="400",
+        PREDICT_MAX_GROUP_PADDING_TOKENS="8",
         PREDICT_MAX_WAIT_MS="10",
         MAX_INPUT_CHARS="200",
         MAX_BATCH_TEXTS="8",
@@ -42,6 +46,7 @@ def test_predict_answers_with_label_score_and_request_id(server, http):
     assert set(body["scores"]) == {"NEGATIVE", "POSITIVE"}
     assert body["request_id"] == "abc-1" == response.headers["x-request-id"]
     assert body["model_revision"] == "main"
+    assert "cached" not in body and "x-cache" not in response.headers  # no cache configured
 
 
 def test_concurrent_requests_are_batched_and_equal_to_each_text_alone(server, http):
