@@ -33,6 +33,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--concurrency", *map(str, args.concurrency), "--cuda-graphs", *args.cuda_graphs]
     argv += ["--static-batch", str(args.static_batch), "--prompt-tokens", str(args.prompt_tokens)]
     argv += ["--new-tokens", str(args.new_tokens), "--bandwidth-gbs", str(args.bandwidth_gbs)]
+    argv += ["--threads", str(args.threads)]
     if args.kv_bucket_min is not None:
         argv += ["--kv-bucket-min", str(args.kv_bucket_min)]
     return argv + (["--skip-generate"] if args.skip_generate else [])
@@ -121,6 +122,35 @@ def table(
     return "\n".join(lines)
 
 
+def cpu_table(
+    args: argparse.Namespace, measured: dict[str, dict[RowKey, list[dict[str, Any]]]]
+) -> str:
+    """CPU time instead of wall time: with --threads 1, hardly moved by other load."""
+    lines = [
+        f"CPU time, medians of {args.repeats} repeats (torch threads: {args.threads or 'default'})"
+        ": the engine thread's per decode step, and output tokens per CPU second of the whole "
+        "process (engine and event-loop threads together).",
+        "",
+        "| dtype | system | concurrency | step CPU ms before | after | tok per CPU s before "
+        "| after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (dtype, system, n), after_rows in measured["after"].items():
+        before_rows = measured["before"][(dtype, system, n)]
+        cells = []
+        for field in ("decode_step_cpu_ms", "cpu_seconds"):
+            for rows in (before_rows, after_rows):
+                values = [float(r[field]) for r in rows if r.get(field) is not None]
+                if not values:
+                    cells.append("")
+                elif field == "cpu_seconds":
+                    cells.append(f"{rows[0]['output_tokens'] / statistics.median(values):,.0f}")
+                else:
+                    cells.append(f"{statistics.median(values):.2f}")
+        lines.append(f"| {dtype} | {system} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def compare(args: argparse.Namespace, script: Path) -> None:
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
@@ -135,7 +165,9 @@ def compare(args: argparse.Namespace, script: Path) -> None:
             rows = run_worker(script, checkouts[side], worker_argv(args))
             collect(rows, measured[side])
             raw.append({"repeat": repeat, "side": side, "rows": rows})
-    report = table(args, measured, "median") + "\n\n" + table(args, measured, "best")
+    report = "\n\n".join(
+        [table(args, measured, "median"), table(args, measured, "best"), cpu_table(args, measured)]
+    )
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"engine_compare_{args.shape}_{args.device}"
