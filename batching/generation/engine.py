@@ -65,7 +65,7 @@ class GenerationEngine:
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         observer: EngineObserver | None = None,
         cuda_graphs: CudaGraphsMode = "auto",
-        kv_bucket_min: int | None = None,  # None: 128 where graphs are captured, else 16
+        kv_bucket_min: int | None = None,  # None: see buckets.decode_kv_buckets
     ) -> None:
         # A private copy: a fast tokenizer is one Rust object, and transformers' encode() takes
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode
