@@ -7,11 +7,12 @@ Padding both up to a short list of sizes lets one captured graph serve many step
 * batch buckets 1, 2, 4, 8, then every multiple of 8, and always exactly `num_slots` last
   (the most rows that can ever be active): padding wastes at most 7 rows past 8, and small
   batches, where latency matters most, are padded the least;
-* KV buckets double from `smallest` (or max_seq_len if that is shorter) and end at exactly
-  max_seq_len: attention never reads more than twice the longest active row (or `smallest`).
-  Each KV bucket is one more graph per batch bucket, so where graphs are captured the
-  smallest is 128; where they are not, buckets cost nothing and start at 16, which keeps
-  attention close to the real lengths (on a 2-core CPU, 128 made a batch-32 step ~20% slower).
+* KV buckets double from `smallest` (128, or max_seq_len if that is shorter) and end at
+  exactly max_seq_len: attention never reads more than twice the longest active row (or
+  `smallest`), and each KV bucket is one more graph per batch bucket, so there are few.
+  Where no graph is captured (CPU, or graphs off) more buckets cost nothing, so they are
+  every multiple of 16 there and attention reads at most 15 padded columns (on a 2-core CPU,
+  doubling from 128 made a batch-32 step ~20% slower, doubling from 16 ~2.5%).
 
 Plain Python on purpose: tested without a model, and the same on CPU and GPU.
 """
@@ -22,7 +23,7 @@ import bisect
 from collections.abc import Sequence
 
 GRAPH_KV_BUCKET_MIN = 128  # the smallest KV bucket where CUDA graphs are captured
-EAGER_KV_BUCKET_MIN = 16  # ... and where every step runs eagerly
+EAGER_KV_BUCKET_STEP = 16  # where every step runs eagerly: every multiple of this
 
 
 def batch_buckets(num_slots: int) -> list[int]:
@@ -44,6 +45,22 @@ def kv_buckets(max_seq_len: int, smallest: int = GRAPH_KV_BUCKET_MIN) -> list[in
         sizes.append(size)
         size *= 2
     return [*sizes, max_seq_len]
+
+
+def eager_kv_buckets(max_seq_len: int, step: int = EAGER_KV_BUCKET_STEP) -> list[int]:
+    """step, 2 x step, 3 x step, ... capped at max_seq_len, which is always last."""
+    if max_seq_len < 1 or step < 1:
+        raise ValueError(f"max_seq_len and step must be >= 1, got {max_seq_len}, {step}")
+    return [*range(step, max_seq_len, step), max_seq_len]
+
+
+def decode_kv_buckets(max_seq_len: int, *, graphs: bool, smallest: int | None) -> list[int]:
+    """The KV buckets a runner uses. A chosen `smallest` gives doubling buckets on every device
+    (so a test on a CPU runs the shapes a GPU replays); otherwise doubling from 128 where graphs
+    may be captured, and every multiple of 16 where they never are."""
+    if smallest is not None:
+        return kv_buckets(max_seq_len, smallest)
+    return kv_buckets(max_seq_len) if graphs else eager_kv_buckets(max_seq_len)
 
 
 def pad_to_bucket(size: int, buckets: Sequence[int]) -> int:

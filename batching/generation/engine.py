@@ -69,7 +69,7 @@ class GenerationEngine:
         observer: EngineObserver | None = None,
         special_tokens: Sequence[str] = (),
         cuda_graphs: CudaGraphsMode = "auto",
-        kv_bucket_min: int | None = None,  # None: 128 where graphs are captured, else 16
+        kv_bucket_min: int | None = None,  # None: see buckets.decode_kv_buckets
         grammar_tokenizer: object = None,  # grammar.grammar_tokenizer(); None: no grammars
         priority_aging_s: float = DEFAULT_AGING_S,
     ) -> None:

@@ -27,13 +27,7 @@ import time
 
 import torch
 
-from batching.generation.buckets import (
-    EAGER_KV_BUCKET_MIN,
-    GRAPH_KV_BUCKET_MIN,
-    batch_buckets,
-    kv_buckets,
-    pad_to_bucket,
-)
+from batching.generation.buckets import batch_buckets, decode_kv_buckets, pad_to_bucket
 from batching.generation.cuda_graphs import (
     CudaGraphsMode,
     CudaGraphsReport,
@@ -64,10 +58,10 @@ class ModelRunner:
         self._mask_min = torch.finfo(self.dtype).min
         self._arange = torch.arange(cache.max_seq_len, device=self.device)  # [S], reused
         reason = unavailable_reason(cuda_graphs, self.device)
-        if kv_bucket_min is None:  # fewer graphs where they are captured; else closer lengths
-            kv_bucket_min = GRAPH_KV_BUCKET_MIN if reason is None else EAGER_KV_BUCKET_MIN
         self.batch_buckets = batch_buckets(cache.num_slots)
-        self.kv_buckets = kv_buckets(cache.max_seq_len, kv_bucket_min)
+        self.kv_buckets = decode_kv_buckets(
+            cache.max_seq_len, graphs=reason is None, smallest=kv_bucket_min
+        )
         self.decode_buffers = DecodeBuffers(
             max_rows=cache.num_slots,
             max_seq_len=cache.max_seq_len,

@@ -81,19 +81,21 @@ class _NoText:
 
 
 class StepClock(NoopEngineObserver):
-    """Times decode steps: the gap between consecutive on_step calls with a full batch."""
+    """Times decode steps: the gap between consecutive on_step calls with a full batch, in wall
+    time and in the engine thread's CPU time (on_step runs on that thread)."""
 
     def __init__(self) -> None:
-        self.stamps: list[tuple[float, int]] = []
+        self.stamps: list[tuple[float, float, int]] = []
 
     def on_step(self, batch_size: int) -> None:
-        self.stamps.append((time.perf_counter(), batch_size))
+        self.stamps.append((time.perf_counter(), time.thread_time(), batch_size))
 
-    def median_step_s(self, batch_size: int) -> float:
+    def median_step_s(self, batch_size: int, *, cpu: bool = False) -> float:
+        clock = 1 if cpu else 0
         gaps = [
-            later - earlier
-            for (earlier, size), (later, _) in zip(self.stamps, self.stamps[1:], strict=False)
-            if size == batch_size
+            later[clock] - earlier[clock]
+            for earlier, later in zip(self.stamps, self.stamps[1:], strict=False)
+            if earlier[2] == batch_size
         ]
         return statistics.median(gaps[2:] or gaps) if gaps else float("nan")
 
@@ -110,6 +112,20 @@ class Row:
     decode_step_ms: float | None = None
     bound_step_ms: float | None = None
     cuda_graphs: str = ""  # on / off (the engine's report), "" where it has no such setting
+    # CPU time of the whole process for the run, and of the engine thread per decode step: with
+    # --threads 1 (no OpenMP workers) that is the work done, whatever else loads the machine.
+    cpu_seconds: float | None = None
+    decode_step_cpu_ms: float | None = None
+
+
+@dataclass
+class EngineRun:
+    seconds: float
+    tokens: int
+    step_s: float
+    step_cpu_s: float
+    cpu_seconds: float
+    cuda_graphs: str
 
 
 def build(shape: str, dtype: str, device: torch.device, scratch: Path) -> PreTrainedModel:
@@ -174,8 +190,7 @@ async def run_engine(
     new_tokens: int,
     cuda_graphs: str,
     kv_bucket_min: int | None = None,
-) -> tuple[float, int, float, str]:
-    """Returns seconds, output tokens, the median decode step and whether graphs were on."""
+) -> EngineRun:
     clock = StepClock()
 
     def make_engine() -> GenerationEngine:
@@ -193,23 +208,26 @@ async def run_engine(
     graphs = "" if report is None else ("on" if report.enabled else "off")
     engine.start()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     handles = [await engine.submit(p, params) for p in batch]
     results = [await h.wait() for h in handles]
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     await engine.stop(1.0)
     tokens = sum(r.completion_tokens for r in results)
     assert tokens == len(batch) * new_tokens, "every request must decode exactly new_tokens"
-    return seconds, tokens, clock.median_step_s(len(batch)), graphs
+    step_s, step_cpu_s = (clock.median_step_s(len(batch), cpu=cpu) for cpu in (False, True))
+    return EngineRun(seconds, tokens, step_s, step_cpu_s, cpu_seconds, graphs)
 
 
-def run_generate(model: PreTrainedModel, batch: list[list[int]], new_tokens: int) -> float:
-    """One static left-padded batch through generate(); returns seconds."""
+def run_generate(
+    model: PreTrainedModel, batch: list[list[int]], new_tokens: int
+) -> tuple[float, float]:
+    """One static left-padded batch through generate(); returns seconds and CPU seconds."""
     width = max(map(len, batch))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=model.device)
     mask = (torch.arange(width, device=model.device)[None] >= (width - torch.tensor(
         [len(p) for p in batch], device=model.device))[:, None]).long()  # fmt: skip
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(  # type: ignore[operator]
             ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -218,7 +236,7 @@ def run_generate(model: PreTrainedModel, batch: list[list[int]], new_tokens: int
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     assert out.shape[1] == width + new_tokens
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - started_cpu
 
 
 def bench(args: argparse.Namespace, dtype: str, scratch: Path) -> list[Row]:
@@ -233,15 +251,15 @@ def bench(args: argparse.Namespace, dtype: str, scratch: Path) -> list[Row]:
         asyncio.run(run_engine(model, prompts(2, args.prompt_tokens, vocab), 4, mode))  # warm-up
         for n in args.concurrency:
             batch = prompts(n, args.prompt_tokens, vocab)
-            seconds, tokens, step_s, graphs = asyncio.run(
-                run_engine(model, batch, args.new_tokens, mode, args.kv_bucket_min)
-            )
+            run = asyncio.run(run_engine(model, batch, args.new_tokens, mode, args.kv_bucket_min))
             mean_len = args.prompt_tokens + args.new_tokens / 2
             bound_s = (weights + n * mean_len * kv_token) / (args.bandwidth_gbs * 1e9)
-            rows.append(Row(args.shape, dtype, "engine", n, tokens, seconds, tokens / seconds,
-                            step_s * 1e3, bound_s * 1e3, graphs))  # fmt: skip
-            print(f"  engine x{n:<3} graphs {graphs or '-':3} {tokens / seconds:9.0f} tok/s"
-                  f"  step {step_s * 1e3:6.2f} ms (bandwidth bound {bound_s * 1e3:.2f} ms)",
+            rows.append(Row(args.shape, dtype, "engine", n, run.tokens, run.seconds,
+                            run.tokens / run.seconds, run.step_s * 1e3, bound_s * 1e3,
+                            run.cuda_graphs, run.cpu_seconds, run.step_cpu_s * 1e3))  # fmt: skip
+            print(f"  engine x{n:<3} graphs {run.cuda_graphs or '-':3} "
+                  f"{run.tokens / run.seconds:9.0f} tok/s  step {run.step_s * 1e3:6.2f} ms "
+                  f"({run.step_cpu_s * 1e3:.2f} ms CPU; bandwidth bound {bound_s * 1e3:.2f} ms)",
                   flush=True)  # fmt: skip
     if not args.skip_generate:
         rows += bench_generate(args, model, dtype, vocab)
@@ -257,14 +275,15 @@ def bench_generate(
     """generate() one request at a time, and the static batch of --static-batch prompts."""
     one = prompts(1, args.prompt_tokens, vocab)
     run_generate(model, one, 4)  # warm-up
-    seconds = run_generate(model, one, args.new_tokens)
+    seconds, cpu_seconds = run_generate(model, one, args.new_tokens)
     rows = [Row(args.shape, dtype, "generate() one request", 1, args.new_tokens, seconds,
-                args.new_tokens / seconds)]  # fmt: skip
+                args.new_tokens / seconds, cpu_seconds=cpu_seconds)]  # fmt: skip
     static_n = args.static_batch
-    seconds = run_generate(model, prompts(static_n, args.prompt_tokens, vocab), args.new_tokens)
+    static = prompts(static_n, args.prompt_tokens, vocab)
+    seconds, cpu_seconds = run_generate(model, static, args.new_tokens)
     tokens = static_n * args.new_tokens
     rows.append(Row(args.shape, dtype, "generate() static batch", static_n, tokens, seconds,
-                    tokens / seconds))  # fmt: skip
+                    tokens / seconds, cpu_seconds=cpu_seconds))  # fmt: skip
     for row in rows:
         print(f"  {row.system} x{row.concurrency}: {row.tok_per_s:9.0f} tok/s", flush=True)
     return rows
@@ -301,6 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GENERATE_CUDA_GRAPHS for the engine; several: measured one after the other",
     )  # fmt: skip
     parser.add_argument("--kv-bucket-min", type=int, default=None, help="the engine's default")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--skip-generate", action="store_true", help="only the engine")
     parser.add_argument(
         "--before-dir", type=Path, default=None,
@@ -318,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace) -> tuple[list[Row], str]:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # every thread's intra-op pool, the engine's too
     if args.device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the service does (model_runner.py)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from batching.generation.buckets import batch_buckets, kv_buckets, pad_to_bucket
+from batching.generation.buckets import (
+    batch_buckets,
+    decode_kv_buckets,
+    eager_kv_buckets,
+    kv_buckets,
+    pad_to_bucket,
+)
 
 
 def test_batch_buckets_are_powers_of_two_to_8_then_multiples_of_8() -> None:
@@ -59,6 +65,17 @@ def test_kv_lengths_pad_up_to_the_next_bucket() -> None:
         96,
         96,
     ]
+
+
+def test_eager_kv_buckets_are_every_multiple_of_16_up_to_max_seq_len() -> None:
+    assert eager_kv_buckets(100) == [16, 32, 48, 64, 80, 96, 100]
+    assert eager_kv_buckets(8) == [8]
+
+
+def test_a_runner_doubles_kv_buckets_where_graphs_may_be_captured_or_a_smallest_is_chosen() -> None:
+    assert decode_kv_buckets(512, graphs=True, smallest=None) == [128, 256, 512]
+    assert decode_kv_buckets(96, graphs=False, smallest=16) == [16, 32, 64, 96]
+    assert decode_kv_buckets(64, graphs=False, smallest=None) == [16, 32, 48, 64]
 
 
 @pytest.mark.parametrize("size", [0, 97])

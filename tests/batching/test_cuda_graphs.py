@@ -174,11 +174,13 @@ async def test_replayed_steps_give_the_tokens_of_generate(
     assert graphs.replays > replays_at_warm_up  # the decode steps were replays
 
 
-def test_kv_buckets_start_at_128_where_graphs_are_captured_and_at_16_where_not(
+def test_kv_buckets_double_from_128_where_graphs_are_captured_and_step_by_16_where_not(
     stand_in: Callable[..., StandInGraphs], tiny_llama: LlamaForCausalLM
 ) -> None:
     eager = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 512), cuda_graphs="off")
+    chosen = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 96), kv_bucket_min=16)
     stand_in()
     graphed = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 512))
-    assert eager.kv_buckets == [16, 32, 64, 128, 256, 512]
+    assert eager.kv_buckets == list(range(16, 513, 16))
     assert graphed.kv_buckets == [128, 256, 512]
+    assert chosen.kv_buckets == [16, 32, 64, 96]  # a chosen smallest: the GPU's shapes anywhere
