@@ -74,7 +74,8 @@ def predict_all(loaded: LoadedModel, texts: list[str], batch: int = 16) -> tuple
     started = time.perf_counter()
     outputs: list[Any] = []
     for start in tqdm(range(0, len(texts), batch), desc=f"{loaded.quantization:>4}", leave=False):
-        outputs += predictor.run_batch(texts[start : start + batch])
+        chunk = [predictor.encode(text) for text in texts[start : start + batch]]
+        outputs += predictor.run_batch(chunk)
     return outputs, time.perf_counter() - started
 
 
