@@ -23,6 +23,7 @@ from service.limits import RateLimiter
 from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from service.openai import routes as openai_routes
 from service.request_id import RequestIdMiddleware
+from service.revision_header import ModelRevisionMiddleware
 from service.routes import generate, health, predict, tokenize
 from service.runtime import Runtime
 from service.settings import Settings
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(InFlightMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ModelRevisionMiddleware)  # outside the body limit: its 413s carry it too
     # Added last, so it runs first: every response, errors included, carries the id.
     app.add_middleware(RequestIdMiddleware)
     return app

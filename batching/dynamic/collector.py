@@ -31,6 +31,7 @@ from batching.errors import (
     InvalidInputError,
     QueueFullError,
     QueueTimeoutError,
+    RequestInterruptedError,
 )
 
 logger = logging.getLogger(__name__)
@@ -243,10 +244,14 @@ class BatchCollector(Generic[ItemT, ResultT]):
             entry.expiry.cancel()
 
     def _fail_unanswered(self) -> None:
-        """Answer whatever is still pending, so no accepted item is ever left hanging."""
-        pending = [*self._computing, *self._waiting]
-        self._computing = []
-        for entry in pending:
+        """Answer whatever is still pending, so no accepted item is ever left hanging: items in
+        the running batch were being computed, the waiting ones never were."""
+        computing, self._computing = self._computing, []
+        for entry in computing:
+            self._forget(entry)
+            if not entry.future.done():
+                entry.future.set_exception(RequestInterruptedError("the batch collector stopped"))
+        for entry in list(self._waiting):
             self._forget(entry)
             if not entry.future.done():
                 entry.future.set_exception(EngineStoppedError("the batch collector stopped"))

@@ -27,6 +27,7 @@ from batching.errors import (
     InvalidInputError,
     PromptTooLongError,
     QueueTimeoutError,
+    RequestInterruptedError,
 )
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
@@ -305,7 +306,7 @@ class GenerationEngine:
             self._batch.decode()
             if self._stopping and time.perf_counter() > self._drain_deadline_s:
                 self._batch.fail_all(
-                    lambda: EngineStoppedError("the engine stopped before this request ended")
+                    lambda: RequestInterruptedError("the engine stopped before this request ended")
                 )
             self._outbox.flush()
         finally:
@@ -329,7 +330,8 @@ class GenerationEngine:
         return admitted
 
     def _shut(self, message: str) -> None:
-        """The loop ended (stopped or died): every request still here gets EngineStoppedError."""
+        """The loop ended (stopped or died): waiting requests get EngineStoppedError, the ones
+        in slots (computed in part) RequestInterruptedError."""
         with self._cond:
             self._accepting = False
             waiting = self._scheduler.take_all()
@@ -338,5 +340,5 @@ class GenerationEngine:
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]
             self._slots.release(slot)
-            self._outbox.fail(request, EngineStoppedError(message))
+            self._outbox.fail(request, RequestInterruptedError(message))
         self._outbox.flush()
