@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,7 +35,8 @@ UNMETERED_PATHS = ("/health", "/ready", "/metrics", "/info")
 
 
 class InFlightMiddleware:
-    """Counts requests that are being answered (streams included) so a drain can wait for them."""
+    """Counts requests that are being answered (streams included) and notes when the last one
+    arrived, so that a drain can wait for them and for the traffic to stop."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -44,6 +46,7 @@ class InFlightMiddleware:
             await self.app(scope, receive, send)
             return
         runtime: Runtime = scope["app"].state.runtime
+        runtime.last_request_s = time.monotonic()
         runtime.in_flight += 1
         try:
             await self.app(scope, receive, send)

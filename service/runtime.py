@@ -67,6 +67,7 @@ class Runtime:
     draining: bool = False
     fatal_error: str | None = None
     in_flight: int = 0
+    last_request_s: float = 0.0  # time.monotonic() when the last request (not a probe) arrived
     started_at: float = field(default_factory=time.time)
 
     def health_problem(self) -> str | None:

@@ -65,8 +65,9 @@ def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
         conf_dir = render_nginx(prefix, upstreams, port, extra)
         global_directives = f"daemon off; pid {prefix / 'nginx.pid'};"
         args = [NGINX, "-p", str(prefix), "-e", "stderr", "-c", str(conf_dir / conf_name)]
-        proc = ManagedProcess("nginx", [*args, "-g", global_directives], prefix / "nginx.log")
-        edge = Nginx(f"http://127.0.0.1:{port}", proc)
+        args += ["-g", global_directives]
+        proc = ManagedProcess("nginx", args, prefix / "nginx.log")
+        edge = Nginx(f"http://127.0.0.1:{port}", proc, conf_dir)
         started.append(edge)
         proc.wait_until(lambda: port_open(port), 10, "listening")
         return edge
