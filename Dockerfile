@@ -51,6 +51,15 @@ ENV PREDICT_MODEL=${PREDICT_MODEL} \
     PREDICT_MODEL_REVISION=${PREDICT_MODEL_REVISION} \
     GENERATE_MODEL=${GENERATE_MODEL} \
     GENERATE_MODEL_REVISION=${GENERATE_MODEL_REVISION}
+# What the image serves, readable without running it (`docker inspect`, registries): the
+# revisions as asked for, so pin them to commits to have commits here. The commits they
+# resolved to are in the manifest baked beside the weights, $HF_HOME/baked-models.json.
+LABEL org.opencontainers.image.title="model-serving" \
+      org.opencontainers.image.description="FastAPI model server with dynamic and continuous batching" \
+      model-serving.predict.model="${PREDICT_MODEL}" \
+      model-serving.predict.revision="${PREDICT_MODEL_REVISION}" \
+      model-serving.generate.model="${GENERATE_MODEL}" \
+      model-serving.generate.revision="${GENERATE_MODEL_REVISION}"
 COPY scripts/bake_weights.py /srv/scripts/bake_weights.py
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001

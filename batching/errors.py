@@ -36,7 +36,13 @@ class PromptTooLongError(EngineError):
 
 
 class EngineStoppedError(EngineError):
-    """The engine is not running (not started, draining, or its loop died) (HTTP 503)."""
+    """The engine is not running (not started, draining, or its loop died) and did no work
+    for this request (HTTP 503: a proxy may retry it elsewhere)."""
+
+
+class RequestInterruptedError(EngineStoppedError):
+    """The engine stopped or died while computing this request: its drain ran out, or its
+    loop crashed (HTTP 500: work had started, so it must not be retried elsewhere blindly)."""
 
 
 class ModelExecutionError(EngineError):

@@ -9,14 +9,20 @@ HF_HOME. At run time the service sets HF_HUB_OFFLINE=1 and loads them from that 
 the same id and revision. An empty model is skipped (that endpoint is disabled); a local
 directory is skipped (nothing to download). Prints each resolved commit: pin it as the
 revision for reproducible builds.
+
+What was baked is recorded in a manifest inside the image, $HF_HOME/baked-models.json by
+default (--manifest): each model's id, the revision asked for and the commit it resolved to,
+its file count and size. The service reports the same commit at run time (/info).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 # Weight formats other frameworks use; the service loads PyTorch weights only.
 FOREIGN_WEIGHTS = [
@@ -52,14 +58,15 @@ def ignore_patterns(repo_files: list[str]) -> list[str]:
     return patterns
 
 
-def bake(spec: ModelSpec) -> None:
-    """Download one model into the cache, or say why it is skipped."""
+def bake(spec: ModelSpec) -> dict[str, Any]:
+    """Download one model into the cache, or say why it is skipped; its manifest entry."""
+    entry: dict[str, Any] = asdict(spec)
     if not spec.name:
         print(f"{spec.role}: no model configured, skipped")
-        return
+        return entry | {"skipped": "no model configured"}
     if Path(spec.name).is_dir():
         print(f"{spec.role}: {spec.name} is a local directory, nothing to download")
-        return
+        return entry | {"skipped": "a local directory"}
     # Imported here so `--help` and the skip paths work without huggingface_hub installed.
     from huggingface_hub import HfApi, snapshot_download
 
@@ -68,32 +75,43 @@ def bake(spec: ModelSpec) -> None:
         snapshot_download(spec.name, revision=spec.revision, ignore_patterns=ignore_patterns(files))
     )
     fetched = [p for p in path.rglob("*") if p.is_file()]
-    size_mb = sum(p.stat().st_size for p in fetched) / 1e6
+    size_bytes = sum(p.stat().st_size for p in fetched)
     # The snapshot directory is named after the commit the revision resolved to.
     print(
         f"{spec.role}: {spec.name}@{spec.revision} -> commit {path.name}, "
-        f"{len(fetched)} files, {size_mb:.1f} MB in {path}"
+        f"{len(fetched)} files, {size_bytes / 1e6:.1f} MB in {path}"
     )
+    return entry | {"commit": path.name, "files": len(fetched), "bytes": size_bytes}
 
 
-def parse_args(argv: list[str] | None = None) -> list[ModelSpec]:
+def default_manifest() -> Path:
+    hf_home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(hf_home) / "baked-models.json"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[list[ModelSpec], Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     env = os.environ.get
+    parser.add_argument("--manifest", type=Path, default=default_manifest())
     parser.add_argument("--predict-model", default=env("PREDICT_MODEL", ""))
     parser.add_argument("--predict-revision", default=env("PREDICT_MODEL_REVISION") or "main")
     parser.add_argument("--generate-model", default=env("GENERATE_MODEL", ""))
     parser.add_argument("--generate-revision", default=env("GENERATE_MODEL_REVISION") or "main")
     args = parser.parse_args(argv)
-    return [
+    specs = [
         ModelSpec("predict", args.predict_model.strip(), args.predict_revision),
         ModelSpec("generate", args.generate_model.strip(), args.generate_revision),
     ]
+    return specs, args.manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     print(f"HF_HOME={os.environ.get('HF_HOME', '(default: ~/.cache/huggingface)')}")
-    for spec in parse_args(argv):
-        bake(spec)
+    specs, manifest = parse_args(argv)
+    entries = [bake(spec) for spec in specs]
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"models": entries}, indent=2) + "\n")
+    print(f"manifest: {manifest}")
     return 0
 
 

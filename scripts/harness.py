@@ -57,7 +57,9 @@ class ManagedProcess:
     ) -> None:
         self.name = name
         self.log_path = log_path
-        self._log = log_path.open("wb")
+        # Append mode: a child that opens the same file again (NGINX's access_log /dev/stdout)
+        # writes at the end too, instead of over what went through the inherited descriptor.
+        self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             list(args),
             stdout=self._log,
@@ -151,8 +153,10 @@ def start_service(
     *,
     cwd: Path | None = None,
     command: Sequence[str] = SERVICE_COMMAND,
+    port: int | None = None,
 ) -> HttpServer:
-    """`python -m service` (or `command`, e.g. ./scripts/serve) on a free port; not waited for."""
-    port = free_port()
+    """`python -m service` (or `command`, e.g. ./scripts/serve) on `port` (default: a free
+    one; a replica restarted behind a proxy needs its old one); not waited for."""
+    port = port or free_port()
     full_env = {"HOST": "127.0.0.1", "PORT": str(port), "PYTHONUNBUFFERED": "1"} | dict(env)
     return HttpServer("service", command, log_path, port=port, env=full_env, cwd=cwd)

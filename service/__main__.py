@@ -3,6 +3,12 @@
 On the first SIGTERM/SIGINT: /ready turns 503 at once, new work gets 503, requests already
 running (streams included) finish for up to DRAIN_TIMEOUT_S, then uvicorn shuts down and
 the process exits 0. A second signal stops at once. If a model failed to load, exit 1.
+
+The drain also lasts until no request has arrived for DRAIN_QUIET_S. NGINX learns that a
+replica drains from its first 503 and then stops sending it work; shutting down sooner
+would close pooled connections that NGINX may be sending a request on at that very moment
+(a 502 it must not retry: nginx/edge.conf). Keep it below NGINX's fail_timeout (2 s), after
+which NGINX tries the replica again.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ DRAIN_POLL_S = 0.05
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
         super().__init__(config)
         self.fastapi_app = app
-        self.drain_timeout_s = drain_timeout_s
+        self.drain_timeout_s = settings.drain_timeout_s
+        self.drain_quiet_s = settings.drain_quiet_s
         self.drain_task: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -53,8 +60,15 @@ class DrainingServer(uvicorn.Server):
         self.drain_task = asyncio.get_running_loop().create_task(self._drain(runtime))
 
     async def _drain(self, runtime: Runtime) -> None:
-        deadline = time.monotonic() + self.drain_timeout_s
-        while runtime.in_flight > 0 and time.monotonic() < deadline:
+        started = time.monotonic()
+        deadline = started + self.drain_timeout_s
+
+        def busy() -> bool:
+            # Quiet since the signal at the earliest: a proxy may be sending one right now.
+            quiet_s = time.monotonic() - max(started, runtime.last_request_s)
+            return runtime.in_flight > 0 or quiet_s < self.drain_quiet_s
+
+        while busy() and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         log.info("drain finished with %d still in flight; shutting down", runtime.in_flight)
         self.should_exit = True
@@ -91,7 +105,7 @@ def main() -> int:
     configure_logging(settings.log_level)
     app = create_app(settings)
     config = uvicorn_config(app, settings)
-    server = DrainingServer(config, app, settings.drain_timeout_s)
+    server = DrainingServer(config, app, settings)
     server.run()
     runtime: Runtime | None = getattr(app.state, "runtime", None)
     if runtime is not None and runtime.fatal_error:

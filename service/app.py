@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,7 @@ from service.limits import RateLimiter, rate_limit_key
 from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from service.openai import routes as openai_routes
 from service.request_id import RequestIdMiddleware
+from service.revision_header import ModelRevisionMiddleware
 from service.routes import generate, health, predict, tokenize
 from service.runtime import Runtime
 from service.settings import Settings
@@ -34,7 +36,8 @@ UNMETERED_PATHS = ("/health", "/ready", "/metrics", "/info")
 
 
 class InFlightMiddleware:
-    """Counts requests that are being answered (streams included) so a drain can wait for them."""
+    """Counts requests that are being answered (streams included) and notes when the last one
+    arrived, so that a drain can wait for them and for the traffic to stop."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -44,6 +47,7 @@ class InFlightMiddleware:
             await self.app(scope, receive, send)
             return
         runtime: Runtime = scope["app"].state.runtime
+        runtime.last_request_s = time.monotonic()
         runtime.in_flight += 1
         try:
             await self.app(scope, receive, send)
@@ -130,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             AuditMiddleware, log=audit, client_of=lambda request: rate_limit_key(request, keys)
         )
+    app.add_middleware(ModelRevisionMiddleware)  # outside the body limit: its 413s carry it too
     # Added last, so it runs first: every response, errors included, carries the id.
     app.add_middleware(RequestIdMiddleware)
     return app

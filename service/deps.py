@@ -57,9 +57,15 @@ async def require_api_key(request: Request, settings: SettingsDep) -> None:
 ApiKeyDep = Depends(require_api_key)
 
 
+# A draining server closes each connection after its 503, so that a proxy's pooled
+# connections to it are gone before it exits (none is reused just as it closes).
+DRAINING_HEADERS = RETRY_AFTER | {"Connection": "close"}
+
+
 def accepting_work(runtime: Runtime) -> None:
+    """Every 503 here comes before any work: NGINX may retry it on another replica."""
     if runtime.draining:
-        raise ApiError(503, "unavailable", "the server is shutting down", RETRY_AFTER)
+        raise ApiError(503, "unavailable", "the server is shutting down", DRAINING_HEADERS)
     if not runtime.ready:
         raise ApiError(503, "unavailable", "the models are still loading", RETRY_AFTER)
 

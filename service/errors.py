@@ -21,6 +21,7 @@ from batching.errors import (
     PromptTooLongError,
     QueueFullError,
     QueueTimeoutError,
+    RequestInterruptedError,
 )
 from service.request_id import request_id_of
 
@@ -75,7 +76,12 @@ def as_api_error(exc: BaseException, request_id: str = "") -> ApiError:
         return ApiError(503, "queue_full", str(exc), RETRY_AFTER)
     if isinstance(exc, QueueTimeoutError):
         return ApiError(504, "timeout", str(exc))
+    if isinstance(exc, RequestInterruptedError):
+        log.warning("engine stopped mid-request (request_id=%s): %s", request_id, exc)
+        return ApiError(500, "interrupted", "the server stopped while computing this request")
     if isinstance(exc, EngineStoppedError):
+        # 503 only for work the engine never started: NGINX retries 503s on another replica
+        # (nginx/edge.conf), which is safe only because no 503 follows any work.
         log.warning("engine not running (request_id=%s): %s", request_id, exc)
         return ApiError(503, "unavailable", "the engine is not running; retry later", RETRY_AFTER)
     if isinstance(exc, ModelExecutionError):

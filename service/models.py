@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -19,6 +21,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from service.model_versions import (
+    ModelVersion,
+    RevisionMismatchError,
+    describe_cache,
+    resolve_version,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,12 +43,17 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-    revision: str
+    version: ModelVersion  # the immutable version loaded (see service/model_versions.py)
     task: str  # "classification" | "embedding" | "generation"
     device: torch.device
     dtype: torch.dtype
     quantization: str
     load_seconds: float
+
+    @property
+    def revision(self) -> str:
+        """What /info, model_info, X-Model-Revision and the log call the model's revision."""
+        return self.version.revision
 
     @property
     def parameter_count(self) -> int:
@@ -85,10 +98,52 @@ def _silence_bitsandbytes_cpu_warnings() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def hub_cache() -> Path:
+    # Read when called, not at import: HF_HOME / HF_HUB_CACHE are the process's environment.
+    return Path(hub_constants.HF_HUB_CACHE)
+
+
+def version_before_load(name: str, requested: str) -> ModelVersion | None:
+    """The version to load, or None: a hub model not in the cache yet, which the load
+    downloads. Offline, a model or revision that is not on disk is fatal, said clearly."""
+    try:
+        version = resolve_version(name, requested, hub_cache())
+    except RevisionMismatchError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if version is None and hub_constants.is_offline_mode():
+        raise ModelLoadError(
+            f"{name}@{requested} is not on disk and HF_HUB_OFFLINE is set, so it cannot be "
+            f"downloaded: {describe_cache(hub_cache(), name)}"
+        )
+    return version
+
+
+def version_after_download(name: str, requested: str) -> ModelVersion:
+    version = resolve_version(name, requested, hub_cache())
+    if version is None:
+        raise ModelLoadError(
+            f"{name}@{requested} was loaded but is not in the cache at {hub_cache()}: "
+            f"{describe_cache(hub_cache(), name)}"
+        )
+    return version
+
+
+def revision_to_load(version: ModelVersion | None, requested: str) -> str:
+    # A hub model loads at the resolved commit: what is reported is exactly what was loaded.
+    return version.revision if version and version.source == "hub-cache" else requested
+
+
 def _load(
-    auto_class: Any, name: str, revision: str, settings: Settings, task: str, **kwargs: Any
+    auto_class: Any,
+    name: str,
+    requested: str,
+    version: ModelVersion | None,
+    settings: Settings,
+    task: str,
+    **kwargs: Any,
 ) -> LoadedModel:
     started = time.perf_counter()
+    revision = revision_to_load(version, requested)
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)
     quant = quantization_config(settings.quantization, dtype)
@@ -108,7 +163,7 @@ def _load(
         model=model,
         tokenizer=tokenizer,
         name=name,
-        revision=revision,
+        version=version or version_after_download(name, requested),
         task=task,
         device=device,
         dtype=dtype,
@@ -119,15 +174,18 @@ def _load(
 
 def load_predict_model(settings: Settings) -> LoadedModel:
     """A sequence classifier if the config says so, else an encoder used for embeddings."""
-    name, revision = settings.predict_model, settings.predict_model_revision
+    name, requested = settings.predict_model, settings.predict_model_revision
+    version = version_before_load(name, requested)
+    revision = revision_to_load(version, requested)
     try:
         config = AutoConfig.from_pretrained(name, revision=revision)
     except Exception as exc:
         raise ModelLoadError(f"could not read the config of {name!r}@{revision}: {exc}") from exc
     architectures = getattr(config, "architectures", None) or []
     if any(arch.endswith("ForSequenceClassification") for arch in architectures):
-        return _load(AutoModelForSequenceClassification, name, revision, settings, "classification")
-    return _load(AutoModel, name, revision, settings, "embedding")
+        classifier = AutoModelForSequenceClassification
+        return _load(classifier, name, requested, version, settings, "classification")
+    return _load(AutoModel, name, requested, version, settings, "embedding")
 
 
 def load_generate_model(settings: Settings) -> LoadedModel:
@@ -135,10 +193,12 @@ def load_generate_model(settings: Settings) -> LoadedModel:
         # cuDNN attention builds a plan per new shape, and continuous batching changes shapes
         # every step (see batching/model_runner.py); flash / mem-efficient attention do not.
         torch.backends.cuda.enable_cudnn_sdp(False)
+    name, requested = settings.generate_model, settings.generate_model_revision
     loaded = _load(
         AutoModelForCausalLM,
-        settings.generate_model,
-        settings.generate_model_revision,
+        name,
+        requested,
+        version_before_load(name, requested),
         settings,
         "generation",
         attn_implementation=settings.attn_implementation,

@@ -59,6 +59,7 @@ class Runtime:
     draining: bool = False
     fatal_error: str | None = None
     in_flight: int = 0
+    last_request_s: float = 0.0  # time.monotonic() when the last request (not a probe) arrived
     started_at: float = field(default_factory=time.time)
 
     def health_problem(self) -> str | None:
@@ -161,10 +162,13 @@ class Runtime:
 
     def _log_loaded(self, loaded: LoadedModel) -> None:
         log.info(
-            "loaded %s model %s@%s: %.1fM params, device=%s dtype=%s quantization=%s in %.2fs",
+            "loaded %s model %s@%s, revision %s (%s): %.1fM params, device=%s dtype=%s "
+            "quantization=%s in %.2fs",
             loaded.task,
             loaded.name,
+            loaded.version.requested,
             loaded.revision,
+            loaded.version.source,
             loaded.parameter_count / 1e6,
             loaded.device,
             str(loaded.dtype).removeprefix("torch."),
@@ -232,7 +236,9 @@ class Runtime:
 def _model_info(loaded: LoadedModel) -> dict[str, Any]:
     return {
         "model": loaded.name,
-        "revision": loaded.revision,
+        "revision": loaded.revision,  # immutable: a commit, or a local folder's content hash
+        "requested_revision": loaded.version.requested,
+        "revision_source": loaded.version.source,
         "task": loaded.task,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
 
     request_timeout_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    drain_quiet_s: float = Field(
+        1.0, ge=0, description="A drain also waits until no request arrived for this long"
+    )
     engine_step_timeout_s: float = Field(
         60.0, gt=0, description="/health is 503 while one model step runs longer than this"
     )

@@ -36,7 +36,12 @@ from batching.dynamic.isolation import Failed, run_sorted
 from batching.dynamic.observer import CollectorObserver, NoopObserver
 from batching.dynamic.pacing import BatchPacer
 from batching.dynamic.waiting import Entry, WaitingQueue
-from batching.errors import EngineStoppedError, InvalidInputError, QueueFullError
+from batching.errors import (
+    EngineStoppedError,
+    InvalidInputError,
+    QueueFullError,
+    RequestInterruptedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +239,13 @@ class BatchCollector(Generic[ItemT, ResultT]):
         self._observer.observe_inference_seconds(inference_s)
 
     def _fail_unanswered(self) -> None:
-        """Answer whatever is still pending, so no accepted item is ever left hanging."""
-        pending = [*self._computing, *self._waiting.drain()]
-        self._computing = []
-        for entry in pending:
+        """Answer whatever is still pending, so no accepted item is ever left hanging: items in
+        the running batch were being computed, the waiting ones never were."""
+        computing, self._computing = self._computing, []
+        for entry in computing:
+            if not entry.future.done():
+                entry.future.set_exception(RequestInterruptedError("the batch collector stopped"))
+        for entry in self._waiting.drain():
             if not entry.future.done():
                 entry.future.set_exception(EngineStoppedError("the batch collector stopped"))
 

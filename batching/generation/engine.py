@@ -27,6 +27,7 @@ from batching.errors import (
     EngineStoppedError,
     QueueFullError,
     QueueTimeoutError,
+    RequestInterruptedError,
 )
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
@@ -307,7 +308,7 @@ class GenerationEngine:
             self._batch.decode()
             if self._stopping and time.perf_counter() > self._drain_deadline_s:
                 self._batch.fail_all(
-                    lambda: EngineStoppedError("the engine stopped before this request ended")
+                    lambda: RequestInterruptedError("the engine stopped before this request ended")
                 )
             self._outbox.flush()
         finally:
@@ -342,7 +343,8 @@ class GenerationEngine:
             self._outbox.fail(request, make_error())
 
     def _shut(self, message: str) -> None:
-        """The loop ended (stopped or died): every request still here gets EngineStoppedError."""
+        """The loop ended (stopped or died): waiting requests get EngineStoppedError, the ones
+        in slots (computed in part) RequestInterruptedError."""
         self._answer_evicted()
         with self._cond:
             self._accepting = False
@@ -352,5 +354,5 @@ class GenerationEngine:
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]
             self._slots.release(slot)
-            self._outbox.fail(request, EngineStoppedError(message))
+            self._outbox.fail(request, RequestInterruptedError(message))
         self._outbox.flush()

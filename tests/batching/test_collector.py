@@ -19,6 +19,7 @@ from batching.errors import (
     ModelExecutionError,
     QueueFullError,
     QueueTimeoutError,
+    RequestInterruptedError,
 )
 
 WAIT_S = 5.0  # generous bound for anything that should happen "at once"
@@ -393,7 +394,10 @@ async def test_stop_after_drain_timeout_fails_what_is_left(make_collector: MakeC
     outcomes = await gather(busy, *queued)
     model.release.set()
 
-    assert all(isinstance(outcome, EngineStoppedError) for outcome in outcomes)
+    running, waiting = outcomes
+    assert isinstance(running, RequestInterruptedError)  # computed in part: HTTP 500
+    assert isinstance(waiting, EngineStoppedError)
+    assert not isinstance(waiting, RequestInterruptedError)  # never started: HTTP 503
     assert model.batches == [["x"]]
 
 

@@ -15,6 +15,7 @@ from batching.errors import (
     PromptTooLongError,
     QueueFullError,
     QueueTimeoutError,
+    RequestInterruptedError,
 )
 from batching.generation.detokenizer import PROMPT_CONTEXT_TOKENS
 from batching.generation.engine import GenerationEngine
@@ -137,8 +138,9 @@ async def test_stop_lets_running_requests_finish_and_fails_waiting_ones(
     gate.open()
     await asyncio.wait_for(stopping, WAIT_S + 10)
     assert (await running.wait()).finish_reason == "length"
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(EngineStoppedError) as never_started:
         await waiting.wait()
+    assert not isinstance(never_started.value, RequestInterruptedError)  # HTTP 503, retryable
     assert not engine.is_alive
     with pytest.raises(EngineStoppedError):
         await engine.submit(PROMPT, SamplingParams(4))
@@ -151,7 +153,7 @@ async def test_stop_fails_running_requests_after_the_drain_timeout(
     running = await engine.submit(PROMPT, SamplingParams(240, ignore_eos=True))
     await anext(running)
     await engine.stop(drain_timeout_s=0.0)
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(RequestInterruptedError):  # work had started: HTTP 500, not 503
         await running.wait()
     assert engine.slots_in_use == 0
 

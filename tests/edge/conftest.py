@@ -27,14 +27,18 @@ from tests.edge.processes import (
 
 @pytest.fixture
 def standin(tmp_path: Path) -> Iterator[Callable[..., Upstream]]:
-    """Factory: standin(name, status=200, delay_s=0.0) starts a stand-in upstream."""
+    """Factory: standin(name, status=200, delay_s=0.0, hang_up=False) starts a stand-in
+    upstream."""
     started: list[Upstream] = []
 
-    def start(name: str, status: int = 200, delay_s: float = 0.0) -> Upstream:
+    def start(
+        name: str, status: int = 200, delay_s: float = 0.0, hang_up: bool = False
+    ) -> Upstream:
         port = free_port()
         requests_log = tmp_path / f"{name}.requests.jsonl"
         args = [sys.executable, str(STANDIN), "--port", str(port), "--name", name]
         args += ["--log", str(requests_log), "--status", str(status), "--delay-s", str(delay_s)]
+        args += ["--hang-up"] if hang_up else []
         proc = ManagedProcess(f"standin {name}", args, tmp_path / f"{name}.log")
         upstream = Upstream(name, port, proc, requests_log)
         started.append(upstream)
@@ -61,8 +65,9 @@ def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
         conf_dir = render_nginx(prefix, upstreams, port, extra)
         global_directives = f"daemon off; pid {prefix / 'nginx.pid'};"
         args = [NGINX, "-p", str(prefix), "-e", "stderr", "-c", str(conf_dir / conf_name)]
-        proc = ManagedProcess("nginx", [*args, "-g", global_directives], prefix / "nginx.log")
-        edge = Nginx(f"http://127.0.0.1:{port}", proc)
+        args += ["-g", global_directives]
+        proc = ManagedProcess("nginx", args, prefix / "nginx.log")
+        edge = Nginx(f"http://127.0.0.1:{port}", proc, conf_dir)
         started.append(edge)
         proc.wait_until(lambda: port_open(port), 10, "listening")
         return edge

@@ -19,6 +19,7 @@ from harness import HttpServer, ManagedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_DIR = REPO / "nginx"
+COMPOSE_MOUNT = "/etc/nginx/edge/"  # where compose.yaml mounts nginx/
 STANDIN = Path(__file__).with_name("standin_upstream.py")
 STARTUP_TIMEOUT_S = 120.0  # the app imports torch and loads + warms two models on 2 CPU cores
 
@@ -69,21 +70,23 @@ class Upstream:
 def render_nginx(
     out_dir: Path, upstreams: dict[str, str], listen_port: int, extra: dict[str, str] | None = None
 ) -> Path:
-    """Copy nginx/ into out_dir/conf with addresses, the port and temp paths substituted.
+    """Copy nginx/ into out_dir/conf with addresses, the port and paths substituted.
 
-    upstreams maps the compose address in the files (`app:8000`) to a real one. `extra` is
-    for test-only text replacements (e.g. a higher rate) and must each match.
+    upstreams maps the compose address in the files (`app:8000`) to a real one. Temp paths go
+    to out_dir, and compose's mount point of nginx/ (/etc/nginx/edge/) to out_dir/conf. `extra`
+    is for test-only text replacements (e.g. a higher rate) and must each match.
     """
     conf_dir = out_dir / "conf"
     conf_dir.mkdir(parents=True)
+    paths = {"listen 80;": f"listen 127.0.0.1:{listen_port};", COMPOSE_MOUNT: f"{conf_dir}/"}
     temp_dirs = "".join(
         f"    {kind}_temp_path {out_dir / kind};\n"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     applied: set[str] = set()
-    for src in NGINX_DIR.iterdir():
+    for src in NGINX_DIR.glob("*.conf"):  # not a developer's runtime state (green.live)
         text = src.read_text()
-        for old, new in {**upstreams, "listen 80;": f"listen 127.0.0.1:{listen_port};"}.items():
+        for old, new in {**upstreams, **paths}.items():
             text = text.replace(old, new)
         if "\nhttp {\n" in text:  # an entry file (the others are included inside it)
             text = text.replace("\nhttp {\n", "\nhttp {\n" + temp_dirs, 1)
@@ -103,6 +106,7 @@ def render_nginx(
 class Nginx:
     url: str
     process: ManagedProcess
+    conf_dir: Path  # the rendered configuration it runs
 
 
 App = HttpServer  # the real app: `python -m service` on a free port

@@ -1,11 +1,13 @@
 """A stand-in upstream for the NGINX tests that do not need a model (canary split, shadow).
 
     python standin_upstream.py --port P --name canary --log requests.jsonl [--status 500]
-                               [--delay-s 2]
+                               [--delay-s 2] [--hang-up]
 
 Answers every request with `{"upstream": NAME, "path": ...}` (or an error status) and appends
-one JSON line per request to --log, so a test can count what reached it. Runs as its own
-process, like the real app, so NGINX talks to a real socket.
+one JSON line per request to --log, so a test can count what reached it. With --hang-up it
+reads each request and closes the connection without an answer, as a replica that dies in
+the middle of a request does. Runs as its own process, like the real app, so NGINX talks to
+a real socket.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 
 def make_handler(
-    name: str, status: int, delay_s: float, log_path: Path
+    name: str, status: int, delay_s: float, log_path: Path, hang_up: bool = False
 ) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
@@ -41,6 +43,9 @@ def make_handler(
                 log.write(json.dumps(record) + "\n")
             if delay_s:
                 time.sleep(delay_s)
+            if hang_up:
+                self.close_connection = True
+                return
             payload = json.dumps({"upstream": name, "path": self.path}).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -72,9 +77,10 @@ def main() -> None:
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--status", type=int, default=200)
     parser.add_argument("--delay-s", type=float, default=0.0)
+    parser.add_argument("--hang-up", action="store_true")
     args = parser.parse_args()
     args.log.touch()
-    handler = make_handler(args.name, args.status, args.delay_s, args.log)
+    handler = make_handler(args.name, args.status, args.delay_s, args.log, args.hang_up)
     server = StandinServer(("127.0.0.1", args.port), handler)
     server.serve_forever()
 

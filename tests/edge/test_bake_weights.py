@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,29 @@ def load_script() -> ModuleType:
 
 
 def test_empty_and_local_models_are_skipped_without_downloading(tmp_path: Path) -> None:
-    args = [sys.executable, str(SCRIPT), "--predict-model", "", "--generate-model", str(tmp_path)]
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}  # any download attempt would fail
+    local = tmp_path / "local-model"
+    local.mkdir()
+    manifest = tmp_path / "hf" / "baked-models.json"
+    args = [sys.executable, str(SCRIPT), "--predict-model", "", "--generate-model", str(local)]
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr  # any download attempt would have failed
     assert "predict: no model configured, skipped" in result.stdout
-    assert f"generate: {tmp_path} is a local directory, nothing to download" in result.stdout
+    assert f"generate: {local} is a local directory, nothing to download" in result.stdout
+    # The manifest (in HF_HOME by default) records what was baked, here only why nothing was.
+    predict, generate = json.loads(manifest.read_text())["models"]
+    assert predict == {
+        "role": "predict",
+        "name": "",
+        "revision": "main",
+        "skipped": "no model configured",
+    }
+    assert generate == {
+        "role": "generate",
+        "name": str(local),
+        "revision": "main",
+        "skipped": "a local directory",
+    }
 
 
 def test_pickled_weights_are_skipped_only_when_safetensors_exist() -> None:

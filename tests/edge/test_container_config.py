@@ -15,13 +15,16 @@ import yaml
 
 from tests.edge.processes import REPO
 
-PROFILES = ["canary", "shadow", "monitoring"]
+PROFILES = ["replicas", "bluegreen", "canary", "shadow", "monitoring"]
 SERVICES_BY_PROFILE = {
     None: {"app", "nginx"},
+    "replicas": {"app", "app-1", "nginx"},
+    "bluegreen": {"app", "app-green", "nginx"},
     "canary": {"app", "app-canary", "nginx"},
     "shadow": {"app", "app-shadow", "nginx"},
-    "monitoring": {"app", "nginx", "prometheus", "grafana"},
+    "monitoring": {"app", "nginx", "prometheus", "grafana", "dcgm-exporter"},
 }
+NGINX_ENTRY_FILES = sorted(p.name for p in (REPO / "nginx").glob("nginx*.conf"))
 HADOLINT = Path(sys.executable).with_name("hadolint")
 DOCKER_COMPOSE = shutil.which("docker-compose")
 
@@ -97,13 +100,26 @@ def test_compose_refuses_to_start_without_api_keys() -> None:
 def test_compose_app_reserves_a_gpu_and_nginx_waits_for_ready() -> None:
     services = compose_config(None)["services"]
     [device] = services["app"]["deploy"]["resources"]["reservations"]["devices"]
-    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert device == {"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}
     assert "/ready" in " ".join(services["app"]["healthcheck"]["test"])
     assert services["nginx"]["depends_on"]["app"]["condition"] == "service_healthy"
 
 
 @needs_compose
-@pytest.mark.parametrize("conf", ["nginx.conf", "nginx.canary.conf", "nginx.shadow.conf"])
+def test_compose_replicas_each_reserve_their_own_gpu() -> None:
+    services = compose_config("replicas", {"APP_1_GPU": "3"})["services"]
+    gpus = {
+        name: services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        for name in ("app", "app-1")
+    }
+    assert gpus == {"app": ["0"], "app-1": ["3"]}
+    # The same image and settings: a replica differs only in its GPU.
+    assert services["app-1"]["image"] == services["app"]["image"]
+    assert services["app-1"]["environment"] == services["app"]["environment"]
+
+
+@needs_compose
+@pytest.mark.parametrize("conf", NGINX_ENTRY_FILES)
 def test_compose_nginx_conf_switch_names_an_existing_file(conf: str) -> None:
     nginx = compose_config(None, {"NGINX_CONF": conf})["services"]["nginx"]
     conf_path = nginx["command"][nginx["command"].index("-c") + 1]

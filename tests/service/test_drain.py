@@ -60,3 +60,24 @@ def test_sigterm_lets_running_streams_finish_refuses_new_work_and_exits_zero(
     assert server.proc.wait(timeout=DRAIN_TIMEOUT_S) == 0
     assert time.monotonic() - signalled_at < DRAIN_TIMEOUT_S
     assert "draining" in server.log()
+
+
+def test_a_drain_lasts_until_requests_stop_arriving(start_server, demo_models):
+    """NGINX stops sending work to a draining replica only after its first 503: the process
+    keeps its connections open while requests still arrive, and exits once they stop."""
+    server = start_server(
+        PREDICT_MODEL=str(demo_models["classifier"]),
+        DRAIN_QUIET_S="3",
+        RATE_LIMIT="100000/minute",
+        LOG_LEVEL="INFO",
+    )
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        server.proc.send_signal(signal.SIGTERM)
+        statuses = []
+        for _ in range(10):  # nothing is in flight, but work keeps arriving for ~1 s
+            statuses.append(client.post("/predict", json={"text": "late"}).status_code)
+            assert server.proc.poll() is None, "exited while requests were still arriving"
+            time.sleep(0.1)
+    assert set(statuses) == {503}
+    assert server.proc.wait(timeout=30) == 0
+    assert "drain finished with 0 still in flight" in server.log()

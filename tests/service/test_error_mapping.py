@@ -11,6 +11,7 @@ from batching.errors import (
     ModelExecutionError,
     QueueFullError,
     QueueTimeoutError,
+    RequestInterruptedError,
 )
 from service.errors import ApiError, as_api_error
 from service.openai.errors import openai_error_body
@@ -27,6 +28,7 @@ SECRET = "RuntimeError('CUDA error at /srv/app/kernels.cu:42')"
         (QueueTimeoutError(31.0, 30.0), 504, "timeout"),
         (InvalidInputError("token ids must be in [0, 10)"), 422, "invalid_request"),
         (EngineStoppedError(f"the loop died: {SECRET}"), 503, "unavailable"),
+        (RequestInterruptedError(f"the loop died mid-step: {SECRET}"), 500, "interrupted"),
         (ModelExecutionError(f"the model failed: {SECRET}"), 500, "model_error"),
         (RuntimeError(SECRET), 500, "internal_error"),
     ],

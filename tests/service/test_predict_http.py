@@ -45,7 +45,9 @@ def test_predict_answers_with_label_score_and_request_id(server, http):
     assert 0.5 <= body["score"] <= 1.0
     assert set(body["scores"]) == {"NEGATIVE", "POSITIVE"}
     assert body["request_id"] == "abc-1" == response.headers["x-request-id"]
-    assert body["model_revision"] == "main"
+    # A local folder's revision is the content hash of its files (service/model_versions.py).
+    assert body["model_revision"] == response.headers["x-model-revision"]
+    assert body["model_revision"].startswith("sha256-")
     assert "cached" not in body and "x-cache" not in response.headers  # no cache configured
 
 
