@@ -23,6 +23,7 @@ from service.body_limit import BodySizeLimitMiddleware
 from service.errors import install_error_handlers
 from service.limits import RateLimiter, rate_limit_key
 from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
+from service.openai import embeddings as openai_embeddings
 from service.openai import routes as openai_routes
 from service.request_id import RequestIdMiddleware
 from service.revision_header import ModelRevisionMiddleware
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(tokenize.router)
     app.include_router(openai_routes.router)
+    app.include_router(openai_embeddings.router)
     app.state.rate_limiter = RateLimiter(settings)
     Instrumentator(
         registry=metrics.registry,

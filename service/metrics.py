@@ -61,7 +61,8 @@ class PredictMetrics:
         )
         self.queue_wait = Histogram(
             "predict_queue_wait_seconds",
-            "Time from submit to the start of the item's batch",
+            "Time from submit to the start of the item's batch, by request priority",
+            ["priority"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
@@ -73,8 +74,8 @@ class PredictMetrics:
         )
         self.rejected = Counter(
             "predict_requests_rejected",
-            "Predict requests refused, by reason",
-            ["reason"],
+            "Predict items refused, by reason and request priority",
+            ["reason", "priority"],
             registry=registry,
         )
         self.score = Histogram(
@@ -99,21 +100,22 @@ class PredictMetrics:
             "Texts looked up in the response cache and not found there",
             registry=registry,
         )
+        self.queue_wait.labels(priority="0")
         for reason in ("queue_full", "timeout", "invalid"):
-            self.rejected.labels(reason=reason)
+            self.rejected.labels(reason=reason, priority="0")
 
     # batching.dynamic.observer.CollectorObserver
     def observe_batch_size(self, size: int) -> None:
         self.batch_size.observe(size)
 
-    def observe_queue_wait_seconds(self, seconds: float) -> None:
-        self.queue_wait.observe(seconds)
+    def observe_queue_wait_seconds(self, seconds: float, priority: int) -> None:
+        self.queue_wait.labels(priority=str(priority)).observe(seconds)
 
     def observe_inference_seconds(self, seconds: float) -> None:
         self.inference.observe(seconds)
 
-    def count_rejected(self, reason: str) -> None:
-        self.rejected.labels(reason=reason).inc()
+    def count_rejected(self, reason: str, priority: int) -> None:
+        self.rejected.labels(reason=reason, priority=str(priority)).inc()
 
 
 class GenerateMetrics:

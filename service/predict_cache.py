@@ -26,7 +26,7 @@ class CacheKey(NamedTuple):
     model: str
     revision: str
     task: str
-    text: str
+    text: str | tuple[int, ...]  # the input as given: a text, or token ids
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """What /predict runs on: one loaded model's predictor, collector, response cache and metrics.
 
 `PredictService.answer()` is the whole one-shot path after validation, for any route that
-needs model outputs for texts (/predict, /predict/batch, later /v1/embeddings): look each text
-up in the cache, tokenise and submit only the misses (each its own collector item, so they may
-share a forward pass with other clients' texts), store what was computed.
+needs model outputs for texts or token ids (/predict, /predict/batch, /v1/embeddings): look
+each input up in the cache, tokenise and submit only the misses (each its own collector item
+at the request's priority, so they may share a forward pass with other clients' inputs), store
+what was computed.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,15 +20,24 @@ from service.errors import as_api_error
 from service.metrics import PredictMetrics
 from service.models import LoadedModel
 from service.predict_cache import CacheKey, CacheUse, PredictionCache
-from service.predictor import EncodedText, Prediction, Predictor
+from service.predictor import EncodedText, ModelInput, Prediction, Predictor
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
 
 @dataclass(frozen=True)
+class Computed:
+    """What the cache keeps of one input: its output and how many tokens the model saw."""
+
+    prediction: Prediction
+    tokens: int  # after truncation, special tokens included (the usage numbers)
+
+
+@dataclass(frozen=True)
 class Answer:
     prediction: Prediction
+    tokens: int
     cached: bool  # served from the response cache
 
 
@@ -35,50 +46,63 @@ class PredictService:
     predictor: Predictor
     collector: BatchCollector[EncodedText, Prediction]
     metrics: PredictMetrics
-    cache: PredictionCache[Prediction] | None = None  # None: PREDICT_CACHE_SIZE=0
+    cache: PredictionCache[Computed] | None = None  # None: PREDICT_CACHE_SIZE=0
 
     @property
     def loaded(self) -> LoadedModel:
         return self.predictor.loaded
 
-    def cache_key(self, text: str) -> CacheKey:
+    def cache_key(self, model_input: ModelInput) -> CacheKey:
         loaded = self.loaded
-        return CacheKey(loaded.name, loaded.revision, loaded.task, text)
+        return CacheKey(loaded.name, loaded.revision, loaded.task, model_input)
 
     async def answer(
-        self, texts: list[str], request_id: str, use: CacheUse | None = None
+        self,
+        inputs: Sequence[ModelInput],
+        request_id: str,
+        use: CacheUse | None = None,
+        priority: int = 0,
     ) -> list[Answer]:
-        """One answer per text, in order. Raises ApiError (the first failure) for the call."""
+        """One answer per input, in order. Raises ApiError (the first failure) for the call."""
         use = use or CacheUse()
-        found = self._look_up(texts, use)
-        # A text repeated within one call is computed once.
-        missing = list(dict.fromkeys(t for t, hit in zip(texts, found, strict=True) if hit is None))
+        found = self._look_up(inputs, use)
+        # An input repeated within one call is computed once.
+        pairs = zip(inputs, found, strict=True)
+        missing = list(dict.fromkeys(model_input for model_input, hit in pairs if hit is None))
         try:
-            items = [self.predictor.encode(text) for text in missing]
+            items = [self.predictor.encode_input(model_input) for model_input in missing]
         except EngineError as exc:
-            self.metrics.count_rejected("invalid")
+            self.metrics.count_rejected("invalid", priority)
             raise as_api_error(exc, request_id) from exc
-        fresh = dict(zip(missing, await submit_all(self.collector, items, request_id), strict=True))
+        predictions = await submit_all(self.collector, items, request_id, priority)
+        fresh = {
+            model_input: Computed(prediction, item.token_count)
+            for model_input, item, prediction in zip(missing, items, predictions, strict=True)
+        }
         if self.cache is not None and use.write:
-            for text, prediction in fresh.items():
-                self.cache.put(self.cache_key(text), prediction)
-        return [
-            Answer(hit, cached=True) if hit is not None else Answer(fresh[text], cached=False)
-            for text, hit in zip(texts, found, strict=True)
-        ]
+            for model_input, computed in fresh.items():
+                self.cache.put(self.cache_key(model_input), computed)
+        answers = []
+        for model_input, hit in zip(inputs, found, strict=True):
+            computed = hit if hit is not None else fresh[model_input]
+            answers.append(Answer(computed.prediction, computed.tokens, cached=hit is not None))
+        return answers
 
-    def _look_up(self, texts: list[str], use: CacheUse) -> list[Prediction | None]:
+    def _look_up(self, inputs: Sequence[ModelInput], use: CacheUse) -> list[Computed | None]:
         if self.cache is None or not use.read:
-            return [None] * len(texts)
-        found = [self.cache.get(self.cache_key(text)) for text in texts]
+            return [None] * len(inputs)
+        found = [self.cache.get(self.cache_key(model_input)) for model_input in inputs]
         hits = sum(hit is not None for hit in found)
         self.metrics.cache_hits.inc(hits)
-        self.metrics.cache_misses.inc(len(texts) - hits)
+        self.metrics.cache_misses.inc(len(inputs) - hits)
         return found
 
 
 async def submit_all(
-    collector: BatchCollector[ItemT, ResultT], items: list[ItemT], request_id: str
+    collector: BatchCollector[ItemT, ResultT],
+    items: list[ItemT],
+    request_id: str,
+    priority: int = 0,
 ) -> list[ResultT]:
     """Submit every item as its own collector item: they may land in different batches.
 
@@ -88,12 +112,12 @@ async def submit_all(
     """
     if len(items) <= 1:  # nothing to cancel: skip the task group (the /predict hot path)
         try:
-            return [await collector.submit(item) for item in items]
+            return [await collector.submit(item, priority) for item in items]
         except EngineError as exc:
             raise as_api_error(exc, request_id) from exc
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(collector.submit(item)) for item in items]
+            tasks = [group.create_task(collector.submit(item, priority)) for item in items]
     except ExceptionGroup as failures:
         first = failures.exceptions[0]
         if isinstance(first, EngineError):

@@ -9,7 +9,7 @@ the collector's worker thread, never on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ class Embedding:
 
 
 Prediction = Classification | Embedding
+ModelInput = str | tuple[int, ...]  # a text, or token ids in the model's own vocabulary
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Predictor:
         # Called with each batch's L2-normalised embeddings [B, H] (the drift metric); set
         # after warm-up, so warm-up batches do not count.
         self.embedding_observer: Callable[[torch.Tensor], None] | None = None
+        self._specials = special_tokens_around(loaded.tokenizer)
+        self.vocab_size = len(loaded.tokenizer)
 
     def encode(self, text: str) -> EncodedText:
         """Tokenise one text (truncated to the model's limit). InvalidInputError if it cannot."""
@@ -64,6 +67,27 @@ class Predictor:
         except Exception as exc:  # a tokenizer that refuses a text refuses only that request
             raise InvalidInputError(f"the tokenizer cannot encode this text: {exc}") from exc
         return EncodedText(dict(encoding))
+
+    def encode_ids(self, ids: Sequence[int]) -> EncodedText:
+        """Token ids in this model's vocabulary (OpenAI-style token-array input), wrapped in
+        the special tokens the tokenizer adds to a text and truncated like a text."""
+        for token_id in ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise InvalidInputError(
+                    f"token id {token_id} is outside the vocabulary (0 to {self.vocab_size - 1})"
+                )
+        prefix, suffix = self._specials
+        room = max(0, self.max_length - len(prefix) - len(suffix))
+        input_ids = [*prefix, *ids[:room], *suffix]
+        encoding: dict[str, Any] = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
+        if "token_type_ids" in self.loaded.tokenizer.model_input_names:
+            encoding["token_type_ids"] = [0] * len(input_ids)
+        return EncodedText(encoding)
+
+    def encode_input(self, model_input: ModelInput) -> EncodedText:
+        if isinstance(model_input, str):
+            return self.encode(model_input)
+        return self.encode_ids(model_input)
 
     @staticmethod
     def token_count(item: EncodedText) -> int:
@@ -104,3 +128,15 @@ class Predictor:
         if self.embedding_observer is not None:
             self.embedding_observer(normalised)
         return [Embedding(row) for row in normalised.tolist()]
+
+
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single text ([CLS] and [SEP] for BERT,
+    <s> and </s> for RoBERTa, nothing for many others), found by encoding a probe text with
+    and without them: transformers 5 no longer exposes build_inputs_with_special_tokens."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return list(full[:start]), list(full[start + len(bare) :])
+    return [], []  # a template that rewrites the text itself: add nothing

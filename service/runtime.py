@@ -23,7 +23,7 @@ from service.generation import GenerationService
 from service.metrics import ServiceMetrics
 from service.models import LoadedModel, load_generate_model, load_predict_model
 from service.predict_cache import PredictionCache
-from service.predict_service import PredictService
+from service.predict_service import Computed, PredictService
 from service.predictor import EncodedText, Prediction, Predictor
 from service.settings import Settings
 
@@ -144,10 +144,11 @@ class Runtime:
             size_of=predictor.token_count,
             max_group_padding_tokens=s.predict_max_group_padding_tokens,
             observer=metrics,
+            priority_aging_s=s.priority_aging_s,
         )
         collector.start()
         # A cache per loaded model: a new model (or revision) starts with an empty one.
-        cache: PredictionCache[Prediction] | None = None
+        cache: PredictionCache[Computed] | None = None
         if s.predict_cache_size:
             cache = PredictionCache(s.predict_cache_size, s.predict_cache_ttl_s)
         return PredictService(predictor, collector, metrics, cache)

@@ -1,8 +1,10 @@
 """Dynamic batching for one-shot work (/predict): many awaiting callers, one model call per batch.
 
-Where a /predict request waits: `BatchCollector.submit()` puts (item, future) in a bounded FIFO
+Where a /predict request waits: `BatchCollector.submit()` puts (item, future) in a bounded queue
 (waiting.py) and awaits the future. A single collector task (the only writer) takes batches
-from the front and runs them on a worker thread, one batch at a time.
+in order of (priority with aging, arrival) and runs them on a worker thread, one batch at a
+time. A full queue refuses its least urgent item: the newcomer, or a waiting one less urgent
+than the newcomer (batching/priority.py).
 
 When a batch starts: as soon as the worker is free and something is queued, unless waiting
 can pay (pacing.py). Waiting pays only while requests arrive faster than batches complete:
@@ -14,7 +16,7 @@ frees. Triton's dynamic batcher (by default it never delays a batch) and TEI (it
 runs whatever is queued whenever the model is free) behave the same way when idle.
 
 How big a batch is: at most `max_batch_size` items and, with `max_batch_tokens`, at most that
-many padded tokens (rows x longest, sizes from `size_of`), taken in arrival order (budget.py);
+many padded tokens (rows x longest, sizes from `size_of`), taken in that order (budget.py);
 an item over the budget runs alone. The worker sorts the batch by size and runs it as groups
 whose padding stays within `max_group_padding_tokens` (grouping.py, isolation.py).
 
@@ -42,6 +44,7 @@ from batching.errors import (
     QueueFullError,
     RequestInterruptedError,
 )
+from batching.priority import DEFAULT_AGING_S
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class BatchCollector(Generic[ItemT, ResultT]):
         max_group_padding_tokens: int | None = None,
         observer: CollectorObserver | None = None,
         executor: Executor | None = None,
+        priority_aging_s: float = DEFAULT_AGING_S,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
@@ -81,7 +85,9 @@ class BatchCollector(Generic[ItemT, ResultT]):
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="batch-collector")
         self._pacer = BatchPacer()
         self._waiting: WaitingQueue[ItemT, ResultT] = WaitingQueue(
-            timeout_s, lambda: self._observer.count_rejected("timeout")
+            timeout_s,
+            lambda priority: self._observer.count_rejected("timeout", priority),
+            priority_aging_s,
         )
         self._computing: list[Entry[ItemT, ResultT]] = []
         # While the collector waits for a batch to fill, submit() offers each new item to it.
@@ -135,21 +141,21 @@ class BatchCollector(Generic[ItemT, ResultT]):
         if self._owns_executor:
             self._executor.shutdown(wait=drained, cancel_futures=True)
 
-    async def submit(self, item: ItemT) -> ResultT:
-        """Queue one item and wait for its own result.
+    async def submit(self, item: ItemT, priority: int = 0) -> ResultT:
+        """Queue one item and wait for its own result; a lower `priority` is served sooner.
 
-        Raises EngineStoppedError if not running, QueueFullError at once if max_queue items wait,
+        Raises EngineStoppedError if not running, QueueFullError at once if max_queue items wait
+        and none is less urgent (else that one gets QueueFullError and this one is queued),
         QueueTimeoutError if its batch did not start within timeout_s, and InvalidInputError or
         ModelExecutionError if the model failed on this item. If size_of raises, that error
         reaches the caller and nothing is queued.
         """
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the batch collector is not running")
-        if len(self._waiting) >= self._max_queue:
-            self._observer.count_rejected("queue_full")
-            raise QueueFullError(self._max_queue)
         size = self._size_of(item) if self._size_of is not None else 0
-        entry = self._waiting.add(item, size)
+        if len(self._waiting) >= self._max_queue:
+            self._make_room(priority)
+        entry = self._waiting.add(item, size, priority)
         self._pacer.on_arrival(entry.enqueued_at_s)
         forming = self._forming
         if len(self._waiting) == 1 or (forming is not None and _fills(forming, size)):
@@ -160,6 +166,16 @@ class BatchCollector(Generic[ItemT, ResultT]):
             self._waiting.forget(entry)  # the client is gone: its item must not cost compute
             raise
 
+    def _make_room(self, priority: int) -> None:
+        """A full queue: refuse its least urgent item, the newcomer (raises) or a waiting one."""
+        evicted = self._waiting.evict_for(priority, asyncio.get_running_loop().time())
+        if evicted is None:
+            self._observer.count_rejected("queue_full", priority)
+            raise QueueFullError(self._max_queue)
+        if not evicted.future.done():
+            evicted.future.set_exception(QueueFullError(self._max_queue))
+        self._observer.count_rejected("queue_full", evicted.priority)
+
     async def _serve(self) -> None:
         """The collector task: form a batch, compute it, repeat; answer everyone on the way out."""
         try:
@@ -167,7 +183,8 @@ class BatchCollector(Generic[ItemT, ResultT]):
                 now_s = asyncio.get_running_loop().time()
                 self._computing = self._waiting.take(self._budget, now_s)
                 for entry in self._computing:
-                    self._observer.observe_queue_wait_seconds(now_s - entry.enqueued_at_s)
+                    waited_s = now_s - entry.enqueued_at_s
+                    self._observer.observe_queue_wait_seconds(waited_s, entry.priority)
                 if self._computing:
                     await self._compute()
         finally:
@@ -231,7 +248,7 @@ class BatchCollector(Generic[ItemT, ResultT]):
             if isinstance(outcome, Failed):
                 entry.future.set_exception(outcome.error)
                 if isinstance(outcome.error, InvalidInputError):
-                    self._observer.count_rejected("invalid")
+                    self._observer.count_rejected("invalid", entry.priority)
             else:
                 entry.future.set_result(outcome)
         self._computing = []

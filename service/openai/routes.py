@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+"""The OpenAI-compatible API: GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(POST /v1/embeddings is in embeddings.py).
 
 The same engine, auth, rate limits, metrics and disconnect handling as /generate; only the
 request and response shapes differ. One model is served, so the request's `model` field is
@@ -121,8 +122,12 @@ async def streamed(
 
 @router.get("/models", response_model=ModelList)
 async def list_models(runtime: RuntimeDep) -> ModelList:
-    served = runtime.settings.generate_model
-    return ModelList(data=[ModelCard(id=served, created=int(runtime.started_at))] if served else [])
+    """The generation model, and the embedding model once loaded (a classifier has no /v1)."""
+    served = [runtime.settings.generate_model] if runtime.settings.generate_model else []
+    if runtime.predict is not None and runtime.predict.loaded.task == "embedding":
+        served.append(runtime.predict.loaded.name)
+    created = int(runtime.started_at)
+    return ModelList(data=[ModelCard(id=model, created=created) for model in served])
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)

@@ -9,16 +9,17 @@ With PREDICT_CACHE_SIZE > 0 each result says whether it came from the response c
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Request, Response
 
 from service.audit import audit_predictions
-from service.deps import ApiKeyDep, PredictServiceDep, SettingsDep
+from service.deps import ApiKeyDep, PredictServiceDep, SettingsDep, resolve_priority
 from service.errors import ApiError
 from service.limits import RateLimitDep
 from service.predict_cache import CacheUse
 from service.predict_service import Answer, PredictService
-from service.predictor import Classification
+from service.predictor import Classification, ModelInput
 from service.request_id import request_id_of
 from service.schemas import (
     PredictBatchRequest,
@@ -50,13 +51,20 @@ def check_text_lengths(texts: list[str], settings: Settings) -> None:
             )
 
 
-async def answer_texts(
-    service: PredictService, texts: list[str], request: Request, response: Response
+async def answer_inputs(
+    service: PredictService,
+    inputs: Sequence[ModelInput],
+    request: Request,
+    response: Response,
+    priority: int,
 ) -> list[Answer]:
+    """The model's answers for validated inputs (also /v1/embeddings'): Cache-Control read
+    from the request, X-Cache set on the response."""
     answers = await service.answer(
-        texts,
+        inputs,
         request_id_of(request),
         CacheUse.from_cache_control(request.headers.get("cache-control")),
+        priority,
     )
     if service.cache is not None:
         hits = sum(answer.cached for answer in answers)
@@ -95,7 +103,8 @@ async def predict(
 ) -> PredictResponse:
     started = time.perf_counter()
     check_text_lengths([body.text], settings)
-    (answer,) = await answer_texts(service, [body.text], request, response)
+    priority = resolve_priority(request, settings, body.priority)
+    (answer,) = await answer_inputs(service, [body.text], request, response, priority)
     audit_predictions(request, [answer.prediction])
     return to_response(answer, service, started, request_id_of(request))
 
@@ -112,7 +121,8 @@ async def predict_batch(
 ) -> PredictBatchResponse:
     started = time.perf_counter()
     check_text_lengths(body.texts, settings)
-    answers = await answer_texts(service, body.texts, request, response)
+    priority = resolve_priority(request, settings, body.priority)
+    answers = await answer_inputs(service, body.texts, request, response, priority)
     request_id = request_id_of(request)
     audit_predictions(request, [answer.prediction for answer in answers])
     return PredictBatchResponse(

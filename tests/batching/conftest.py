@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizer
 
 from batching.generation.engine import GenerationEngine
 from batching.generation.observer import FinishLabel
+from tests.batching.collector_fakes import make_collector  # noqa: F401 (the collector tests' fixture)
 
 # The same tests run on a GPU box with TEST_DEVICE=cuda (and TEST_DTYPE=bfloat16 if wanted).
 TEST_DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))

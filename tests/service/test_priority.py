@@ -16,6 +16,7 @@ BATCH_KEY, CHAT_KEY = "batch-key", "chat-key"
 def server(start_server, demo_models):
     return start_server(
         GENERATE_MODEL=str(demo_models["llm"]),
+        PREDICT_MODEL=str(demo_models["classifier"]),
         GENERATE_SLOTS="1",
         API_KEYS=f"{BATCH_KEY},{CHAT_KEY}",
         API_KEY_PRIORITIES=f"{BATCH_KEY}=10",
@@ -86,3 +87,18 @@ def test_a_keys_priority_is_a_floor_that_an_explicit_field_cannot_go_below(serve
     assert out_of_range.status_code == 422
     assert "priority" in out_of_range.json()["error"]["message"]
     assert "100" in out_of_range.json()["error"]["message"]
+
+
+def test_predict_requests_queue_at_their_keys_priority(server):
+    def waits(priority: str) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        name = "predict_queue_wait_seconds_count"
+        return parse_metrics(text).get(f'{name}{{priority="{priority}"}}', 0.0)
+
+    before = {p: waits(p) for p in ("0", "10", "30")}
+    for key, asked in ((BATCH_KEY, None), (BATCH_KEY, 30), (CHAT_KEY, None)):
+        body = {"texts": ["one", "two"], "priority": asked}
+        answer = httpx.post(f"{server.url}/predict/batch", json=body, headers=bearer(key))
+        assert answer.status_code == 200, answer.text
+    after = {p: waits(p) for p in ("0", "10", "30")}
+    assert {p: after[p] - before[p] for p in after} == {"0": 2, "10": 2, "30": 2}
