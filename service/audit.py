@@ -145,11 +145,11 @@ def audit_generations(request: Request, handles: list[GenerationHandle]) -> None
         record.track(handles)
 
 
-def audit_predictions(request: Request, predictions: list[Any]) -> None:
+def audit_predictions(request: Request, predictions: list[Any], prompt_tokens: int) -> None:
     record = audit_of(request)
     if record is None:
         return
-    record.set(items=len(predictions))
+    record.set(items=len(predictions), prompt_tokens=prompt_tokens)
     if record.with_content:
         record.set(output=[dataclasses.asdict(p) for p in predictions])
 

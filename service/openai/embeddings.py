@@ -24,7 +24,7 @@ from service.openai.errors import OpenAIError, OpenAIRoute
 from service.openai.schemas import ERROR_RESPONSES
 from service.predict_service import PredictService
 from service.predictor import Embedding, ModelInput
-from service.routes.predict import answer_inputs
+from service.routes.predict import answer_inputs, audit_answers
 from service.schemas import Priority
 from service.settings import Settings
 
@@ -138,6 +138,7 @@ async def create_embeddings(
     inputs = model_inputs(body, settings)
     priority = resolve_priority(request, settings, body.priority)
     answers = await answer_inputs(service, inputs, request, response, priority)
+    audit_answers(request, answers)
     data = []
     for index, answer in enumerate(answers):
         assert isinstance(answer.prediction, Embedding)  # checked: an embedding model

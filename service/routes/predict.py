@@ -74,6 +74,11 @@ async def answer_inputs(
     return answers
 
 
+def audit_answers(request: Request, answers: list[Answer]) -> None:
+    predictions = [answer.prediction for answer in answers]
+    audit_predictions(request, predictions, sum(answer.tokens for answer in answers))
+
+
 def to_response(
     answer: Answer, service: PredictService, started: float, request_id: str
 ) -> PredictResponse:
@@ -105,7 +110,7 @@ async def predict(
     check_text_lengths([body.text], settings)
     priority = resolve_priority(request, settings, body.priority)
     (answer,) = await answer_inputs(service, [body.text], request, response, priority)
-    audit_predictions(request, [answer.prediction])
+    audit_answers(request, [answer])
     return to_response(answer, service, started, request_id_of(request))
 
 
@@ -124,7 +129,7 @@ async def predict_batch(
     priority = resolve_priority(request, settings, body.priority)
     answers = await answer_inputs(service, body.texts, request, response, priority)
     request_id = request_id_of(request)
-    audit_predictions(request, [answer.prediction for answer in answers])
+    audit_answers(request, answers)
     return PredictBatchResponse(
         results=[to_response(a, service, started, request_id) for a in answers]
     )

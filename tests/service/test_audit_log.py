@@ -73,7 +73,9 @@ def test_every_work_request_gets_one_line(with_content, start_server, demo_model
     assert len(records) == 7
     by_id = {r["request_id"]: r for r in records}
     assert by_id["p-1"]["route"] == "/predict" and by_id["p-1"]["status"] == 200
-    assert by_id["p-1"]["model"].endswith("classifier") and by_id["p-1"]["revision"] == "main"
+    assert by_id["p-1"]["model"].endswith("classifier")
+    assert by_id["p-1"]["revision"].startswith("sha256-")  # a local folder's content hash
+    assert by_id["p-1"]["items"] == 1 and by_id["p-1"]["prompt_tokens"] > 0
     assert sorted(r["status"] for r in records) == [200, 200, 200, 200, 200, 422, 429]
     cancelled = [r for r in records if r.get("finish_reasons") == ["cancelled"]]
     assert len(cancelled) == 1 and cancelled[0]["route"] == "/generate"
