@@ -218,9 +218,13 @@ def test_second_track_has_its_own_service_settings_and_image(build, track):
     assert pod_labels(deployment)["track"] == track
     assert selects(named(objects, "Service", name)["spec"]["selector"], pod_labels(deployment))
     assert server_container(deployment)["image"].endswith(f":{track}")
-    assert settings_of(objects, deployment) is not settings_of(
-        objects, named(objects, "Deployment", "model-serving")
-    )
+
+    def settings_name(d: Obj) -> str:
+        return server_container(d)["envFrom"][0]["configMapRef"]["name"]
+
+    stable = named(objects, "Deployment", "model-serving")
+    assert settings_name(deployment).startswith(f"model-serving-settings-{track}-")
+    assert settings_name(deployment) != settings_name(stable)
     if track == "shadow":
         assert settings_of(objects, deployment)["GENERATE_CANCEL_ON_DISCONNECT"] == "false"
 
