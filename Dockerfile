@@ -38,7 +38,9 @@ COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip install -r pyproject.toml
 
-RUN useradd --create-home --uid 10001 app && mkdir -p "$HF_HOME" && chown app:app "$HF_HOME"
+# uid and gid 10001: what Kubernetes' runAsUser / runAsGroup name (deploy/kubernetes).
+RUN groupadd --gid 10001 app && useradd --create-home --uid 10001 --gid app app \
+    && mkdir -p "$HF_HOME" && chown app:app "$HF_HOME"
 
 # The models, downloaded now so the container starts offline. The build args are also the
 # run-time settings, so the image always serves exactly what it baked. Pin the revisions to

@@ -20,6 +20,13 @@ pytestmark = needs_prometheus
 
 DASHBOARD = REPO / "monitoring" / "grafana" / "dashboards" / "model-serving.json"
 SCRAPE_TIMEOUT_S = 30.0
+# In dcgm-exporter's default counters (etc/default-counters.csv).
+DCGM_DEFAULT_FIELDS = {
+    "DCGM_FI_DEV_GPU_UTIL",
+    "DCGM_FI_DEV_FB_USED",
+    "DCGM_FI_DEV_FB_FREE",
+    "DCGM_FI_DEV_GPU_TEMP",
+}
 
 
 @dataclass
@@ -111,7 +118,13 @@ def test_every_dashboard_query_runs_on_series_the_app_exports(
     prometheus.wait_for_value('generate_output_tokens_total{role="stable"}')
 
     queries = dashboard_queries()
-    names = {n for q in queries for n in re.findall(r"([a-z_:][a-z0-9_:]*)\{", q)}
+    names = {n for q in queries for n in re.findall(r"([A-Za-z_:][A-Za-z0-9_:]*)\{", q)}
+    names |= {n for q in queries for n in re.findall(r"\b(DCGM_[A-Z_]+)\b", q)}
+    # The GPU panels read dcgm-exporter's series (job dcgm), not the app's: only its default
+    # fields, which no extra exporter configuration is needed for.
+    dcgm = {n for n in names if n.startswith("DCGM_")}
+    assert dcgm <= DCGM_DEFAULT_FIELDS
+    names -= dcgm
     exported = {
         series["metric"]["__name__"]
         for series in prometheus.query('{job="model-serving",role="stable"}')
