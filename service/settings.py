@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batching.priority import PRIORITY_MAX, PRIORITY_MIN
 
+PLACEHOLDER_API_KEY = "replace-me-before-deploying"
+
 
 class Settings(BaseSettings):
     """Every knob of the service. `.env.example` lists each field with its default."""
@@ -121,6 +123,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected key=priority items, got {item!r}")
             if not PRIORITY_MIN <= int(number) <= PRIORITY_MAX:
                 raise ValueError(f"{item!r}: priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}]")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_placeholder_key(cls, value: str) -> str:
+        # deploy/kubernetes ships api-keys.env.example with this value: a deployment that
+        # forgot to replace it must not start with a key everyone can read on GitHub.
+        if PLACEHOLDER_API_KEY in (k.strip() for k in value.split(",")):
+            raise ValueError(
+                f"API_KEYS still holds the placeholder {PLACEHOLDER_API_KEY!r} from "
+                "deploy/kubernetes/base/api-keys.env.example; set real keys"
+            )
         return value
 
     @field_validator("log_level")

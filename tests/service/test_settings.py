@@ -1,8 +1,11 @@
-"""The one Settings object and its documentation stay in step."""
+"""The one Settings object: its documentation stays in step, and it refuses what it must."""
 
 from __future__ import annotations
 
 import re
+
+import pytest
+from pydantic import ValidationError
 
 from service.settings import Settings
 from tests.conftest import REPO
@@ -16,3 +19,13 @@ def test_env_example_and_the_readme_list_every_setting():
     assert example == fields | SCRIPT_ONLY
     readme = (REPO / "README.md").read_text()
     assert not [name for name in fields if f"`{name}`" not in readme]
+
+
+def test_the_kubernetes_placeholder_key_refuses_to_start():
+    example = (REPO / "deploy/kubernetes/base/api-keys.env.example").read_text()
+    placeholder = next(
+        line.split("=", 1)[1] for line in example.splitlines() if line.startswith("API_KEYS=")
+    )
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings(api_keys=f"real-key,{placeholder}")
+    assert Settings(api_keys="real-key").api_key_set == {"real-key"}
