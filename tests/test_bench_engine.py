@@ -39,6 +39,8 @@ def test_a_before_after_worker_gets_the_same_workload() -> None:
 def test_engine_options_are_only_those_this_engine_accepts() -> None:
     assert bench_engine.engine_options("on", None) == {"cuda_graphs": "on"}
     assert bench_engine.engine_options("off", 16) == {"cuda_graphs": "off", "kv_bucket_min": 16}
+    assert bench_engine.engine_options("off", None, 4096)["prefill_chunk_tokens"] == 4096
+    assert "prefill_token_budget" not in bench_engine.engine_options("off", None, 4096)
 
 
 def row(system: str, concurrency: int, tok_per_s: float, step_ms: float | None) -> dict[str, Any]:

@@ -177,10 +177,18 @@ def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
 
 
-def engine_options(cuda_graphs: str, kv_bucket_min: int | None) -> dict[str, Any]:
-    """Options this checkout's engine accepts (an older one, for --before-dir, has fewer)."""
+def engine_options(
+    cuda_graphs: str, kv_bucket_min: int | None, prefill_tokens: int | None = None
+) -> dict[str, Any]:
+    """Options this checkout's engine accepts (an older one, for --before-dir, has fewer; the
+    prefill budget was `prefill_token_budget` before chunked prefill)."""
     accepted = inspect.signature(GenerationEngine).parameters
-    options = {"cuda_graphs": cuda_graphs, "kv_bucket_min": kv_bucket_min}
+    options = {
+        "cuda_graphs": cuda_graphs,
+        "kv_bucket_min": kv_bucket_min,
+        "prefill_chunk_tokens": prefill_tokens,
+        "prefill_token_budget": prefill_tokens,
+    }
     return {k: v for k, v in options.items() if k in accepted and v is not None}
 
 
@@ -197,8 +205,8 @@ async def run_engine(
         engine = GenerationEngine(
             model, _NoText(), eos_token_ids=[], num_slots=len(batch),
             max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch),
-            timeout_s=600.0, prefill_chunk_tokens=max(2048, sum(map(len, batch))),
-            observer=clock, **engine_options(cuda_graphs, kv_bucket_min),
+            timeout_s=600.0, observer=clock,
+            **engine_options(cuda_graphs, kv_bucket_min, max(2048, sum(map(len, batch)))),
         )  # fmt: skip
         engine.warm_up()
         return engine
