@@ -64,8 +64,6 @@ class Settings(BaseSettings):
     generate_prefill_chunk_tokens: int = Field(
         256, ge=16, description="Most prompt tokens prefilled per step while streams decode"
     )
-    # also cut a chunk to about one decode step's worth of prefill, as measured
-    generate_prefill_chunk_adaptive: bool = True
     generate_max_choices: int = Field(
         4, ge=1, description="Most choices (OpenAI's n) per request; each takes a slot"
     )

@@ -62,9 +62,12 @@ class DecodeBuffers:
         self._columns = torch.arange(max_seq_len, device=device)  # [S], static
         self.load([], [])
 
-    def load(self, tokens: Sequence[int], lengths: Sequence[int]) -> None:
-        """Rows 0..B-1 get the real tokens (row r holds lengths[r] tokens already); the rest
-        are padding. One host-to-device copy."""
+    def load(
+        self, tokens: Sequence[int], lengths: Sequence[int], padded: Sequence[int] = ()
+    ) -> None:
+        """Rows 0..B-1 get the real tokens (row r holds lengths[r] tokens already); the rest,
+        and the rows in `padded` (a row still prefilling its prompt), are padding: they attend
+        only to column 0 and write to the spare slot. One host-to-device copy."""
         rows = len(tokens)
         if rows > self.max_rows or len(lengths) != rows:
             raise ValueError(f"{rows} rows with {len(lengths)} lengths for {self.max_rows} slots")
@@ -75,6 +78,8 @@ class DecodeBuffers:
         host[TOKEN, rows:] = 0
         host[POSITION, rows:] = 0
         host[WRITE_SLOT, rows:] = self._spare_slot
+        for row in padded:
+            host[:, row] = [0, 0, self._spare_slot]
         self._copy_to_device()
 
     def load_probe(self, rows: int, kv_len: int) -> None:

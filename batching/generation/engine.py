@@ -66,7 +66,6 @@ class GenerationEngine:
         max_queue: int,
         timeout_s: float,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
-        adaptive_prefill_chunks: bool = False,  # see prefill_budget.py
         prefix_cache_tokens: int = 0,
         observer: EngineObserver | None = None,
         special_tokens: Sequence[str] = (),
@@ -106,7 +105,6 @@ class GenerationEngine:
             chunk_tokens=prefill_chunk_tokens,
             prefix_cache_tokens=prefix_cache_tokens,
             timeout_s=timeout_s,
-            adaptive_chunks=adaptive_prefill_chunks,
         )
         self._cond = threading.Condition()  # guards the scheduler and the flags below
         self._thread: threading.Thread | None = None

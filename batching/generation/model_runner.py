@@ -24,6 +24,7 @@ captured at warm-up (cuda_graphs.py), run eagerly otherwise. Prefill stays eager
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import torch
 
@@ -115,17 +116,25 @@ class ModelRunner:
         logits = self._forward(input_ids, positions, mask, view, keep)  # [k, q or 1, V]
         return logits if every_position else logits[:, -1].float()
 
-    def decode_step(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+    def decode_step(
+        self, tokens: list[int], lengths: list[int], riders: Collection[int] = ()
+    ) -> torch.Tensor:
         """Feed one token to each of the rows 0..B-1 (row r holds lengths[r] tokens already).
+
+        `riders` are rows that only keep the batch packed (a prompt still being prefilled in
+        chunks): they run as padding rows, reading and writing nothing of their own, and their
+        length does not count, so a long half-prefilled prompt does not make every stream's
+        attention read its whole KV length. Their logits are garbage; the caller ignores them.
 
         Runs at the (batch, KV length) bucket above (B, longest + 1). Returns float32 logits
         [B, V]: a view of the static output buffer, valid until the next decode step.
         """
+        counted = [n for row, n in enumerate(lengths) if row not in riders] or [0]
         shape = (
             pad_to_bucket(len(tokens), self.batch_buckets),
-            pad_to_bucket(max(lengths) + 1, self.kv_buckets),  # +1: this step's token
+            pad_to_bucket(max(counted) + 1, self.kv_buckets),  # +1: this step's token
         )
-        self.decode_buffers.load(tokens, lengths)
+        self.decode_buffers.load(tokens, lengths, sorted(riders))
         if not self._graphs.replay(shape):
             self._decode_bucket(*shape)
         return self.decode_buffers.logits[: len(tokens)]

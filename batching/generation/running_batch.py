@@ -14,12 +14,11 @@ Chunked prefill: while other rows decode, a step prefills at most `chunk_tokens`
 prompt costs the running streams one short pause per step instead of one long freeze. A prompt
 longer than that is prefilled in chunks over several steps, one chunk per step, and its first
 token is sampled after its last chunk. At most one prompt is being chunked at a time (it was
-admitted alone, see Scheduler.admit). While it is, its row rides along in decode steps with a
-dummy token: the K/V that writes lands at the position its next chunk overwrites first, and
-its logits are ignored (its random stream is untouched), which keeps the decode batch a view
-over packed slots. With nothing decoding there is nobody to stall: the budget is then at least
-IDLE_PREFILL_TOKENS. With `adaptive_chunks` the budget while rows decode is also cut to about
-one decode step's worth of prefill, as measured (prefill_budget.py).
+admitted alone, see Scheduler.admit). While it is, its row rides along in decode steps as a
+padding row (it writes no K/V of its own and its length does not size the step's attention),
+and its logits are ignored (its random stream is untouched), which keeps the decode batch a
+view over packed slots. With nothing decoding there is nobody to stall: the budget is then at
+least IDLE_PREFILL_TOKENS.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from batching.generation.model_runner import ModelRunner
 from batching.generation.observer import EngineObserver
 from batching.generation.outbox import Outbox
 from batching.generation.placement import Placement, model_error
-from batching.generation.prefill_budget import PrefillBudget
 from batching.generation.prefix_store import PrefixStore
 from batching.generation.request import Request
 from batching.generation.slots import SlotTable
@@ -74,14 +72,15 @@ class RunningBatch:
         chunk_tokens: int,
         prefix_cache_tokens: int,
         timeout_s: float,
-        adaptive_chunks: bool = False,
     ) -> None:
-        self._budget = PrefillBudget(chunk_tokens, IDLE_PREFILL_TOKENS, adaptive_chunks)
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be >= 1")
         self._runner = runner
         self._slots = slots
         self._outbox = outbox
         self._observer = observer
         self._eos_token_ids = eos_token_ids
+        self._chunk_tokens = chunk_tokens
         self._timeout_s = timeout_s
         self.prefixes = (
             PrefixStore(runner.cache, prefix_cache_tokens) if prefix_cache_tokens else None
@@ -100,7 +99,9 @@ class RunningBatch:
     @property
     def budget(self) -> int:
         """Prompt tokens this step may prefill (padded): bounds the running streams' pause."""
-        return self._budget.tokens(any(r.decoding for r in self._slots.owners))
+        if any(r.decoding for r in self._slots.owners):
+            return self._chunk_tokens
+        return max(self._chunk_tokens, IDLE_PREFILL_TOKENS)
 
     # ---- 1. retire ----
 
@@ -154,7 +155,6 @@ class RunningBatch:
             for r, chunk in zip(work.requests, work.chunks, strict=True)
         ]
         every_position = work.requests[0].prefill_alone  # then it is the only row
-        started_s = time.perf_counter()
         try:
             logits = self._runner.prefill(
                 work.first_slot, work.chunks, work.starts, every_position
@@ -177,9 +177,6 @@ class RunningBatch:
             logger.exception("prefill failed for %d requests", len(work.requests))
             self._fail(work.requests, exc)
             return
-        # Sampling read the tokens back, so the device has finished: this is the real time.
-        padded = len(work.chunks) * max(map(len, work.chunks))
-        self._budget.on_prefill(padded, time.perf_counter() - started_s)
         for offset, (request, chunk) in enumerate(zip(work.requests, work.chunks, strict=True)):
             self._slots.advance(work.first_slot + offset, len(chunk))
             request.prefilled += len(chunk)
@@ -240,18 +237,17 @@ class RunningBatch:
         if not live:
             return
         self._observer.on_step(len(live))
-        started_s = time.perf_counter()
         try:
             tokens_in = [r.next_token if r.decoding else 0 for r in rows]
-            logits = self._runner.decode_step(tokens_in, list(self._slots.lengths))  # [B, V]
             riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
+            lengths = list(self._slots.lengths)
+            logits = self._runner.decode_step(tokens_in, lengths, riders)  # [B, V]
             tokens, logprobs = choose_tokens(logits, rows, riders)  # masks the runner's buffer
         except Exception as exc:
             logger.exception("decode step failed for %d requests", len(rows))
             self._fail(rows, exc)
             return
         now_s = time.perf_counter()
-        self._budget.on_decode(now_s - started_s)
         self._observer.on_token_gaps([now_s - (rows[i].last_token_s or now_s) for i in live])
         for slot in live:
             self._slots.advance(slot)

@@ -15,9 +15,8 @@ so their lengths are exact. Three scenarios:
   never hits.
 * long: 16 streams decoding 256 tokens each; once they run, one 1,500-token prompt arrives:
   the 16 streams' inter-token latency p50, p99 and max, prefill chunked vs in one forward,
-  and the long prompt's TTFT. `--chunks` sweeps GENERATE_PREFILL_CHUNK_TOKENS with fixed
-  chunks, `--adaptive` the same caps with GENERATE_PREFILL_CHUNK_ADAPTIVE (chunks cut to about
-  one decode step's worth of prefill). `--scenarios long` measures only that one.
+  and the long prompt's TTFT. `--chunks` sweeps GENERATE_PREFILL_CHUNK_TOKENS.
+  `--scenarios long` measures only that one.
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=Path("bench_models"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunks", default="64,128,256,512", help="fixed chunks for 'long'")
-    parser.add_argument("--adaptive", default="256", help="adaptive chunk caps for 'long'")
+    parser.add_argument("--chunks", default="64,128,256,512", help="chunk sizes for 'long'")
     parser.add_argument("--scenarios", default="cache,long", help="cache (shared, distinct), long")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     return parser.parse_args(argv)
@@ -149,12 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         specs["cache-on"] = spec("cache-on", model, **cache, generate_prefix_cache_tokens="8192")
         specs["cache-off"] = spec("cache-off", model, **cache, generate_prefix_cache_tokens="0")
     if "long" in scenarios:
-        fixed = {"generate_prefill_chunk_adaptive": "false"}
         chunked = {"unchunked": str(UNCHUNKED)} | {f"chunk-{c}": c for c in args.chunks.split(",")}
         for name, chunk in chunked.items():
-            specs[name] = spec(name, model, **long, **fixed, generate_prefill_chunk_tokens=chunk)
-        for chunk in filter(None, args.adaptive.split(",")):
-            name = f"adaptive-{chunk}"
             specs[name] = spec(name, model, **long, generate_prefill_chunk_tokens=chunk)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-prefill-"))
     systems = {name: servers.start_server(s, log_dir) for name, s in specs.items()}

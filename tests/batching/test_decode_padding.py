@@ -94,3 +94,28 @@ def test_loading_fewer_rows_pads_what_a_bigger_step_left_behind() -> None:
     assert buffers.tokens.tolist() == [9, 0, 0]
     assert buffers.positions.tolist() == [2, 0, 0]
     assert buffers.write_slots.tolist() == [0, 3, 3]
+
+
+def test_a_row_still_prefilling_rides_as_padding_and_does_not_size_the_step(
+    tiny_llama: LlamaForCausalLM,
+) -> None:
+    """A long prompt half prefilled in chunks sits among the decoding rows (slot 1 here): its
+    K/V must stay as its chunks wrote it, its length must not widen every row's attention,
+    and the decoding rows' logits must be those of a batch without it."""
+    with_rider, alone = runner(tiny_llama, num_slots=3), runner(tiny_llama, num_slots=3)
+    long_prompt = list(range(3, 43))  # 40 tokens: a KV bucket of 48, where the others need 16
+    with torch.inference_mode():
+        with_rider.prefill(0, [PROMPTS[0], long_prompt, PROMPTS[2]])
+        alone.prefill(0, [PROMPTS[0], PROMPTS[2]])
+        before = snapshot(with_rider)
+        widths: list[int] = []
+        original = with_rider._decode_bucket
+        with_rider._decode_bucket = lambda rows, kv: (widths.append(kv), original(rows, kv))[1]
+        lengths = [len(PROMPTS[0]), len(long_prompt), len(PROMPTS[2])]
+        tokens = [PROMPTS[0][-1], 0, PROMPTS[2][-1]]
+        logits = with_rider.decode_step(tokens, lengths, riders={1}).clone()
+        reference = alone.decode_step([tokens[0], tokens[2]], [lengths[0], lengths[2]])
+    assert widths == [16]  # sized by the decoding rows (5 + 1 tokens), not the rider's 40
+    torch.testing.assert_close(logits[[0, 2]], reference, rtol=TOLERANCE, atol=TOLERANCE)
+    for after, old in zip(snapshot(with_rider), before, strict=True):
+        assert torch.equal(after[1], old[1])  # the rider's slot: untouched

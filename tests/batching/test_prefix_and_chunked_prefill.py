@@ -92,26 +92,6 @@ async def test_a_prompt_prefilled_in_chunks_equals_generate(make_engine: EngineF
     assert (await runner_up.wait()).completion_tokens == 40
 
 
-async def test_adaptively_sized_chunks_equal_generate(make_engine: EngineFactory) -> None:
-    """Chunks cut to a decode step's worth, whatever sizes the measurements give, still give
-    generate()'s tokens (the sizes differ run to run; the output may not)."""
-    model = build_tiny_llama()
-    observer = RecordingObserver()
-    engine = make_engine(
-        model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=64,
-        adaptive_prefill_chunks=True, observer=observer, kv_bucket_min=16,
-    )  # fmt: skip
-    runner_up = await engine.submit(tokens(5, seed=8), SamplingParams(60, ignore_eos=True))
-    for _ in range(3):  # a few decode steps measured before the long prompt arrives
-        await anext(runner_up)
-    prompt = tokens(100, seed=9)
-    handle = await engine.submit(prompt, SamplingParams(10))
-    result = await asyncio.wait_for(handle.wait(), WAIT_S)
-    assert list(result.token_ids) == reference(model, prompt, 10)
-    assert observer.prefill_chunks and observer.prefill_chunks[0] >= 2  # 100 > 64: chunked
-    assert (await runner_up.wait()).completion_tokens == 60
-
-
 async def test_a_seeded_sampled_request_is_the_same_with_or_without_its_prefix_cached(
     make_engine: EngineFactory,
 ) -> None:
