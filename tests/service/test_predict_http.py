@@ -134,7 +134,8 @@ def test_info_and_metrics_describe_the_loaded_model(server, http):
     labels = {"task": "classification", "model": model["model"], "revision": model["revision"]}
     assert metric(metrics, "model_info", **labels, quantization="none", device="cpu") == 1
     assert metric(metrics, "predict_queue_depth") >= 0
-    for name in ("predict_queue_wait_seconds", "predict_inference_seconds"):
-        assert metric(metrics, f"{name}_count") >= 0
-    assert metric(metrics, "predict_requests_rejected_total", reason="queue_full") >= 0
+    assert metric(metrics, "predict_queue_wait_seconds_count", priority="0") >= 0
+    assert metric(metrics, "predict_inference_seconds_count") >= 0
+    rejected = metric(metrics, "predict_requests_rejected_total", reason="queue_full", priority="0")
+    assert rejected >= 0
     assert "http_requests" in family_names(metrics)

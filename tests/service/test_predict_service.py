@@ -14,7 +14,7 @@ from batching.errors import InvalidInputError
 from service.errors import ApiError
 from service.metrics import PredictMetrics
 from service.predict_cache import PredictionCache
-from service.predict_service import PredictService
+from service.predict_service import Computed, PredictService
 from service.predictor import Embedding, EncodedText, Prediction
 
 WAIT_S = 5.0
@@ -32,6 +32,9 @@ class FakePredictor:
             raise InvalidInputError("the tokenizer cannot encode this text")
         return EncodedText({"input_ids": [1] * len(text)})
 
+    def encode_input(self, model_input: str) -> EncodedText:
+        return self.encode(model_input)
+
     def run_batch(self, items: list[EncodedText]) -> list[Prediction]:
         self.batches.append([item.token_count for item in items])
         return [Embedding([float(item.token_count)]) for item in items]
@@ -44,7 +47,7 @@ MakeService = Callable[..., PredictService]
 async def make_service() -> AsyncIterator[MakeService]:
     collectors: list[BatchCollector[Any, Any]] = []
 
-    def make(revision: str, cache: PredictionCache[Prediction] | None) -> PredictService:
+    def make(revision: str, cache: PredictionCache[Computed] | None) -> PredictService:
         predictor = FakePredictor(revision)
         collector: BatchCollector[EncodedText, Prediction] = BatchCollector(
             predictor.run_batch, max_wait_ms=0.0, timeout_s=WAIT_S
@@ -62,7 +65,7 @@ async def make_service() -> AsyncIterator[MakeService]:
 async def test_a_new_revision_never_gets_the_old_revision_s_results(
     make_service: MakeService,
 ) -> None:
-    shared: PredictionCache[Prediction] = PredictionCache(max_entries=8, ttl_s=0)
+    shared: PredictionCache[Computed] = PredictionCache(max_entries=8, ttl_s=0)
     old, new = make_service("v1", shared), make_service("v2", shared)
 
     assert [a.cached for a in await old.answer(["same text"], "r1")] == [False]
@@ -80,7 +83,7 @@ async def test_a_text_the_tokenizer_refuses_is_a_422_and_computes_nothing(
 
     assert refused.value.status == 422
     assert service.predictor.batches == []  # type: ignore[attr-defined]
-    rejected = service.metrics.rejected.labels(reason="invalid")._value.get()
+    rejected = service.metrics.rejected.labels(reason="invalid", priority="0")._value.get()
     assert rejected == 1
 
 
