@@ -15,13 +15,12 @@ import base64
 import struct
 from typing import Annotated, Literal, cast
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.deps import ApiKeyDep, PredictServiceDep, SettingsDep, resolve_priority
-from service.limits import RateLimitDep
-from service.openai.errors import OpenAIError, OpenAIRoute
-from service.openai.schemas import ERROR_RESPONSES
+from service.deps import PredictServiceDep, SettingsDep, resolve_priority
+from service.openai.errors import OpenAIError
+from service.openai.router import v1_router
 from service.predict_service import PredictService
 from service.predictor import Embedding, ModelInput
 from service.routes.predict import answer_inputs, audit_answers
@@ -31,13 +30,7 @@ from service.settings import Settings
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 EmbeddingInput = str | list[str] | TokenIds | list[TokenIds]
 
-router = APIRouter(
-    prefix="/v1",
-    tags=["openai"],
-    route_class=OpenAIRoute,
-    dependencies=[ApiKeyDep, RateLimitDep],
-    responses=ERROR_RESPONSES,
-)
+router = v1_router()
 
 
 class EmbeddingRequest(BaseModel):

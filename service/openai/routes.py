@@ -11,17 +11,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from batching.errors import EngineError
 from batching.generation.handle import GenerationResult
 from service.audit import audit_generations
-from service.deps import ApiKeyDep, RuntimeDep, resolve_priority
+from service.deps import RuntimeDep, resolve_priority
 from service.errors import as_api_error
 from service.generation import GenerationService
-from service.limits import RateLimitDep
-from service.openai.errors import OpenAIError, OpenAIRoute
+from service.openai.errors import OpenAIError
 from service.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from service.openai.requests import (
     chat_prompt_ids,
@@ -33,8 +32,8 @@ from service.openai.requests import (
     reject_unsupported,
     to_sampling_params,
 )
+from service.openai.router import v1_router
 from service.openai.schemas import (
-    ERROR_RESPONSES,
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -60,13 +59,7 @@ from service.request_id import request_id_of
 from service.routes.generate import GenerationServiceDep
 from service.streaming import SSE_HEADERS, first_delta, wait_all_or_cancel_on_disconnect
 
-router = APIRouter(
-    prefix="/v1",
-    tags=["openai"],
-    route_class=OpenAIRoute,
-    dependencies=[ApiKeyDep, RateLimitDep],
-    responses=ERROR_RESPONSES,
-)
+router = v1_router()
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 

@@ -66,19 +66,23 @@ def test_an_urgent_request_waits_less_than_the_batch_requests_queued_before_it(s
     assert urgent["timings"]["queue_ms"] < min(queued_before), (urgent["timings"], queued_before)
 
 
-def test_a_keys_priority_is_a_floor_that_an_explicit_field_cannot_go_below(server):
-    def ttft_count(priority: str) -> float:
-        text = httpx.get(f"{server.url}/metrics").text
-        name = "generate_time_to_first_token_seconds_count"
-        return parse_metrics(text).get(f'{name}{{priority="{priority}"}}', 0.0)
+def counts_by_priority(url: str, name: str, priorities: tuple[str, ...]) -> dict[str, float]:
+    samples = parse_metrics(httpx.get(f"{url}/metrics").text)
+    return {p: samples.get(f'{name}{{priority="{p}"}}', 0.0) for p in priorities}
 
-    before = {p: ttft_count(p) for p in ("0", "10", "20")}
+
+def test_a_keys_priority_is_a_floor_that_an_explicit_field_cannot_go_below(server):
+    def ttft_counts() -> dict[str, float]:
+        name = "generate_time_to_first_token_seconds_count"
+        return counts_by_priority(server.url, name, ("0", "10", "20"))
+
+    before = ttft_counts()
     for key, asked in ((BATCH_KEY, 0), (BATCH_KEY, 20), (CHAT_KEY, None)):
         body = {"prompt": "p", "max_new_tokens": 2, "priority": asked}
         assert (
             httpx.post(f"{server.url}/generate", json=body, headers=bearer(key)).status_code == 200
         )
-    after = {p: ttft_count(p) for p in ("0", "10", "20")}
+    after = ttft_counts()
     # batch-key asking for 0 got its floor, 10; asking for 20 (less urgent) got 20; chat: 0.
     assert {p: after[p] - before[p] for p in after} == {"0": 1, "10": 1, "20": 1}
     out_of_range = httpx.post(
@@ -90,15 +94,13 @@ def test_a_keys_priority_is_a_floor_that_an_explicit_field_cannot_go_below(serve
 
 
 def test_predict_requests_queue_at_their_keys_priority(server):
-    def waits(priority: str) -> float:
-        text = httpx.get(f"{server.url}/metrics").text
-        name = "predict_queue_wait_seconds_count"
-        return parse_metrics(text).get(f'{name}{{priority="{priority}"}}', 0.0)
+    def wait_counts() -> dict[str, float]:
+        return counts_by_priority(server.url, "predict_queue_wait_seconds_count", ("0", "10", "30"))
 
-    before = {p: waits(p) for p in ("0", "10", "30")}
+    before = wait_counts()
     for key, asked in ((BATCH_KEY, None), (BATCH_KEY, 30), (CHAT_KEY, None)):
         body = {"texts": ["one", "two"], "priority": asked}
         answer = httpx.post(f"{server.url}/predict/batch", json=body, headers=bearer(key))
         assert answer.status_code == 200, answer.text
-    after = {p: waits(p) for p in ("0", "10", "30")}
+    after = wait_counts()
     assert {p: after[p] - before[p] for p in after} == {"0": 2, "10": 2, "30": 2}
