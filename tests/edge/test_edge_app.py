@@ -72,6 +72,14 @@ def test_a_burst_above_the_limit_gets_429_json(edge: Nginx) -> None:
         assert response.headers["Retry-After"] == "1"
 
 
+def test_embeddings_are_limited_like_predict_not_like_generation(edge: Nginx) -> None:
+    # 30 at once: within /predict's burst of 40, far over generation's 10 (which /v1/ has).
+    responses, _ = asyncio.run(burst(edge.url, "/v1/embeddings", 30))
+    assert 429 not in Counter(r.status_code for r in responses)
+    generation, _ = asyncio.run(burst(edge.url, "/v1/completions", 30))
+    assert 429 in Counter(r.status_code for r in generation)
+
+
 def test_health_and_ready_are_never_rate_limited(edge: Nginx) -> None:
     with httpx.Client(base_url=edge.url, timeout=30) as client:
         asyncio.run(burst(edge.url, "/predict", 80))  # this client's predict bucket is empty
