@@ -9,7 +9,6 @@ what was computed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -104,23 +103,10 @@ async def submit_all(
     request_id: str,
     priority: int = 0,
 ) -> list[ResultT]:
-    """Submit every item as its own collector item: they may land in different batches.
-
-    If one fails (a full queue, a timeout, a bad input), its siblings are cancelled, so they
-    leave the queue before they cost compute, and the caller gets that first error. The
-    collector counts its own rejections (queue_full, timeout, invalid) in the metrics.
-    """
-    if len(items) <= 1:  # nothing to cancel: skip the task group (the /predict hot path)
-        try:
-            return [await collector.submit(item, priority) for item in items]
-        except EngineError as exc:
-            raise as_api_error(exc, request_id) from exc
+    """Every item as its own collector item (they may land in different batches), queued
+    together or not at all; the first failure as an ApiError. The collector counts its own
+    rejections (queue_full, timeout, invalid) in the metrics."""
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(collector.submit(item, priority)) for item in items]
-    except ExceptionGroup as failures:
-        first = failures.exceptions[0]
-        if isinstance(first, EngineError):
-            raise as_api_error(first, request_id) from first
-        raise
-    return [task.result() for task in tasks]
+        return await collector.submit_many(items, priority)
+    except EngineError as exc:
+        raise as_api_error(exc, request_id) from exc

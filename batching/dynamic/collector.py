@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -126,8 +126,8 @@ class BatchCollector(Generic[ItemT, ResultT]):
         """Refuse new items, answer every accepted one, then shut the owned worker thread down.
 
         What is queued is still computed, without waiting for max_wait_ms. After drain_timeout_s
-        whatever is left (the running batch included) gets EngineStoppedError, and the worker
-        thread is left to finish its current run_batch call on its own.
+        the running batch gets RequestInterruptedError and what still waits EngineStoppedError,
+        and the worker thread is left to finish its current run_batch call on its own.
         """
         self._accepting = False
         self._wakeup.set()
@@ -150,38 +150,66 @@ class BatchCollector(Generic[ItemT, ResultT]):
         ModelExecutionError if the model failed on this item. If size_of raises, that error
         reaches the caller and nothing is queued.
         """
+        (result,) = await self.submit_many([item], priority)
+        return result
+
+    async def submit_many(self, items: Sequence[ItemT], priority: int = 0) -> list[ResultT]:
+        """Queue several items (each its own item: they may land in different batches) and
+        wait for all their results, in order; the errors are submit()'s.
+
+        All or nothing: the items are queued together, or, if the queue cannot make room for
+        all of them, none is and nobody else is pushed out for them. If one fails, or the caller
+        leaves, the others leave the queue before they cost compute.
+        """
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the batch collector is not running")
-        size = self._size_of(item) if self._size_of is not None else 0
-        if len(self._waiting) >= self._max_queue:
-            self._make_room(priority)
-        entry = self._waiting.add(item, size, priority)
-        self._pacer.on_arrival(entry.enqueued_at_s)
+        if not items:
+            return []
+        sizes = [self._size_of(item) if self._size_of is not None else 0 for item in items]
+        self._make_room(len(items), priority)
+        entries = [
+            self._waiting.add(item, size, priority) for item, size in zip(items, sizes, strict=True)
+        ]
+        for entry in entries:
+            self._pacer.on_arrival(entry.enqueued_at_s)
         forming = self._forming
-        if len(self._waiting) == 1 or (forming is not None and _fills(forming, size)):
+        filled = forming is not None and any([_fills(forming, size) for size in sizes])
+        if len(self._waiting) == len(entries) or filled:
             self._wakeup.set()
+        futures = [entry.future for entry in entries]
         try:
-            return await entry.future
-        except asyncio.CancelledError:
-            self._waiting.forget(entry)  # the client is gone: its item must not cost compute
-            raise
+            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # the caller left, or one failed: the rest must not cost compute
+            for entry in entries:
+                if not entry.future.done():
+                    self._waiting.forget(entry)
+                    entry.future.cancel()
+        return _results_or_first_error(futures)
 
-    def _make_room(self, priority: int) -> None:
-        """A full queue: refuse its least urgent item, the newcomer (raises) or a waiting one."""
-        evicted = self._waiting.evict_for(priority, asyncio.get_running_loop().time())
+    def _make_room(self, count: int, priority: int) -> None:
+        """Room for `count` newcomers: push out less urgent waiting items if the queue is full
+        (each gets QueueFullError), or, if there are not enough of them, refuse the newcomers."""
+        missing = len(self._waiting) + count - self._max_queue
+        if missing <= 0:
+            return
+        now_s = asyncio.get_running_loop().time()
+        evicted = self._waiting.evict_for(priority, now_s, missing)
         if evicted is None:
-            self._observer.count_rejected("queue_full", priority)
+            for _ in range(count):
+                self._observer.count_rejected("queue_full", priority)
             raise QueueFullError(self._max_queue)
-        if not evicted.future.done():
-            evicted.future.set_exception(QueueFullError(self._max_queue))
-        self._observer.count_rejected("queue_full", evicted.priority)
+        for entry in evicted:
+            if not entry.future.done():
+                entry.future.set_exception(QueueFullError(self._max_queue))
+            self._observer.count_rejected("queue_full", entry.priority)
 
     async def _serve(self) -> None:
         """The collector task: form a batch, compute it, repeat; answer everyone on the way out."""
         try:
             while await self._wait_for_batch():
                 now_s = asyncio.get_running_loop().time()
-                self._computing = self._waiting.take(self._budget, now_s)
+                self._computing = []  # filled as taken: _fail_unanswered sees every one
+                self._waiting.take(self._budget, now_s, into=self._computing)
                 for entry in self._computing:
                     waited_s = now_s - entry.enqueued_at_s
                     self._observer.observe_queue_wait_seconds(waited_s, entry.priority)
@@ -269,6 +297,16 @@ class BatchCollector(Generic[ItemT, ResultT]):
     def _log_death(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             logger.error("batch collector task died", exc_info=task.exception())
+
+
+def _results_or_first_error(futures: list[asyncio.Future[ResultT]]) -> list[ResultT]:
+    """The results in order, or the first failure in order (every failure is retrieved, so
+    asyncio logs none as never retrieved; the siblings cancelled for it do not count)."""
+    errors = [f.exception() for f in futures if f.done() and not f.cancelled()]
+    first = next((error for error in errors if error is not None), None)
+    if first is not None:
+        raise first
+    return [future.result() for future in futures]
 
 
 def _fills(forming: FormingBatch, size: int) -> bool:

@@ -88,15 +88,21 @@ class WaitingQueue(Generic[ItemT, ResultT]):
             return list(self._entries)
         return sorted(self._entries, key=lambda entry: self.urgency(entry, now_s))
 
-    def evict_for(self, priority: int, now_s: float) -> Entry[ItemT, ResultT] | None:
-        """The queue is full and an item of `priority` arrives: remove and return the least
-        urgent waiting entry if it is less urgent than the newcomer, else None (the newcomer
-        is the one to refuse; so at equal priority the queue stays first come, first served)."""
-        least = max(self._entries, key=lambda entry: self.urgency(entry, now_s))
-        if self.urgency(least, now_s) <= urgency(priority, now_s, now_s, self._aging_s):
+    def evict_for(
+        self, priority: int, now_s: float, count: int = 1
+    ) -> list[Entry[ItemT, ResultT]] | None:
+        """The queue is full and newcomers of `priority` arrive: remove and return the `count`
+        least urgent waiting entries if that many are less urgent than a newcomer, else None
+        and remove nothing (the newcomers are the ones to refuse; so at equal priority the
+        queue stays first come, first served)."""
+        newcomer = urgency(priority, now_s, now_s, self._aging_s)
+        less_urgent = [e for e in self._entries if self.urgency(e, now_s) > newcomer]
+        if len(less_urgent) < count:
             return None
-        self.forget(least)
-        return least
+        less_urgent.sort(key=lambda entry: self.urgency(entry, now_s), reverse=True)
+        for entry in less_urgent[:count]:
+            self.forget(entry)
+        return less_urgent[:count]
 
     def expire(self, entry: Entry[ItemT, ResultT]) -> None:
         """The item waited timeout_s and its batch has not started: answer now, compute nothing."""
@@ -106,11 +112,11 @@ class WaitingQueue(Generic[ItemT, ResultT]):
             entry.future.set_exception(QueueTimeoutError(waited_s, self._timeout_s))
             self._on_timeout(entry.priority)
 
-    def take(self, budget: BatchBudget, now_s: float) -> list[Entry[ItemT, ResultT]]:
-        """Remove and return live items, most urgent first, while they fit `budget`; gone or
-        stale ones are dropped on the way and cost nothing."""
+    def take(self, budget: BatchBudget, now_s: float, into: list[Entry[ItemT, ResultT]]) -> None:
+        """Move live items, most urgent first, while they fit `budget`, onto `into` (one at a
+        time, so none is ever in neither list); gone or stale ones are dropped on the way and
+        cost nothing."""
         batch = FormingBatch(budget)
-        taken: list[Entry[ItemT, ResultT]] = []
         for entry in self.in_order(now_s):
             if entry.future.done():  # cancelled by its caller, or already timed out
                 self.forget(entry)
@@ -118,10 +124,9 @@ class WaitingQueue(Generic[ItemT, ResultT]):
                 self.expire(entry)  # its timer is late (a busy loop); same answer
             elif batch.offer(entry.size):
                 self.forget(entry)
-                taken.append(entry)
+                into.append(entry)
             else:
                 break  # the first item that does not fit opens the next batch
-        return taken
 
     def drain(self) -> list[Entry[ItemT, ResultT]]:
         """Remove and return everything (the collector is stopping)."""

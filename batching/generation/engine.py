@@ -345,10 +345,10 @@ class GenerationEngine:
     def _shut(self, message: str) -> None:
         """The loop ended (stopped or died): waiting requests get EngineStoppedError, the ones
         in slots (computed in part) RequestInterruptedError."""
-        self._answer_evicted()
-        with self._cond:
+        with self._cond:  # one section: no submit can evict into _evicted after this
             self._accepting = False
             waiting = self._scheduler.take_all()
+        self._answer_evicted()
         for leader in waiting:
             self._fail_group(leader, lambda: EngineStoppedError(message))
         for slot in range(self._slots.in_use - 1, -1, -1):

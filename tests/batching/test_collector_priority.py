@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from batching.errors import QueueFullError
+from batching.errors import ModelExecutionError, QueueFullError
 from tests.batching.collector_fakes import (
     FakeModel,
     MakeCollector,
@@ -85,3 +85,48 @@ async def test_a_full_queue_refuses_its_least_urgent_item(make_collector: MakeCo
         ("queue_full", 20),
         ("queue_full", 20),
     ]
+
+
+async def test_several_items_are_queued_all_or_none_and_push_nobody_out_for_nothing(
+    make_collector: MakeCollector,
+) -> None:
+    model, observer = FakeModel(blocked=True), RecordingObserver()
+    collector = make_collector(
+        model, max_batch_size=1, max_wait_ms=0.0, max_queue=4, observer=observer
+    )
+    busy = await keep_busy(collector, model)
+    low = await enqueue(collector, ["low1", "low2"], priority=10)
+    high = await enqueue(collector, ["high1", "high2"], priority=0)
+
+    # Three urgent items would need three less urgent ones pushed out; there are two.
+    with pytest.raises(QueueFullError):
+        await collector.submit_many(["u1", "u2", "u3"], priority=0)
+    assert collector.queue_depth == 4 and not any(t.done() for t in low)
+    # Two fit, by pushing out exactly the two less urgent ones.
+    both = asyncio.create_task(collector.submit_many(["u1", "u2"], priority=0))
+    await asyncio.sleep(0)
+    model.release.set()
+
+    assert await gather(both) == [["U1", "U2"]]
+    results = await gather(busy, *low, *high)
+    assert results[0] == "X" and all(isinstance(r, QueueFullError) for r in results[1:3])
+    assert results[3:] == ["HIGH1", "HIGH2"]
+    assert observer.rejected_priorities == [0, 0, 0, 10, 10]  # 3 refused newcomers, 2 evicted
+
+
+async def test_when_one_of_several_items_fails_the_others_leave_the_queue(
+    make_collector: MakeCollector,
+) -> None:
+    model = FakeModel(poison=frozenset({"bad"}), blocked=True)
+    collector = make_collector(model, max_batch_size=1, max_wait_ms=0.0)
+    busy = await keep_busy(collector, model)
+    several = asyncio.create_task(collector.submit_many(["bad", "later1", "later2"]))
+    await asyncio.sleep(0)
+    model.release.set()
+
+    (failure,) = await gather(several)
+    assert isinstance(failure, ModelExecutionError)
+    assert await gather(busy) == ["X"]
+    # later1's batch had started before the failure reached the caller; later2 never did.
+    assert model.batches == [["x"], ["bad"], ["later1"]]
+    assert collector.queue_depth == 0
