@@ -12,9 +12,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = "X-Model-Revision"
-# Path prefix -> the model that serves it.
+# Path prefix -> the model that serves it; the first match wins.
 MODEL_ROUTES = (
     ("/predict", "predict"),
+    ("/v1/embeddings", "predict"),  # on the /predict path
     ("/generate", "generate"),
     ("/v1/", "generate"),
     ("/tokenize", "generate"),

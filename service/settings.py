@@ -15,7 +15,11 @@ PLACEHOLDER_API_KEY = "replace-me-before-deploying"
 class Settings(BaseSettings):
     """Every knob of the service. `.env.example` lists each field with its default."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a bad API_KEYS or API_KEY_PRIORITIES must not print the keys into
+    # the start-up log (a crash-looping pod's log is read by more people than its secrets).
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     predict_model: str = Field("", description="Hub id or local path; empty disables /predict")
     predict_model_revision: str = Field("main", description="Pinned revision of PREDICT_MODEL")
@@ -117,12 +121,16 @@ class Settings(BaseSettings):
     @field_validator("api_key_priorities")
     @classmethod
     def _key_priorities_parse(cls, value: str) -> str:
-        for item in (i.strip() for i in value.split(",") if i.strip()):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        for position, item in enumerate(items, start=1):  # messages name it, never the key
             key, _, number = item.partition("=")
             if not key.strip() or not number.strip().lstrip("-").isdigit():
-                raise ValueError(f"expected key=priority items, got {item!r}")
+                raise ValueError(f"item {position}: expected key=priority")
             if not PRIORITY_MIN <= int(number) <= PRIORITY_MAX:
-                raise ValueError(f"{item!r}: priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}]")
+                raise ValueError(
+                    f"item {position}: priority {number.strip()} is not in "
+                    f"[{PRIORITY_MIN}, {PRIORITY_MAX}]"
+                )
         return value
 
     @field_validator("api_keys")

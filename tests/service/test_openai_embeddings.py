@@ -74,11 +74,13 @@ def test_token_ids_embed_like_the_text_they_encode(client, tokenizer):
     assert many.usage.prompt_tokens == texts.usage.prompt_tokens
 
 
-def test_embeddings_share_the_predict_cache(server):
+def test_embeddings_share_the_predict_cache_and_name_the_predict_models_revision(server):
     text = "a sentence first seen by /predict"
-    httpx.post(f"{server.url}/predict", json={"text": text}).raise_for_status()
+    predicted = httpx.post(f"{server.url}/predict", json={"text": text})
     answer = httpx.post(f"{server.url}/v1/embeddings", json={"input": text})
     assert answer.status_code == 200 and answer.headers["x-cache"] == "hit"
+    revision = predicted.json()["model_revision"]
+    assert answer.headers["x-model-revision"] == predicted.headers["x-model-revision"] == revision
 
 
 def test_models_list_the_embedding_model(client):

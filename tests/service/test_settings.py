@@ -29,3 +29,18 @@ def test_the_kubernetes_placeholder_key_refuses_to_start():
     with pytest.raises(ValidationError, match="placeholder"):
         Settings(api_keys=f"real-key,{placeholder}")
     assert Settings(api_keys="real-key").api_key_set == {"real-key"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"api_keys": "s3cret-real-key,replace-me-before-deploying"}, "placeholder"),
+        ({"api_key_priorities": "s3cret-real-key=abc"}, "item 1: expected key=priority"),
+        ({"api_key_priorities": "other=1,s3cret-real-key=500"}, "item 2: priority 500"),
+    ],
+)
+def test_a_refused_setting_says_why_without_printing_a_key(settings, says) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(**settings)
+    assert says in str(refused.value)
+    assert "s3cret-real-key" not in str(refused.value)
