@@ -85,10 +85,13 @@ def model_inputs(body: EmbeddingRequest, settings: Settings) -> list[ModelInput]
     for i, model_input in enumerate(inputs):
         if isinstance(model_input, str) and not model_input:
             raise OpenAIError(f"input.{i}: an empty string", "input")
-        if isinstance(model_input, str) and len(model_input) > settings.max_input_chars:
+        # MAX_INPUT_CHARS bounds token ids too (a token is at least one character): they are
+        # validated one by one and keyed whole in the response cache.
+        if len(model_input) > settings.max_input_chars:
+            unit = "characters" if isinstance(model_input, str) else "token ids"
             raise OpenAIError(
-                f"input.{i}: {len(model_input)} characters, more than the limit of "
-                f"{settings.max_input_chars}",
+                f"input.{i}: {len(model_input)} {unit}, more than the limit of "
+                f"{settings.max_input_chars} (MAX_INPUT_CHARS)",
                 "input",
             )
     return inputs

@@ -96,6 +96,7 @@ def test_models_list_the_embedding_model(client):
         ({"input": "text", "dimensions": 128}, "dimensions", "384 dimensions"),
         ({"input": ["t"] * 65}, "input", "MAX_BATCH_TEXTS"),
         ({"input": [[1, 2], []]}, "input", "at least 1 item"),
+        ({"input": [7] * 2001}, "input", "2001 token ids, more than the limit of 2000"),
     ],
 )
 def test_bad_input_is_a_400_in_openai_shape_and_the_server_keeps_serving(
