@@ -23,6 +23,7 @@ ValueT = TypeVar("ValueT")
 
 
 class CacheKey(NamedTuple):
+    tenant: str  # the caller's API key, or "" (an open API, or PREDICT_CACHE_SHARED)
     model: str
     revision: str
     task: str

@@ -51,9 +51,9 @@ class PredictService:
     def loaded(self) -> LoadedModel:
         return self.predictor.loaded
 
-    def cache_key(self, model_input: ModelInput) -> CacheKey:
+    def cache_key(self, model_input: ModelInput, tenant: str = "") -> CacheKey:
         loaded = self.loaded
-        return CacheKey(loaded.name, loaded.revision, loaded.task, model_input)
+        return CacheKey(tenant, loaded.name, loaded.revision, loaded.task, model_input)
 
     async def answer(
         self,
@@ -61,10 +61,12 @@ class PredictService:
         request_id: str,
         use: CacheUse | None = None,
         priority: int = 0,
+        tenant: str = "",
     ) -> list[Answer]:
-        """One answer per input, in order. Raises ApiError (the first failure) for the call."""
+        """One answer per input, in order. Raises ApiError (the first failure) for the call.
+        `tenant` scopes the cache: a tenant only ever hits what it stored itself."""
         use = use or CacheUse()
-        found = self._look_up(inputs, use)
+        found = self._look_up(inputs, use, tenant)
         # An input repeated within one call is computed once.
         pairs = zip(inputs, found, strict=True)
         missing = list(dict.fromkeys(model_input for model_input, hit in pairs if hit is None))
@@ -80,17 +82,19 @@ class PredictService:
         }
         if self.cache is not None and use.write:
             for model_input, computed in fresh.items():
-                self.cache.put(self.cache_key(model_input), computed)
+                self.cache.put(self.cache_key(model_input, tenant), computed)
         answers = []
         for model_input, hit in zip(inputs, found, strict=True):
             computed = hit if hit is not None else fresh[model_input]
             answers.append(Answer(computed.prediction, computed.tokens, cached=hit is not None))
         return answers
 
-    def _look_up(self, inputs: Sequence[ModelInput], use: CacheUse) -> list[Computed | None]:
+    def _look_up(
+        self, inputs: Sequence[ModelInput], use: CacheUse, tenant: str
+    ) -> list[Computed | None]:
         if self.cache is None or not use.read:
             return [None] * len(inputs)
-        found = [self.cache.get(self.cache_key(model_input)) for model_input in inputs]
+        found = [self.cache.get(self.cache_key(model_input, tenant)) for model_input in inputs]
         hits = sum(hit is not None for hit in found)
         self.metrics.cache_hits.inc(hits)
         self.metrics.cache_misses.inc(len(inputs) - hits)

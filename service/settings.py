@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     predict_cache_ttl_s: float = Field(
         300.0, ge=0, description="Seconds a cached result may be served; 0 = no expiry"
     )
+    predict_cache_shared: bool = Field(
+        False, description="One cache for every API key (else one per key: none sees another's)"
+    )
     max_input_chars: int = Field(2000, ge=1)
     max_batch_texts: int = Field(64, ge=1)
 

@@ -18,7 +18,7 @@ from typing import Annotated, Literal, cast
 from fastapi import Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.deps import PredictServiceDep, SettingsDep, resolve_priority
+from service.deps import PredictServiceDep, SettingsDep
 from service.openai.errors import OpenAIError
 from service.openai.router import v1_router
 from service.predict_service import PredictService
@@ -132,8 +132,7 @@ async def create_embeddings(
 ) -> EmbeddingResponse:
     check_embedding_model(service, body)
     inputs = model_inputs(body, settings)
-    priority = resolve_priority(request, settings, body.priority)
-    answers = await answer_inputs(service, inputs, request, response, priority)
+    answers = await answer_inputs(service, inputs, body.priority, request, response, settings)
     audit_answers(request, answers)
     data = []
     for index, answer in enumerate(answers):

@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from fastapi import APIRouter, Request, Response
 
 from service.audit import audit_predictions
-from service.deps import ApiKeyDep, PredictServiceDep, SettingsDep, resolve_priority
+from service.deps import (
+    ApiKeyDep,
+    PredictServiceDep,
+    SettingsDep,
+    configured_key,
+    resolve_priority,
+)
 from service.errors import ApiError
 from service.limits import RateLimitDep
 from service.predict_cache import CacheUse
@@ -51,20 +57,28 @@ def check_text_lengths(texts: list[str], settings: Settings) -> None:
             )
 
 
+def cache_tenant(request: Request, settings: Settings) -> str:
+    if settings.predict_cache_shared:
+        return ""
+    return configured_key(request, settings.api_key_set) or ""
+
+
 async def answer_inputs(
     service: PredictService,
     inputs: Sequence[ModelInput],
+    priority: int | None,
     request: Request,
     response: Response,
-    priority: int,
+    settings: Settings,
 ) -> list[Answer]:
-    """The model's answers for validated inputs (also /v1/embeddings'): Cache-Control read
-    from the request, X-Cache set on the response."""
+    """The model's answers for validated inputs (also /v1/embeddings'), at the caller's
+    priority and in its share of the cache: Cache-Control read, X-Cache set."""
     answers = await service.answer(
         inputs,
         request_id_of(request),
         CacheUse.from_cache_control(request.headers.get("cache-control")),
-        priority,
+        resolve_priority(request, settings, priority),
+        cache_tenant(request, settings),
     )
     if service.cache is not None:
         hits = sum(answer.cached for answer in answers)
@@ -108,8 +122,9 @@ async def predict(
 ) -> PredictResponse:
     started = time.perf_counter()
     check_text_lengths([body.text], settings)
-    priority = resolve_priority(request, settings, body.priority)
-    (answer,) = await answer_inputs(service, [body.text], request, response, priority)
+    (answer,) = await answer_inputs(
+        service, [body.text], body.priority, request, response, settings
+    )
     audit_answers(request, [answer])
     return to_response(answer, service, started, request_id_of(request))
 
@@ -126,8 +141,7 @@ async def predict_batch(
 ) -> PredictBatchResponse:
     started = time.perf_counter()
     check_text_lengths(body.texts, settings)
-    priority = resolve_priority(request, settings, body.priority)
-    answers = await answer_inputs(service, body.texts, request, response, priority)
+    answers = await answer_inputs(service, body.texts, body.priority, request, response, settings)
     request_id = request_id_of(request)
     audit_answers(request, answers)
     return PredictBatchResponse(

@@ -16,7 +16,7 @@ class FakeClock:
 
 
 def key(text: str, revision: str = "main") -> CacheKey:
-    return CacheKey("model", revision, "classification", text)
+    return CacheKey("", "model", revision, "classification", text)
 
 
 def test_a_stored_result_is_served_and_an_unknown_text_misses() -> None:

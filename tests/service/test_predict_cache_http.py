@@ -99,3 +99,24 @@ def test_bad_input_is_refused_and_never_cached(http):
     before = counts(http)
     assert http.post("/predict", json={"text": ""}).status_code == 422
     assert grown(before, counts(http)) == (0, 0, 0)
+
+
+def test_with_api_keys_each_key_has_its_own_share_of_the_cache(start_server, demo_models):
+    server = start_server(
+        PREDICT_MODEL=str(demo_models["classifier"]),
+        PREDICT_CACHE_SIZE=str(CACHE_SIZE),
+        API_KEYS="key-a,key-b",
+        RATE_LIMIT="100000/minute",
+    )
+
+    def cached(key: str) -> bool:
+        headers = {"Authorization": f"Bearer {key}"}
+        answer = httpx.post(f"{server.url}/predict", json={"text": "private"}, headers=headers)
+        return answer.json()["cached"]
+
+    assert [cached("key-a"), cached("key-b"), cached("key-a"), cached("key-b")] == [
+        False,
+        False,
+        True,
+        True,
+    ]

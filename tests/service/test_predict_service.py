@@ -73,6 +73,20 @@ async def test_a_new_revision_never_gets_the_old_revision_s_results(
     assert [a.cached for a in await new.answer(["same text"], "r3")] == [False]
 
 
+async def test_a_tenant_only_ever_hits_what_it_stored_itself(make_service: MakeService) -> None:
+    service = make_service("v1", PredictionCache(max_entries=8, ttl_s=0))
+
+    async def cached(tenant: str) -> bool:
+        (answer,) = await service.answer(["a private text"], "r", tenant=tenant)
+        return answer.cached
+
+    assert [await cached("key-a"), await cached("key-b"), await cached("key-a")] == [
+        False,
+        False,  # key-b sent the same text: computed for it, nothing told about key-a
+        True,
+    ]
+
+
 async def test_a_text_the_tokenizer_refuses_is_a_422_and_computes_nothing(
     make_service: MakeService,
 ) -> None:
