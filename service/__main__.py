@@ -30,6 +30,7 @@ from service.settings import Settings
 log = logging.getLogger("service")
 
 DRAIN_POLL_S = 0.05
+SHUTDOWN_AFTER_DRAIN_S = 3  # uvicorn closes what the drain left open, then the engines stop
 
 
 class DrainingServer(uvicorn.Server):
@@ -91,7 +92,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         port=int(os.environ.get("PORT", "8000")),
         workers=1,  # one process holds the model; more workers would load more copies
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        # Our drain (DrainingServer) has already waited DRAIN_TIMEOUT_S for the requests in
+        # flight; uvicorn's own graceful wait after it only closes what is left.
+        timeout_graceful_shutdown=SHUTDOWN_AFTER_DRAIN_S,
         # uvicorn's default of 5 s is shorter than NGINX's 60 s for idle upstream connections:
         # NGINX could reuse a connection just as uvicorn closes it, and that POST would fail.
         timeout_keep_alive=settings.keep_alive_timeout_s,

@@ -28,6 +28,7 @@ from service.predictor import EncodedText, Prediction, Predictor
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+AFTER_DRAIN_STOP_S = 5.0  # per engine, once a drain has run (see Runtime.stop)
 T = TypeVar("T")
 
 DEMO_WARNING = (
@@ -189,11 +190,15 @@ class Runtime:
         return time.perf_counter() - started
 
     async def stop(self) -> None:
+        """Stop both engines. After a drain (SIGTERM) the requests have had DRAIN_TIMEOUT_S
+        already, so what is still running gets AFTER_DRAIN_STOP_S per engine, no more: a pod's
+        terminationGracePeriodSeconds must cover preStop + drain + this, not twice the drain."""
         self.ready = False
+        timeout_s = AFTER_DRAIN_STOP_S if self.draining else self.settings.drain_timeout_s
         if self.generate is not None:
-            await self.generate.stop(self.settings.drain_timeout_s)
+            await self.generate.stop(timeout_s)
         if self.predict is not None:
-            await self.predict.collector.stop(self.settings.drain_timeout_s)
+            await self.predict.collector.stop(timeout_s)
 
     def refresh_gauges(self) -> None:
         """Gauges read at scrape time rather than updated on the hot path."""
