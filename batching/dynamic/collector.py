@@ -178,11 +178,16 @@ class BatchCollector(Generic[ItemT, ResultT]):
             self._wakeup.set()
         futures = [entry.future for entry in entries]
         try:
-            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            if len(futures) == 1:  # the /predict hot path: no waiter task for one future
+                await futures[0]
+            else:
+                await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        except Exception:
+            pass  # an item's own failure: raised below, the first in order
         finally:  # the caller left, or one failed: the rest must not cost compute
             for entry in entries:
+                self._waiting.forget(entry)  # a no-op for those already taken
                 if not entry.future.done():
-                    self._waiting.forget(entry)
                     entry.future.cancel()
         return _results_or_first_error(futures)
 
