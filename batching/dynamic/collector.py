@@ -239,10 +239,10 @@ class BatchCollector(Generic[ItemT, ResultT]):
         if not (self._accepting and self._pacer.worth_waiting()):
             return True
         forming = FormingBatch(self._budget)
-        for entry in self._waiting:
+        loop = asyncio.get_running_loop()
+        for entry in self._waiting.in_order(loop.time()):  # the items take() will pick
             if _fills(forming, entry.size):
                 break
-        loop = asyncio.get_running_loop()
         deadline_s = self._waiting.oldest().enqueued_at_s + self._max_wait_s
         self._forming = forming  # an item cancelled meanwhile stays counted: it closes early
         try:
