@@ -107,8 +107,8 @@ def check_embedding_model(service: PredictService, body: EmbeddingRequest) -> No
             "model_not_supported",
             status=404,
         )
-    size = int(service.loaded.model.config.hidden_size)
-    if body.dimensions is not None and body.dimensions != size:
+    size = getattr(service.loaded.model.config, "hidden_size", None)  # the pooled vector's
+    if body.dimensions is not None and size is not None and body.dimensions != size:
         raise OpenAIError(
             f"dimensions: this model's embeddings have {size} dimensions and cannot be "
             f"shortened to {body.dimensions} (omit the field or send {size})",
@@ -137,6 +137,9 @@ async def create_embeddings(
     data = []
     for index, answer in enumerate(answers):
         assert isinstance(answer.prediction, Embedding)  # checked: an embedding model
+        size = len(answer.prediction.embedding)
+        if body.dimensions is not None and body.dimensions != size:  # a config without hidden_size
+            raise OpenAIError(f"dimensions: this model's embeddings have {size}", "dimensions")
         data.append(
             EmbeddingData(
                 index=index, embedding=encoded(answer.prediction.embedding, body.encoding_format)

@@ -127,6 +127,7 @@ async def test_when_one_of_several_items_fails_the_others_leave_the_queue(
     (failure,) = await gather(several)
     assert isinstance(failure, ModelExecutionError)
     assert await gather(busy) == ["X"]
-    # later1's batch had started before the failure reached the caller; later2 never did.
-    assert model.batches == [["x"], ["bad"], ["later1"]]
+    # The collector may have started later1's batch before the failure reached the caller
+    # (its thread finishes "bad" and picks the next item at once); later2 waited and left.
+    assert model.batches[:2] == [["x"], ["bad"]] and ["later2"] not in model.batches
     assert collector.queue_depth == 0
