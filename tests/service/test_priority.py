@@ -21,8 +21,8 @@ def server(start_server, demo_models):
         API_KEYS=f"{BATCH_KEY},{CHAT_KEY}",
         API_KEY_PRIORITIES=f"{BATCH_KEY}=10",
         RATE_LIMIT="100000/minute",
-        GENERATE_MAX_NEW_TOKENS="400",
-        GENERATE_MAX_SEQ_LEN="512",
+        GENERATE_MAX_NEW_TOKENS="900",
+        GENERATE_MAX_SEQ_LEN="1024",
     )
 
 
@@ -52,7 +52,7 @@ def test_an_urgent_request_waits_less_than_the_batch_requests_queued_before_it(s
                     await asyncio.sleep(0.002)
                 raise AssertionError(f"{name} never reached {count}")
 
-            blocker = asyncio.ensure_future(post(BATCH_KEY, "a long batch job", 400))
+            blocker = asyncio.ensure_future(post(BATCH_KEY, "a long batch job", 900))
             await until("generate_slots_in_use", 1)
             batch = [asyncio.ensure_future(post(BATCH_KEY, f"batch job {i}")) for i in range(4)]
             await until("generate_waiting_requests", 4)
@@ -61,7 +61,7 @@ def test_an_urgent_request_waits_less_than_the_batch_requests_queued_before_it(s
 
     blocker, batch, urgent = asyncio.run(run())
     # The blocker really held the slot while the urgent request arrived (no early EOS).
-    assert blocker["completion_tokens"] == 400, blocker
+    assert blocker["completion_tokens"] == 900, blocker
     queued_before = [b["timings"]["queue_ms"] for b in batch]
     assert urgent["timings"]["queue_ms"] < min(queued_before), (urgent["timings"], queued_before)
 
