@@ -1,10 +1,12 @@
 """An in-process LRU cache of one-shot results (PREDICT_CACHE_SIZE, PREDICT_CACHE_TTL_S).
 
 One cache is created per loaded model (it lives on its PredictService), and its keys name the
-model, revision and task as well as the exact text, so a result can never outlive the model
-that computed it. It stores model outputs (a Classification or an Embedding), not responses:
-an embeddings endpoint can share it with /predict. Only the event loop thread touches it.
-Generation is never cached (sampling makes two answers to one prompt differ by design).
+model, revision and task as well as the exact input, so a result can never outlive the model
+that computed it, and the tenant (the caller's API key unless PREDICT_CACHE_SHARED), so a hit
+never tells one client what another sent. It stores model outputs (a Classification or an
+Embedding) with their token counts, not responses: /v1/embeddings shares it with /predict.
+Only the event loop thread touches it. Generation is never cached (sampling makes two answers
+to one prompt differ by design).
 
 `Cache-Control` on a request, as HTTP caches read it: `no-cache` skips the lookup (the result
 is computed afresh, and the fresh result replaces the stored one); `no-store` keeps the result

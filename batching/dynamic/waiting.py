@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -53,9 +53,6 @@ class WaitingQueue(Generic[ItemT, ResultT]):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __iter__(self) -> Iterator[Entry[ItemT, ResultT]]:
-        return iter(self._entries)
 
     def oldest(self) -> Entry[ItemT, ResultT]:
         return next(iter(self._entries))

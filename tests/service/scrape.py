@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
-from metrics_text import sample_value
-
-POLL_S = 0.02
+from metrics_text import parse_metrics, sample_value
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -18,23 +14,25 @@ def metric(text: str, name: str, **labels: str) -> float:
     return sample_value(text, name, **labels)
 
 
+def step_batch_buckets(url: str) -> dict[float, float]:
+    """generate_step_batch_size's cumulative buckets: {upper bound: decode steps so far}."""
+    samples = parse_metrics(httpx.get(f"{url}/metrics").text)
+    prefix = 'generate_step_batch_size_bucket{le="'
+    return {float(k[len(prefix) : -2]): v for k, v in samples.items() if k.startswith(prefix)}
+
+
 @contextmanager
-def peak_slots_in_use(url: str) -> Iterator[dict[str, float]]:
-    """Poll generate_slots_in_use while the block runs; yields {"slots": highest seen}."""
-    peak = {"slots": 0.0}
-    done = threading.Event()
-
-    def watch() -> None:
-        with httpx.Client(base_url=url, timeout=10) as client:
-            while not done.is_set():
-                value = metric(client.get("/metrics").text, "generate_slots_in_use")
-                peak["slots"] = max(peak["slots"], value)
-                time.sleep(POLL_S)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+def largest_decode_step(url: str) -> Iterator[dict[str, float]]:
+    """While the block runs, the decode steps the engine itself counts (no sampling that a
+    fast machine could slip between): yields {"rows": the smallest histogram bound that
+    holds every step of the block}, filled in when the block ends. 1 means every step ran
+    one row; 2 means some step ran two rows."""
+    before = step_batch_buckets(url)
+    found = {"rows": 0.0}
     try:
-        yield peak
+        yield found
     finally:
-        done.set()
-        watcher.join()
+        after = step_batch_buckets(url)
+        grown = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+        steps = grown[float("inf")]
+        found["rows"] = min(bound for bound, count in grown.items() if count == steps)
