@@ -80,6 +80,7 @@ class GenerationService:
             special_tokens=special_token_strings(loaded),
             cuda_graphs=settings.generate_cuda_graphs,
             prefill_chunk_tokens=settings.generate_prefill_chunk_tokens,
+            mixed_steps=settings.generate_mixed_steps,
             prefix_cache_tokens=settings.generate_prefix_cache_tokens,
             grammar_tokenizer=grammars,
             priority_aging_s=settings.priority_aging_s,
@@ -124,6 +125,8 @@ class GenerationService:
             "attn_implementation": self.settings.attn_implementation,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
+            "prefill_chunk_limits": self.engine.prefill_chunk_limits.as_dict(),
+            "mixed_steps": self.settings.generate_mixed_steps,
             "max_choices": self.settings.generate_max_choices,
             "structured_output": self.grammar_tokenizer is not None,
             "prefix_cache": {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,9 +68,13 @@ class Settings(BaseSettings):
     generate_cancel_on_disconnect: bool = True
     # decode steps replay CUDA graphs (captured at warm-up); auto = on where CUDA is available
     generate_cuda_graphs: Literal["auto", "on", "off"] = "auto"
-    generate_prefill_chunk_tokens: int = Field(
-        256, ge=16, description="Most prompt tokens prefilled per step while streams decode"
+    generate_prefill_chunk_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] = Field(
+        "auto",
+        description="Most prompt tokens prefilled per step while streams decode; auto = "
+        "measured at warm-up",
     )
+    # a step's prefill runs inside the decode forward (one mixed batch) while streams decode
+    generate_mixed_steps: bool = True
     generate_max_choices: int = Field(
         4, ge=1, description="Most choices (OpenAI's n) per request; each takes a slot"
     )

@@ -4,10 +4,11 @@ One engine thread owns the slots, the KV cache and the model; it is their only w
 handlers only `submit()` (which validates and queues, under one lock) and read their handle.
 Each step (see RunningBatch in running_batch.py for the details): retire ended rows, prefill
 (the next chunk of a long prompt, or waiting requests admitted into free slots, after copying
-in their cached prefixes), run one decode forward over all rows past their prefill, sample one
-token per row, push the tokens to the handles, retire finished rows (their slots serve the
-next request in the very next step). When there is nothing to do the thread sleeps on a
-Condition: no polling.
+in their cached prefixes), run one decode forward over all rows past their prefill (while rows
+decode, the prefill and the decode are one forward: a mixed step), sample one token per row,
+push the tokens to the handles, retire finished rows (their slots serve the next request in
+the very next step). When there is nothing to do the thread sleeps on a Condition: no
+polling.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
@@ -29,6 +31,7 @@ from batching.errors import (
     QueueTimeoutError,
     RequestInterruptedError,
 )
+from batching.generation.chunk_sizing import ChunkLimits, measure_chunk_limits
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle
@@ -65,7 +68,8 @@ class GenerationEngine:
         max_seq_len: int,
         max_queue: int,
         timeout_s: float,
-        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        prefill_chunk_tokens: int | Literal["auto"] = DEFAULT_PREFILL_CHUNK_TOKENS,
+        mixed_steps: bool = True,  # prefill inside the decode forward (mixed_attention.py)
         prefix_cache_tokens: int = 0,
         observer: EngineObserver | None = None,
         special_tokens: Sequence[str] = (),
@@ -102,10 +106,16 @@ class GenerationEngine:
             special_tokens=tuple(special_tokens),  # their text never reaches a client
             grammar_tokenizer=grammar_tokenizer,
             eos_token_ids=frozenset(eos_token_ids),
-            chunk_tokens=prefill_chunk_tokens,
+            chunk_limits=ChunkLimits.fixed(
+                DEFAULT_PREFILL_CHUNK_TOKENS
+                if prefill_chunk_tokens == "auto"
+                else prefill_chunk_tokens
+            ),
+            mixed_steps=mixed_steps,
             prefix_cache_tokens=prefix_cache_tokens,
             timeout_s=timeout_s,
         )
+        self._measure_chunk = prefill_chunk_tokens == "auto"  # by warm_up()
         self._cond = threading.Condition()  # guards the scheduler and the flags below
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -160,6 +170,11 @@ class GenerationEngine:
         return 0.0 if prefixes is None else prefixes.usage_ratio
 
     @property
+    def prefill_chunk_limits(self) -> ChunkLimits:
+        """Prompt tokens a step prefills while rows decode (measured by warm_up() if "auto")."""
+        return self._batch.chunk_limits
+
+    @property
     def max_seq_len(self) -> int:
         return self._slots.max_seq_len
 
@@ -172,7 +187,8 @@ class GenerationEngine:
 
     def warm_up(self, prompt_tokens: int = 16, decode_steps: int = 2) -> None:
         """Run prefill and decode for 1 row and for every slot once, then capture the decode
-        step's CUDA graphs where they can be used; call before start()."""
+        step's CUDA graphs where they can be used, and with prefill_chunk_tokens="auto"
+        measure the chunk size (chunk_sizing.py); call before start()."""
         if self._thread is not None:
             raise RuntimeError(
                 "warm_up() must run before start(): the engine thread owns the cache"
@@ -186,6 +202,10 @@ class GenerationEngine:
                     self._runner.decode_step([0] * rows, lengths)
                     lengths = [n + 1 for n in lengths]
             self._runner.capture_cuda_graphs()
+            if self._measure_chunk:
+                limits = measure_chunk_limits(self._runner, DEFAULT_PREFILL_CHUNK_TOKENS)
+                self._batch.chunk_limits = limits
+                logger.info("prefill chunk limits measured: %s", limits.as_dict())
 
     def start(self) -> None:
         """Start the engine thread (once)."""
@@ -302,10 +322,13 @@ class GenerationEngine:
             self._answer_evicted()
             self._batch.retire_ended()
             work = self._batch.next_prefill(self._take_admissions)
-            if work is not None:
-                self._batch.prefill(work)
-                self._outbox.flush()  # first tokens go out before this step's decode
-            self._batch.decode()
+            if work is not None and self._batch.mixes(work):
+                self._batch.prefill_and_decode(work)  # one forward for both
+            else:
+                if work is not None:
+                    self._batch.prefill(work)
+                    self._outbox.flush()  # first tokens go out before this step's decode
+                self._batch.decode()
             if self._stopping and time.perf_counter() > self._drain_deadline_s:
                 self._batch.fail_all(
                     lambda: RequestInterruptedError("the engine stopped before this request ended")

@@ -4,7 +4,7 @@ of cached prefix blocks beside it.
 `SlotKVCache` owns the memory: [2 (K, V), layers, num_slots + 1, kv_heads, max_seq_len,
 head_dim] in one tensor, so moving a sequence between slots, or copying a cached prefix into
 one, is a single copy rather than two per layer. For each forward the model runner asks it for
-a small adapter (`PrefillView` or `DecodeView`) and passes that as `past_key_values`.
+a small adapter (`PrefillView`, `DecodeView` or `MixedView`) and passes that as `past_key_values`.
 transformers' attention layers call `adapter.update(key_states, value_states, layer_idx)` once
 per layer; the adapter writes each row at its own positions and returns the K/V the layer
 attends over.
@@ -70,6 +70,9 @@ class SlotKVCache:
         self, write_slots: torch.Tensor, positions: torch.Tensor, kv_len: int
     ) -> DecodeView:
         return DecodeView(self, write_slots, positions, kv_len)
+
+    def mixed_view(self, write_slots: torch.Tensor, positions: torch.Tensor) -> MixedView:
+        return MixedView(self, write_slots, positions)
 
 
 class _ViewBase:
@@ -161,6 +164,33 @@ class DecodeView(_ViewBase):
         values[self._write_slots, :, self._positions] = value_states[:, :, 0]
         # Rows are packed at slots 0..B-1, so this is a view: no copy of the cache.
         return keys[:batch, :, : self._kv_len], values[:batch, :, : self._kv_len]
+
+
+class MixedView(_ViewBase):
+    """The packed tokens of a mixed step (mixed_attention.py): token i's K/V goes to slot
+    write_slots[i] at position positions[i]. Returns the layer's whole K/V tensors: the
+    mixed attention slices each part's slot and length itself."""
+
+    def __init__(
+        self, cache: SlotKVCache, write_slots: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        super().__init__(kv_len=cache.max_seq_len, q_len=len(positions))
+        self._cache = cache
+        self._write_slots = write_slots  # [N]
+        self._positions = positions  # [N]
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [1, kv_heads, N, head_dim]
+        keys, values = self._cache.keys[layer_idx], self._cache.values[layer_idx]
+        keys[self._write_slots, :, self._positions] = key_states[0].transpose(0, 1)  # [N, H, D]
+        values[self._write_slots, :, self._positions] = value_states[0].transpose(0, 1)
+        return keys, values
 
 
 class BlockPool:

@@ -1,4 +1,5 @@
-"""The two forward passes of the engine, gpt-fast style: `prefill` and `decode_step`.
+"""The forward passes of the engine, gpt-fast style: `prefill`, `decode_step`, and
+`mixed_step`, which runs both at once in one forward (see mixed_attention.py).
 
 Any Hugging Face decoder-only model works (Llama, Qwen2, Mistral shapes, bitsandbytes-quantised
 too) because the model is driven through its public forward with three explicit inputs:
@@ -18,7 +19,8 @@ attention have no such cost).
 
 The decode step runs at a few bucketed shapes over static buffers (buckets.py,
 decode_buffers.py): the same code on every device, replayed from CUDA graphs where they were
-captured at warm-up (cuda_graphs.py), run eagerly otherwise. Prefill stays eager.
+captured at warm-up (cuda_graphs.py), run eagerly otherwise. Prefill and mixed steps stay
+eager.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from batching.generation.cuda_graphs import (
 )
 from batching.generation.decode_buffers import DecodeBuffers
 from batching.generation.kv_cache import SlotKVCache
+from batching.generation.mixed_attention import MixedLayout, PrefillSegment, install
 
 
 class ModelRunner:
@@ -53,11 +56,15 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.cache = cache
+        install(model)  # type: ignore[arg-type]  # the model's own attention unless a step mixes
         embeddings = model.get_input_embeddings()  # type: ignore[operator]
         self.device: torch.device = embeddings.weight.device
         self.dtype: torch.dtype = embeddings.weight.dtype  # hidden states, scores, mask
         self._mask_min = torch.finfo(self.dtype).min
         self._arange = torch.arange(cache.max_seq_len, device=self.device)  # [S], reused
+        # A mixed forward's attention uses each part's own mask (MixedLayout); the model is
+        # given this 4D placeholder only so that it builds no mask of its own.
+        self._no_mask = torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
         reason = unavailable_reason(cuda_graphs, self.device)
         self.batch_buckets = batch_buckets(cache.num_slots)
         self.kv_buckets = decode_kv_buckets(
@@ -138,6 +145,67 @@ class ModelRunner:
         if not self._graphs.replay(shape):
             self._decode_bucket(*shape)
         return self.decode_buffers.logits[: len(tokens)]
+
+    def mixed_step(
+        self,
+        tokens: list[int],
+        lengths: list[int],
+        riders: Collection[int],
+        first_slot: int,
+        chunks: list[list[int]],
+        starts: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode_step(tokens, lengths, riders)` and `prefill(first_slot, chunks, starts)` in one
+        forward: the rows being prefilled must be among the riders. Returns float32 logits
+        [B, V] for the decode rows (riders' are garbage) and [k, V] for each chunk's last token.
+
+        Exact shapes, no buckets: the chunk sizes vary anyway, so this forward is not captured.
+        """
+        rows = len(tokens)
+        spare = self.cache.spare_slot
+        positions = [0 if r in riders else n for r, n in enumerate(lengths)]
+        write_slots = [spare if r in riders else r for r in range(rows)]
+        counted = [n for r, n in enumerate(lengths) if r not in riders] or [0]
+        spans, offset = [], rows
+        for row, (start, chunk) in enumerate(zip(starts, chunks, strict=True)):
+            positions.extend(range(start, start + len(chunk)))
+            write_slots.extend([first_slot + row] * len(chunk))
+            spans.append((first_slot + row, offset, len(chunk), start))
+            offset += len(chunk)
+        packed_positions = torch.tensor(positions, device=self.device)  # [N]
+        decode_kv_len = max(counted) + 1  # +1: this step's token
+        decode_allowed = self._arange[None, :decode_kv_len] <= packed_positions[:rows, None]
+        segments = tuple(
+            PrefillSegment(slot, offset, length, start + length, self._causal(start, length))
+            for slot, offset, length, start in spans
+        )
+        layout = MixedLayout(
+            rows, decode_kv_len, self._additive(decode_allowed)[:, None, None], segments
+        )
+        input_ids = torch.tensor([tokens + [t for c in chunks for t in c]], device=self.device)
+        keep = torch.tensor(
+            [*range(rows), *(s.offset + s.length - 1 for s in segments)], device=self.device
+        )  # [B + k]: each decode row, and each chunk's last token
+        view = self.cache.mixed_view(
+            torch.tensor(write_slots, device=self.device), packed_positions
+        )
+        output = self.model(
+            input_ids=input_ids,
+            position_ids=packed_positions[None],
+            attention_mask=self._no_mask,
+            past_key_values=view,
+            use_cache=True,
+            logits_to_keep=keep,
+            mixed_layout=layout,
+        )
+        logits = output.logits[0].float()  # [B + k, V]
+        return logits[:rows], logits[rows:]
+
+    def _causal(self, start: int, length: int) -> torch.Tensor:
+        """Additive mask [1, 1, length, start + length]: query j attends to columns <= start + j."""
+        queries = self._arange[start : start + length]
+        allowed = self._arange[None, : start + length] <= queries[:, None]
+        return self._additive(allowed)[None, None]
 
     def _decode_bucket(self, rows: int, kv_len: int) -> None:
         """The decode step at one bucket, over static buffers only: what a graph captures."""

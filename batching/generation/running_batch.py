@@ -10,15 +10,23 @@
    blocks to the prefix cache and sample the first token;
 4. `decode()`: one token for every row that is past its prefill.
 
-Chunked prefill: while other rows decode, a step prefills at most `chunk_tokens`, so a long
+3 and 4 in one forward (`prefill_and_decode`, when `mixes(work)`): while rows decode, the
+step's prefill tokens are packed after the decode rows' tokens into a single forward
+(mixed_attention.py), so the running streams wait for one forward per step, not a prefill
+forward and then a decode forward. Rows that complete their prompt in it sample their first
+token from it and decode from the next step on.
+
+Chunked prefill: while other rows decode, a step prefills at most what `chunk_limits` allow
+(a fixed number, or per position measured at warm-up: chunk_sizing.py), so a long
 prompt costs the running streams one short pause per step instead of one long freeze. A prompt
 longer than that is prefilled in chunks over several steps, one chunk per step, and its first
 token is sampled after its last chunk. At most one prompt is being chunked at a time (it was
 admitted alone, see Scheduler.admit). While it is, its row rides along in decode steps as a
 padding row (it writes no K/V of its own and its length does not size the step's attention),
 and its logits are ignored (its random stream is untouched), which keeps the decode batch a
-view over packed slots. With nothing decoding there is nobody to stall: the budget is then at
-least IDLE_PREFILL_TOKENS.
+view over packed slots; in a mixed step its chunk is the prefill part of the same forward.
+With nothing decoding there is nobody to stall: the budget is then at least
+IDLE_PREFILL_TOKENS.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from batching.errors import EngineError, QueueTimeoutError
 from batching.generation.choosing import choose_tokens, record_prompt_logprobs
+from batching.generation.chunk_sizing import ChunkLimits
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationDelta
 from batching.generation.logprobs import TokenLogprob
@@ -69,18 +80,20 @@ class RunningBatch:
         special_tokens: tuple[str, ...],
         grammar_tokenizer: object = None,
         eos_token_ids: frozenset[int],
-        chunk_tokens: int,
+        chunk_limits: ChunkLimits,
+        mixed_steps: bool,
         prefix_cache_tokens: int,
         timeout_s: float,
     ) -> None:
-        if chunk_tokens < 1:
-            raise ValueError("chunk_tokens must be >= 1")
+        if min(chunk_limits.chunks) < 1:
+            raise ValueError("chunk limits must be >= 1")
         self._runner = runner
         self._slots = slots
         self._outbox = outbox
         self._observer = observer
         self._eos_token_ids = eos_token_ids
-        self._chunk_tokens = chunk_tokens
+        self.chunk_limits = chunk_limits
+        self._mixed_steps = mixed_steps
         self._timeout_s = timeout_s
         self.prefixes = (
             PrefixStore(runner.cache, prefix_cache_tokens) if prefix_cache_tokens else None
@@ -96,12 +109,12 @@ class RunningBatch:
             prefixes=self.prefixes,
         )
 
-    @property
-    def budget(self) -> int:
-        """Prompt tokens this step may prefill (padded): bounds the running streams' pause."""
+    def budget(self, start: int = 0) -> int:
+        """Prompt tokens this step may prefill from position `start` on (padded): bounds the
+        running streams' pause."""
         if any(r.decoding for r in self._slots.owners):
-            return self._chunk_tokens
-        return max(self._chunk_tokens, IDLE_PREFILL_TOKENS)
+            return self.chunk_limits.chunk_at(start)
+        return max(self.chunk_limits.largest, IDLE_PREFILL_TOKENS)
 
     # ---- 1. retire ----
 
@@ -132,28 +145,23 @@ class RunningBatch:
 
     def next_prefill(self, admit: Callable[[int], list[Request]]) -> PrefillWork | None:
         """The next chunk of the prompt being chunked; else what admit(budget) gives."""
-        budget = self.budget
         for slot, request in enumerate(self._slots.owners):
             if request.prefilling:
-                take = _chunk_size(request, budget)
+                take = _chunk_size(request, self.budget(request.prefilled))
                 chunk = request.prompt_ids[request.prefilled : request.prefilled + take]
                 return PrefillWork(slot, [request], [request.prefilled], [chunk])
-        placed = self._placement.place(admit(budget))
+        placed = self._placement.place(admit(self.budget()))
         if not placed:
             return None
         chunks = [r.prompt_ids[r.prefilled :] for r in placed]
         if len(placed) == 1:  # admitted alone when its prompt is longer than the budget
-            chunks[0] = chunks[0][: _chunk_size(placed[0], budget)]
+            chunks[0] = chunks[0][: _chunk_size(placed[0], self.budget(placed[0].prefilled))]
         first_slot = self._slots.owners.index(placed[0])  # leaders are contiguous from here
         return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
 
     # ---- 3. prefill ----
 
     def prefill(self, work: PrefillWork) -> None:
-        completes = [
-            r.prefilled + len(chunk) == r.prompt_tokens
-            for r, chunk in zip(work.requests, work.chunks, strict=True)
-        ]
         every_position = work.requests[0].prefill_alone  # then it is the only row
         try:
             logits = self._runner.prefill(
@@ -162,19 +170,34 @@ class RunningBatch:
             if every_position:
                 record_prompt_logprobs(work.requests[0], work.starts[0], logits[0])
                 logits = logits[:, -1].float()  # [1, V]
-            # Each completed prompt samples its first token, and so does each of its followers,
-            # from the same logits row (each with its own params and random stream).
-            choosers = [
-                (i, r)
-                for i, leader in enumerate(work.requests)
-                if completes[i]
-                for r in (leader, *leader.followers)
-                if r.params.max_new_tokens > 0
-            ]
-            rows = [i for i, _ in choosers]
-            tokens, logprobs = choose_tokens(logits[rows], [r for _, r in choosers])
         except Exception as exc:
             logger.exception("prefill failed for %d requests", len(work.requests))
+            self._fail(work.requests, exc)
+            return
+        self._after_prefill(work, logits)
+        self.retire_ended()
+
+    def _after_prefill(self, work: PrefillWork, logits: torch.Tensor) -> None:
+        """The chunks are in the cache: advance the rows; each completed prompt saves its
+        blocks and samples its first token, and so does each of its followers, from the same
+        logits row [k, V] (each with its own params and random stream)."""
+        completes = [
+            r.prefilled + len(chunk) == r.prompt_tokens
+            for r, chunk in zip(work.requests, work.chunks, strict=True)
+        ]
+        choosers = [
+            (i, r)
+            for i, leader in enumerate(work.requests)
+            if completes[i]
+            for r in (leader, *leader.followers)
+            if r.params.max_new_tokens > 0
+        ]
+        try:
+            tokens, logprobs = choose_tokens(
+                logits[[i for i, _ in choosers]], [r for _, r in choosers]
+            )
+        except Exception as exc:
+            logger.exception("sampling after prefill failed for %d requests", len(work.requests))
             self._fail(work.requests, exc)
             return
         for offset, (request, chunk) in enumerate(zip(work.requests, work.chunks, strict=True)):
@@ -195,7 +218,6 @@ class RunningBatch:
             self._fork(leader)
             for request in (leader, *leader.followers):
                 self._first_output(request, sampled.get(id(request)), now_s)
-        self.retire_ended()
 
     def _fork(self, leader: Request) -> None:
         """Copy the leader's whole prompt K/V into each follower's slot (one copy each)."""
@@ -233,25 +255,73 @@ class RunningBatch:
 
     def decode(self) -> None:
         rows = list(self._slots.owners)
-        live = [i for i, r in enumerate(rows) if r.decoding]
-        if not live:
+        riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
+        if len(riders) == len(rows):
             return
-        self._observer.on_step(len(live))
         try:
             tokens_in = [r.next_token if r.decoding else 0 for r in rows]
-            riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
-            lengths = list(self._slots.lengths)
-            logits = self._runner.decode_step(tokens_in, lengths, riders)  # [B, V]
-            tokens, logprobs = choose_tokens(logits, rows, riders)  # masks the runner's buffer
+            logits = self._runner.decode_step(tokens_in, list(self._slots.lengths), riders)
         except Exception as exc:
             logger.exception("decode step failed for %d requests", len(rows))
             self._fail(rows, exc)
             return
+        self._after_decode(rows, riders, logits)
+        self.retire_ended()
+
+    def _after_decode(
+        self, rows: list[Request], riders: frozenset[int], logits: torch.Tensor
+    ) -> bool:
+        """One token for each row that is not a rider, from its logits row [B, V]. False if
+        sampling failed (then every row has failed, and slots may have moved)."""
+        live = [i for i in range(len(rows)) if i not in riders]
+        self._observer.on_step(len(live))
+        try:
+            tokens, logprobs = choose_tokens(logits, rows, riders)  # may mask logits in place
+        except Exception as exc:
+            logger.exception("sampling failed for %d requests", len(rows))
+            self._fail(rows, exc)
+            return False
         now_s = time.perf_counter()
         self._observer.on_token_gaps([now_s - (rows[i].last_token_s or now_s) for i in live])
         for slot in live:
             self._slots.advance(slot)
             self._accept(rows[slot], tokens[slot], logprobs[slot], now_s)
+        return True
+
+    # ---- 3+4. a mixed step: prefill and decode in one forward ----
+
+    def mixes(self, work: PrefillWork) -> bool:
+        """Whether this step's prefill runs in the decode's forward (mixed_attention.py): when
+        some row decodes, so the two forwards would run back to back, and the prefill does not
+        need the logits of every position (prompt logprobs)."""
+        return (
+            self._mixed_steps
+            and not work.requests[0].prefill_alone
+            and any(r.decoding for r in self._slots.owners)
+        )
+
+    def prefill_and_decode(self, work: PrefillWork) -> None:
+        """prefill(work) then decode(), as one forward. If it fails, the prompts it was
+        prefilling fail and the decode rows run their step alone: a bad prompt (or one too
+        big for the memory left) cannot take the running streams down with it."""
+        rows = list(self._slots.owners)
+        riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
+        try:
+            decode_logits, prefill_logits = self._runner.mixed_step(
+                [r.next_token if r.decoding else 0 for r in rows],
+                list(self._slots.lengths),
+                riders,
+                work.first_slot,
+                work.chunks,
+                work.starts,
+            )
+        except Exception as exc:
+            logger.exception("a mixed step failed; its %d prompts fail", len(work.requests))
+            self._fail(work.requests, exc)
+            self.decode()
+            return
+        if self._after_decode(rows, riders, decode_logits):
+            self._after_prefill(work, prefill_logits)
         self.retire_ended()
 
     def _accept(

@@ -34,6 +34,7 @@ class Sample:
     latency_s: float
     ttft_s: float | None = None
     token_gaps_s: list[float] = field(default_factory=list)
+    token_times_s: list[float] = field(default_factory=list)  # perf_counter() of each token event
     tokens: int = 0  # output tokens (generation), from the server's usage when it reports it
     error: str = ""
 
@@ -218,6 +219,7 @@ async def _stream(
                 tokens, total = read(event)
                 usage = total if total >= 0 else usage
                 if tokens:
+                    sample.token_times_s.append(now_s)
                     if sample.ttft_s is None:
                         sample.ttft_s = now_s - started
                     else:

@@ -15,7 +15,9 @@ so their lengths are exact. Three scenarios:
   never hits.
 * long: 16 streams decoding 256 tokens each; once they run, one 1,500-token prompt arrives:
   the 16 streams' inter-token latency p50, p99 and max, prefill chunked vs in one forward,
-  and the long prompt's TTFT. `--chunks` sweeps GENERATE_PREFILL_CHUNK_TOKENS.
+  and the long prompt's TTFT. `--chunks` sweeps GENERATE_PREFILL_CHUNK_TOKENS, each chunk
+  size with GENERATE_MIXED_STEPS on ("chunk-N": the chunk runs in the decode forward) and off
+  ("chunk-N separate": a prefill forward, then the decode forward); `--mixed on` skips the off.
   `--scenarios long` measures only that one.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import sys
@@ -38,6 +41,8 @@ import bench_servers as servers
 from harness import HttpServer
 from make_bench_models import VOCAB_SIZE, build_bench_models
 
+NO_LONG_PROMPT = "no long prompt"  # the 'long' scenario's baseline: the streams alone
+BASELINE_WINDOW_S = 2.0
 UNCHUNKED = 4096  # a chunk budget above every prompt here: each prompt in one forward
 
 
@@ -45,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=Path("bench_models"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunks", default="64,128,256,512", help="chunk sizes for 'long'")
+    parser.add_argument("--chunks", default="auto,64,256", help="chunk sizes for 'long'")
+    parser.add_argument("--mixed", default="on,off", help="GENERATE_MIXED_STEPS for 'long'")
     parser.add_argument("--scenarios", default="cache,long", help="cache (shared, distinct), long")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     return parser.parse_args(argv)
@@ -80,21 +86,39 @@ async def burst(server: HttpServer, prompts: list[list[int]], warm: list[int]) -
     return {k: summary[k] for k in ("errors", "tok_per_s", "ttft_ms")}
 
 
-async def long_prompt_during_streams(server: HttpServer, rng: random.Random) -> dict[str, Any]:
+async def long_prompt_during_streams(
+    server: HttpServer, rng: random.Random, send_long: bool
+) -> dict[str, Any]:
+    """The streams' gaps that ended while the long prompt waited for its first token (or, with
+    `send_long` off, during BASELINE_WINDOW_S: what this box's noise alone does to them)."""
     streams = [ids(16, rng) for _ in range(16)]
     running = asyncio.create_task(load.run_closed(call(server.url, 256), streams, 16))
     await asyncio.sleep(1.5)  # the 16 streams are decoding by now
-    long_samples, _ = await load.run_closed(call(server.url, 8), [ids(1500, rng)], 1)
+    sent_s = time.perf_counter()
+    long_samples: list[load.Sample] = []
+    if send_long:
+        long_samples, _ = await load.run_closed(call(server.url, 8), [ids(1500, rng)], 1)
+        ended_s = sent_s + (long_samples[0].ttft_s or float("nan"))
+    else:
+        await asyncio.sleep(BASELINE_WINDOW_S)
+        ended_s = time.perf_counter()
     samples, _ = await running
     gaps = [g for s in samples for g in s.token_gaps_s]
+    during = [
+        later - earlier
+        for s in samples
+        for earlier, later in itertools.pairwise(s.token_times_s)
+        if sent_s < later <= ended_s
+    ]
     p50 = load.percentile(gaps, 50) * 1000
     return {
         "errors": sum(not s.ok for s in [*samples, *long_samples]),
         "itl_p50_ms": round(p50, 2),
-        "itl_p99_ms": round(load.percentile(gaps, 99) * 1000, 2),
-        "itl_max_ms": round(max(gaps) * 1000, 2),
-        "max_over_p50": round(max(gaps) * 1000 / p50, 2),
-        "long_ttft_ms": round((long_samples[0].ttft_s or float("nan")) * 1000, 1),
+        "during_p99_ms": round(load.percentile(during, 99) * 1000, 2),
+        "during_max_ms": round(max(during, default=float("nan")) * 1000, 2),
+        "max_over_p50": round(max(during, default=float("nan")) * 1000 / p50, 2),
+        "run_max_ms": round(max(gaps) * 1000, 2),
+        "long_ttft_ms": round((ended_s - sent_s) * 1000, 1) if send_long else None,
     }
 
 
@@ -124,14 +148,16 @@ async def measure(args: argparse.Namespace, systems: dict[str, HttpServer]) -> d
                         result = await burst(server, prompts, warm)
                         runs.setdefault(f"{kind} {name}", []).append(result)
                 else:
-                    result = await long_prompt_during_streams(server, random.Random(repeat))
+                    result = await long_prompt_during_streams(
+                        server, random.Random(repeat), send_long=name != NO_LONG_PROMPT
+                    )
                     runs.setdefault(f"long {name}", []).append(result)
             finally:
                 server.pause()
             print(f"repeat {repeat + 1}: {name} done", flush=True)
     return {
         label: median_of(by_repeat, "ttft_ms" if label.startswith(("shared", "distinct")) else
-                         "itl_max_ms")
+                         "during_max_ms")
         for label, by_repeat in runs.items()
     }  # fmt: skip
 
@@ -147,9 +173,20 @@ def main(argv: list[str] | None = None) -> int:
         specs["cache-on"] = spec("cache-on", model, **cache, generate_prefix_cache_tokens="8192")
         specs["cache-off"] = spec("cache-off", model, **cache, generate_prefix_cache_tokens="0")
     if "long" in scenarios:
-        chunked = {"unchunked": str(UNCHUNKED)} | {f"chunk-{c}": c for c in args.chunks.split(",")}
-        for name, chunk in chunked.items():
-            specs[name] = spec(name, model, **long, generate_prefill_chunk_tokens=chunk)
+        specs[NO_LONG_PROMPT] = spec(NO_LONG_PROMPT, model, **long)
+        specs["unchunked"] = spec(
+            "unchunked", model, **long, generate_prefill_chunk_tokens=str(UNCHUNKED),
+            generate_mixed_steps="false",
+        )  # fmt: skip
+        for chunk in args.chunks.split(","):
+            for mixed in args.mixed.split(","):
+                if chunk == "auto" and mixed == "off":
+                    continue  # auto measures mixed steps
+                name = f"chunk-{chunk}" + (" separate" if mixed == "off" else "")
+                specs[name] = spec(
+                    name, model, **long, generate_prefill_chunk_tokens=chunk,
+                    generate_mixed_steps="true" if mixed == "on" else "false",
+                )  # fmt: skip
     log_dir = Path(tempfile.mkdtemp(prefix="bench-prefill-"))
     systems = {name: servers.start_server(s, log_dir) for name, s in specs.items()}
     try:

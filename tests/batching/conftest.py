@@ -189,3 +189,19 @@ class RecordingObserver:
         self, reason: FinishLabel, prompt_tokens: int, output_tokens: int, e2e_s: float
     ) -> None:
         self.finished.append((reason, prompt_tokens, output_tokens, e2e_s))
+
+
+class MixedSteps:
+    """Counts an engine's mixed steps (prefill and decode in one forward, mixed_attention.py),
+    so a test can show that the path it checks was really taken."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.count = 0
+        runner = engine._runner
+        original = runner.mixed_step
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return original(*args, **kwargs)
+
+        runner.mixed_step = counted  # type: ignore[method-assign]

@@ -25,6 +25,7 @@ from tests.batching.conftest import (
     TEST_DTYPE,
     VOCAB_SIZE,
     EngineFactory,
+    MixedSteps,
     build_tiny_llama,
 )
 
@@ -70,8 +71,10 @@ async def assert_matches_generate(
 ) -> None:
     options: dict[str, object] = {"num_slots": 3, "max_seq_len": 64, "kv_bucket_min": 16}
     engine = make_engine(model=model, warm_up=True, **(options | engine_options))
+    mixed = MixedSteps(engine)
     batch = prompts()
     results = await run_staggered(engine, batch)
+    assert mixed.count > 0  # later waves were prefilled in the running rows' decode forward
     for prompt, new, result in zip(batch, MAX_NEW_TOKENS, results, strict=True):
         assert list(result.token_ids) == reference(model, prompt, new)
         assert result.finish_reason in ("eos", "length")
@@ -150,6 +153,7 @@ async def assert_concurrent_matches_generate(
         for n in WIDE_PROMPT_LENGTHS[:requests]
     ]
     new_tokens = WIDE_NEW_TOKENS[:requests]
+    mixed = MixedSteps(engine)
     handles = [
         await engine.submit(prompt, SamplingParams(max_new_tokens=new))
         for prompt, new in zip(batch, new_tokens, strict=True)
@@ -159,6 +163,7 @@ async def assert_concurrent_matches_generate(
         assert list(result.token_ids) == reference(model, prompt, new)
     longest = max(len(p) + r.completion_tokens for p, r in zip(batch, results, strict=True))
     assert longest > 64  # some row really crossed into the last KV bucket
+    assert (mixed.count > 0) == (requests > num_slots)  # admitted into freed slots: mixed
 
 
 @pytest.mark.parametrize("requests", [3, 5, 7, 13])

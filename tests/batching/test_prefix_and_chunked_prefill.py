@@ -17,6 +17,7 @@ from tests.batching.conftest import (
     VOCAB_SIZE,
     WAIT_S,
     EngineFactory,
+    MixedSteps,
     RecordingObserver,
     build_tiny_llama,
 )
@@ -81,6 +82,7 @@ async def test_a_prompt_prefilled_in_chunks_equals_generate(make_engine: EngineF
         model=model, num_slots=3, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
         observer=observer, kv_bucket_min=16,
     )  # fmt: skip
+    mixed = MixedSteps(engine)
     runner_up = await engine.submit(tokens(5, seed=5), SamplingParams(40, ignore_eos=True))
     await anext(runner_up)  # a stream is decoding, so the long prompt is chunked
     long_prompts = [tokens(70, seed=6), tokens(41, seed=7)]
@@ -89,6 +91,7 @@ async def test_a_prompt_prefilled_in_chunks_equals_generate(make_engine: EngineF
         result = await asyncio.wait_for(handle.wait(), WAIT_S)
         assert list(result.token_ids) == reference(model, prompt, 10)
     assert sorted(observer.prefill_chunks) == [3, 5]  # ceil(41 / 16), ceil(70 / 16)
+    assert mixed.count == 8  # every chunk ran in the stream's decode forward
     assert (await runner_up.wait()).completion_tokens == 40
 
 

@@ -1,0 +1,114 @@
+"""How many prompt tokens a step may prefill while streams decode: `ChunkLimits`, fixed by
+GENERATE_PREFILL_CHUNK_TOKENS or, with `auto`, measured on this machine at warm-up.
+
+While streams decode, a step's prefill runs in the same forward as their decode (a mixed
+step), so during a long prefill the streams' gap is one mixed step. What that costs depends on
+the hardware and on how far into its prompt the chunk is. On a GPU a decode step is bound by
+reading the weights, and a chunk of a few hundred tokens rides in it almost for free. On a CPU
+every token is compute, and so is attention over the prompt so far: on the 2-core box, next to
+a 21 ms decode step of 16 rows, a 64-token chunk made the step 36 ms at the start of a prompt
+and 70 ms at position 1,400. No fixed chunk is right everywhere.
+
+`measure_chunk_limits` times, over all slots but one decoding, a decode step and mixed steps
+with a chunk of 16, 32, 64, ... tokens in the last slot ending at a quarter, half,
+three quarters and all of the context, the best of a few tries each. For each of those
+contexts it keeps the largest chunk whose mixed step took at most MAX_STALL decode steps.
+A larger chunk would only give a long prompt its first token sooner; a smaller one spends more
+steps on it. At run time a chunk starting at position `start` gets the limit of the first
+context it fits under (`chunk_at`): a limit measured with the chunk ending there, where it
+costs the most.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from batching.generation.model_runner import ModelRunner
+
+MAX_STALL = 1.5  # a mixed step may take this many decode steps
+SMALLEST_CHUNK, LARGEST_CHUNK = 16, 2048
+TRIES = 3  # the best of TRIES timings: other load only ever makes a step slower
+STREAM_CONTEXT = 128  # the decoding rows' length while measuring (short: a conservative base)
+
+
+@dataclass(frozen=True)
+class ChunkLimits:
+    """chunks[i]: the most prompt tokens a step prefills when they end by contexts[i]."""
+
+    contexts: tuple[int, ...]
+    chunks: tuple[int, ...]
+    decode_step_ms: float | None = None  # what the limits were measured against (auto)
+    mixed_step_ms: tuple[dict[int, float], ...] = ()  # per context: chunk size -> ms
+
+    @classmethod
+    def fixed(cls, tokens: int) -> ChunkLimits:
+        return cls((0,), (tokens,))
+
+    @property
+    def largest(self) -> int:
+        return max(self.chunks)
+
+    def chunk_at(self, start: int) -> int:
+        """The limit for a chunk starting at `start`: that of the first measured context the
+        chunk fits under, else the last one's."""
+        first = bisect.bisect_left(self.contexts, start)
+        for context, chunk in zip(self.contexts[first:], self.chunks[first:], strict=True):
+            if start + chunk <= context:
+                return chunk
+        return self.chunks[-1]
+
+    def as_dict(self) -> dict[str, object]:
+        measured = self.decode_step_ms is not None
+        return {
+            "measured": measured,
+            "by_context": dict(zip(self.contexts, self.chunks, strict=True)) if measured else {},
+            "decode_step_ms": None if not measured else round(self.decode_step_ms or 0.0, 2),
+            "max_stall": MAX_STALL if measured else None,
+        }
+
+
+def measure_chunk_limits(runner: ModelRunner, fallback: int) -> ChunkLimits:
+    """Time decode and mixed steps over the runner's slots (warm-up only: it writes K/V to
+    them). With one slot nothing ever decodes beside a prefill: `fallback` is kept."""
+    slots, seq_len = runner.cache.num_slots, runner.cache.max_seq_len
+    if slots < 2 or seq_len < SMALLEST_CHUNK:
+        return ChunkLimits.fixed(fallback)
+    # Rows 0..slots-2 decode; the last row is the one being prefilled.
+    lengths = [min(STREAM_CONTEXT, seq_len - 1)] * slots
+    tokens, riders = [1] * slots, {slots - 1}
+    decode_s = _best_of(runner, functools.partial(runner.decode_step, tokens, lengths, riders))
+    contexts = sorted({max(SMALLEST_CHUNK, seq_len * q // 4) for q in (1, 2, 3, 4)})
+    chunks, timings = [], []
+    for context in contexts:
+        chosen, chunk, measured = SMALLEST_CHUNK, SMALLEST_CHUNK, {}
+        while chunk <= min(LARGEST_CHUNK, context):
+            mixed = functools.partial(
+                runner.mixed_step, tokens, lengths, riders, slots - 1, [[1] * chunk],
+                [context - chunk],
+            )  # fmt: skip
+            mixed_s = _best_of(runner, mixed)
+            measured[chunk] = round(mixed_s * 1000, 2)
+            if mixed_s > MAX_STALL * decode_s:
+                break
+            chosen, chunk = chunk, chunk * 2
+        chunks.append(chosen)
+        timings.append(measured)
+    return ChunkLimits(tuple(contexts), tuple(chunks), decode_s * 1000, tuple(timings))
+
+
+def _best_of(runner: ModelRunner, step: Callable[[], object]) -> float:
+    step()  # the first run of a shape pays for allocations
+    best = float("inf")
+    for _ in range(TRIES):
+        started = time.perf_counter()
+        step()
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)  # the step's kernels are queued, not done
+        best = min(best, time.perf_counter() - started)
+    return best

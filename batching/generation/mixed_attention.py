@@ -1,0 +1,125 @@
+"""Attention for a mixed step: decode rows and prefill chunks packed into ONE forward.
+
+A step that prefills a prompt chunk while other rows decode used to run two forwards, the chunk's
+prefill and then the decode. On hardware where a forward has a large fixed cost (weights read
+from memory, kernel launches, Python), the second forward is most of what the running streams
+wait for. Packing both into one forward [1, N] (N = decode rows + chunk tokens) shares that cost:
+every layer's projections and MLP run once over all N tokens. Only attention differs per part,
+because each part attends to its own slot of the KV cache:
+
+* the decode part: rows 0..B-1, one query each, over slots 0..B-1 up to `decode_kv_len`
+  (exactly what a decode step does);
+* each prefill segment: `length` queries of one slot, at positions start.., over that slot up
+  to start + length, causally.
+
+`install(model)` routes the model's attention through `_mixed_or_plain`, registered with
+transformers' AttentionInterface as "slots+<the model's implementation>". Without a
+`mixed_layout` keyword (every forward but a mixed step's) it calls the model's own attention
+function unchanged, so prefill, decode and CUDA graphs see no difference. With one, it calls that
+same function once per part, with that part's queries, keys and mask, and concatenates the
+outputs in packing order. The model's own function is used for each part (sdpa or eager, GQA,
+scaling, softcapping as the model defines them), so a mixed step computes what separate forwards
+would, up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "slots+"  # our registered names: "slots+sdpa", "slots+eager"
+PLAIN_IMPLEMENTATIONS = ("sdpa", "eager")  # the ones that take the runner's 4D additive mask
+
+
+@dataclass(frozen=True)
+class PrefillSegment:
+    """One row's chunk inside the packed forward: queries offset.. offset+length-1."""
+
+    slot: int
+    offset: int  # first column of the segment in the packed sequence
+    length: int
+    kv_len: int  # start + length: the slot's K/V this chunk attends over
+    mask: torch.Tensor  # [1, 1, length, kv_len] additive, causal from start
+
+
+@dataclass(frozen=True)
+class MixedLayout:
+    """Where each part of a packed forward sits, passed to every layer's attention."""
+
+    decode_rows: int  # columns 0..decode_rows-1 are decode rows, row r at slot r
+    decode_kv_len: int
+    decode_mask: torch.Tensor  # [B, 1, 1, decode_kv_len] additive
+    segments: tuple[PrefillSegment, ...]
+
+
+def install(model: PreTrainedModel) -> None:
+    """Route the model's attention through the mixed-step dispatcher (idempotent)."""
+    current = model.config._attn_implementation
+    plain = current.removeprefix(PREFIX)
+    if plain not in PLAIN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {current!r} is not supported: the runner passes 4D "
+            f"additive masks, which {PLAIN_IMPLEMENTATIONS} take"
+        )
+    name = PREFIX + plain
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, functools.partial(_mixed_or_plain, plain=plain))
+        # generate() (and any forward without a 4D mask) builds masks for the plain one
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[plain])
+    if current != name:
+        model.set_attn_implementation(name)
+
+
+def _mixed_or_plain(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [b, heads, q, head_dim]
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    plain: str,
+    mixed_layout: MixedLayout | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    attend = _plain_attention(module, plain)
+    if mixed_layout is None:
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    # Mixed: query is [1, heads, N, D]; key and value are the layer's whole cache tensors
+    # [slots + 1, kv_heads, max_seq_len, D] (MixedView.update returns them unsliced).
+    layout = mixed_layout
+    rows, kv_len = layout.decode_rows, layout.decode_kv_len
+    outputs = []
+    if rows:
+        decode_query = query[0, :, :rows].transpose(0, 1)[:, :, None]  # [B, heads, 1, D]
+        out, _ = attend(
+            module, decode_query, key[:rows, :, :kv_len], value[:rows, :, :kv_len],
+            layout.decode_mask, **kwargs,
+        )  # fmt: skip
+        outputs.append(out.reshape(1, rows, *out.shape[2:]))  # [1, B, heads, D]
+    for segment in layout.segments:
+        columns = slice(segment.offset, segment.offset + segment.length)
+        own = slice(segment.slot, segment.slot + 1)
+        out, _ = attend(
+            module, query[:, :, columns], key[own, :, : segment.kv_len],
+            value[own, :, : segment.kv_len], segment.mask, **kwargs,
+        )  # fmt: skip
+        outputs.append(out)  # [1, length, heads, D]
+    return torch.cat(outputs, dim=1), None  # [1, N, heads, D], packing order
+
+
+def _plain_attention(module: torch.nn.Module, plain: str) -> Callable[..., Any]:
+    if plain != "eager":
+        return ALL_ATTENTION_FUNCTIONS[plain]
+    # transformers keeps eager attention in each model's own modeling file, not the registry.
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise TypeError(f"{type(module).__name__}'s module defines no eager_attention_forward")
+    return eager
