@@ -9,10 +9,12 @@ every token is compute, and so is attention over the prompt so far: on the 2-cor
 a 21 ms decode step of 16 rows, a 64-token chunk made the step 36 ms at the start of a prompt
 and 70 ms at position 1,400. No fixed chunk is right everywhere.
 
-`measure_chunk_limits` times, over all slots but one decoding, a decode step and mixed steps
-with a chunk of 16, 32, 64, ... tokens in the last slot ending at a quarter, half,
-three quarters and all of the context, the best of a few tries each. For each of those
-contexts it keeps the largest chunk whose mixed step took at most MAX_STALL decode steps.
+`measure_chunk_limits` times, over all slots but one decoding, mixed steps with a chunk of 16,
+32, 64, ... tokens in the last slot ending at a quarter, half, three quarters and all of the
+context, each right after a decode step of the same rows, a few pairs each. For each of those
+contexts it keeps the largest chunk whose mixed step took at most MAX_STALL decode steps (the
+median of the pairs' ratios: other load on the machine, such as other servers starting, slows
+both steps of a pair alike, where it would shift absolute timings).
 A larger chunk would only give a long prompt its first token sooner; a smaller one spends more
 steps on it. At run time a chunk starting at position `start` gets the limit of the first
 context it fits under (`chunk_at`): a limit measured with the chunk ending there, where it
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from batching.generation.model_runner import ModelRunner
 
 MAX_STALL = 1.5  # a mixed step may take this many decode steps
 SMALLEST_CHUNK, LARGEST_CHUNK = 16, 2048
-TRIES = 3  # the best of TRIES timings: other load only ever makes a step slower
+PAIRS = 3  # (decode, mixed) timings per chunk size
 STREAM_CONTEXT = 128  # the decoding rows' length while measuring (short: a conservative base)
 
 
@@ -82,9 +85,9 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int) -> ChunkLimits:
     # Rows 0..slots-2 decode; the last row is the one being prefilled.
     lengths = [min(STREAM_CONTEXT, seq_len - 1)] * slots
     tokens, riders = [1] * slots, {slots - 1}
-    decode_s = _best_of(runner, functools.partial(runner.decode_step, tokens, lengths, riders))
+    decode = functools.partial(runner.decode_step, tokens, lengths, riders)
     contexts = sorted({max(SMALLEST_CHUNK, seq_len * q // 4) for q in (1, 2, 3, 4)})
-    chunks, timings = [], []
+    chunks, timings, decode_s = [], [], []
     for context in contexts:
         chosen, chunk, measured = SMALLEST_CHUNK, SMALLEST_CHUNK, {}
         while chunk <= min(LARGEST_CHUNK, context):
@@ -92,23 +95,28 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int) -> ChunkLimits:
                 runner.mixed_step, tokens, lengths, riders, slots - 1, [[1] * chunk],
                 [context - chunk],
             )  # fmt: skip
-            mixed_s = _best_of(runner, mixed)
-            measured[chunk] = round(mixed_s * 1000, 2)
-            if mixed_s > MAX_STALL * decode_s:
+            pairs = _time_pairs(runner, decode, mixed)
+            decode_s += [d for d, _ in pairs]
+            measured[chunk] = round(min(m for _, m in pairs) * 1000, 2)
+            if statistics.median(m / d for d, m in pairs) > MAX_STALL:
                 break
             chosen, chunk = chunk, chunk * 2
         chunks.append(chosen)
         timings.append(measured)
-    return ChunkLimits(tuple(contexts), tuple(chunks), decode_s * 1000, tuple(timings))
+    return ChunkLimits(tuple(contexts), tuple(chunks), min(decode_s) * 1000, tuple(timings))
 
 
-def _best_of(runner: ModelRunner, step: Callable[[], object]) -> float:
-    step()  # the first run of a shape pays for allocations
-    best = float("inf")
-    for _ in range(TRIES):
-        started = time.perf_counter()
-        step()
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize(runner.device)  # the step's kernels are queued, not done
-        best = min(best, time.perf_counter() - started)
-    return best
+def _time_pairs(
+    runner: ModelRunner, decode: Callable[[], object], mixed: Callable[[], object]
+) -> list[tuple[float, float]]:
+    """(decode step seconds, mixed step seconds), PAIRS times, one right after the other."""
+    mixed()  # the first run of a shape pays for allocations
+    return [(_seconds(runner, decode), _seconds(runner, mixed)) for _ in range(PAIRS)]
+
+
+def _seconds(runner: ModelRunner, step: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    step()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)  # the step's kernels are queued, not done
+    return time.perf_counter() - started

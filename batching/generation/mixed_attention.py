@@ -104,6 +104,8 @@ def _mixed_or_plain(
             layout.decode_mask, **kwargs,
         )  # fmt: skip
         outputs.append(out.reshape(1, rows, *out.shape[2:]))  # [1, B, heads, D]
+    if _grouped_sdpa_applies(plain, query, key, kwargs):
+        attend = _grouped_sdpa
     for segment in layout.segments:
         columns = slice(segment.offset, segment.offset + segment.length)
         own = slice(segment.slot, segment.slot + 1)
@@ -113,6 +115,43 @@ def _mixed_or_plain(
         )  # fmt: skip
         outputs.append(out)  # [1, length, heads, D]
     return torch.cat(outputs, dim=1), None  # [1, N, heads, D], packing order
+
+
+def _grouped_sdpa_applies(
+    plain: str, query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]
+) -> bool:
+    """A prefill segment on CPU with grouped K/V heads (GQA), and nothing sdpa_attention_forward
+    would add to the scores. For such a segment transformers' sdpa repeats each layer's K/V
+    across the query heads (a copy of the whole context per layer: measured on the 2-core CPU,
+    at a 1,500-token context that copy was half of a 16-token chunk's cost); torch's CPU
+    kernels take grouped heads with a mask as they are (enable_gqa). On CUDA they do not (a
+    mask sends enable_gqa to the slow math kernel), so there the model's sdpa runs as is."""
+    extras = ("softcap", "position_bias", "s_aux")
+    return (
+        plain == "sdpa"
+        and query.device.type == "cpu"
+        and query.shape[1] != key.shape[1]
+        and all(kwargs.get(name) is None for name in extras)
+    )
+
+
+def _grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, heads, q, D]
+    key: torch.Tensor,  # [1, kv_heads, kv, D]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,  # additive [1, 1, q, kv]
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """What sdpa_attention_forward computes for a masked, non-causal call, with enable_gqa."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=True,
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None  # [1, q, heads, D], as the model's returns
 
 
 def _plain_attention(module: torch.nn.Module, plain: str) -> Callable[..., Any]:

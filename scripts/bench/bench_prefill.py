@@ -19,6 +19,10 @@ so their lengths are exact. Three scenarios:
   size with GENERATE_MIXED_STEPS on ("chunk-N": the chunk runs in the decode forward) and off
   ("chunk-N separate": a prefill forward, then the decode forward); `--mixed on` skips the off.
   `--scenarios long` measures only that one.
+* long-engine: the same workload on our engine in this process, no HTTP (one engine per
+  configuration, runs interleaved): the gaps between the deltas each stream's handle
+  receives, so what the engine itself bounds, apart from the HTTP stack's and the client's
+  noise on a 2-core box.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import random
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,10 @@ import bench_load as load
 import bench_servers as servers
 from harness import HttpServer
 from make_bench_models import VOCAB_SIZE, build_bench_models
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from batching.generation.engine import GenerationEngine
+from batching.generation.sampling import SamplingParams
 
 NO_LONG_PROMPT = "no long prompt"  # the 'long' scenario's baseline: the streams alone
 BASELINE_WINDOW_S = 2.0
@@ -52,7 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunks", default="auto,64,256", help="chunk sizes for 'long'")
     parser.add_argument("--mixed", default="on,off", help="GENERATE_MIXED_STEPS for 'long'")
-    parser.add_argument("--scenarios", default="cache,long", help="cache (shared, distinct), long")
+    parser.add_argument(
+        "--scenarios",
+        default="cache,long,long-engine",
+        help="cache (shared, distinct), long, long-engine",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     return parser.parse_args(argv)
 
@@ -89,8 +102,8 @@ async def burst(server: HttpServer, prompts: list[list[int]], warm: list[int]) -
 async def long_prompt_during_streams(
     server: HttpServer, rng: random.Random, send_long: bool
 ) -> dict[str, Any]:
-    """The streams' gaps that ended while the long prompt waited for its first token (or, with
-    `send_long` off, during BASELINE_WINDOW_S: what this box's noise alone does to them)."""
+    """The streams' gaps that overlap the time the long prompt waited for its first token (or,
+    with `send_long` off, BASELINE_WINDOW_S: what this box's noise alone does to them)."""
     streams = [ids(16, rng) for _ in range(16)]
     running = asyncio.create_task(load.run_closed(call(server.url, 256), streams, 16))
     await asyncio.sleep(1.5)  # the 16 streams are decoding by now
@@ -108,7 +121,7 @@ async def long_prompt_during_streams(
         later - earlier
         for s in samples
         for earlier, later in itertools.pairwise(s.token_times_s)
-        if sent_s < later <= ended_s
+        if later > sent_s and earlier < ended_s
     ]
     p50 = load.percentile(gaps, 50) * 1000
     return {
@@ -119,6 +132,65 @@ async def long_prompt_during_streams(
         "max_over_p50": round(max(during, default=float("nan")) * 1000 / p50, 2),
         "run_max_ms": round(max(gaps) * 1000, 2),
         "long_ttft_ms": round((ended_s - sent_s) * 1000, 1) if send_long else None,
+    }
+
+
+async def long_prompt_in_engine(engine: GenerationEngine, rng: random.Random) -> dict[str, Any]:
+    """long_prompt_during_streams on an engine: the arrival time of every stream's deltas."""
+
+    async def stream(prompt: list[int], new_tokens: int) -> list[float]:
+        handle = await engine.submit(prompt, SamplingParams(new_tokens, ignore_eos=True))
+        return [time.perf_counter() async for _ in handle]
+
+    streams = [asyncio.create_task(stream(ids(16, rng), 256)) for _ in range(16)]
+    await asyncio.sleep(1.5)
+    sent_s = time.perf_counter()
+    long_times = await stream(ids(1500, rng), 8)
+    times = await asyncio.gather(*streams)
+    pairs = [pair for arrivals in times for pair in itertools.pairwise(arrivals)]
+    gaps = [later - earlier for earlier, later in pairs]
+    during = [
+        later - earlier for earlier, later in pairs if later > sent_s and earlier < long_times[0]
+    ]
+    p50 = load.percentile(gaps, 50) * 1000
+    return {
+        "itl_p50_ms": round(p50, 2),
+        "during_p99_ms": round(load.percentile(during, 99) * 1000, 2),
+        "during_max_ms": round(max(during) * 1000, 2),
+        "max_over_p50": round(max(during) * 1000 / p50, 2),
+        "long_ttft_ms": round((long_times[0] - sent_s) * 1000, 1),
+    }
+
+
+def engines(model_dir: str, configs: dict[str, dict[str, Any]]) -> dict[str, GenerationEngine]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    built = {}
+    for name, options in configs.items():
+        engine = GenerationEngine(
+            model, tokenizer, eos_token_ids=[], num_slots=17, max_seq_len=1536, max_queue=64,
+            timeout_s=300.0, **options,
+        )  # fmt: skip
+        engine.warm_up()
+        engine.start()
+        built[name] = engine
+    return built
+
+
+async def measure_in_engine(repeats: int, built: dict[str, GenerationEngine]) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for repeat in range(repeats):
+            for name, engine in built.items():
+                result = await long_prompt_in_engine(engine, random.Random(repeat))
+                runs.setdefault(f"long-engine {name}", []).append(result)
+                print(f"repeat {repeat + 1}: engine {name} done", flush=True)
+    finally:
+        for engine in built.values():
+            await engine.stop(drain_timeout_s=0.0)
+    limits = {name: e.prefill_chunk_limits.as_dict() for name, e in built.items()}
+    return {label: median_of(r, "during_max_ms") for label, r in runs.items()} | {
+        "engine chunk limits": {k: v for k, v in limits.items() if v["measured"]}
     }
 
 
@@ -162,41 +234,66 @@ async def measure(args: argparse.Namespace, systems: dict[str, HttpServer]) -> d
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    model = str(build_bench_models(args.models_dir)["llm"])
+def chunk_configs(args: argparse.Namespace) -> dict[str, tuple[int | str, bool]]:
+    """For the long scenarios: name -> (GENERATE_PREFILL_CHUNK_TOKENS, GENERATE_MIXED_STEPS)."""
+    configs: dict[str, tuple[int | str, bool]] = {"unchunked": (UNCHUNKED, False)}
+    for chunk in args.chunks.split(","):
+        for mixed in args.mixed.split(","):
+            if not (chunk == "auto" and mixed == "off"):  # auto measures mixed steps
+                name = f"chunk-{chunk}" + (" separate" if mixed == "off" else "")
+                configs[name] = (chunk if chunk == "auto" else int(chunk), mixed == "on")
+    return configs
+
+
+def server_specs(model: str, scenarios: list[str], args: argparse.Namespace) -> dict[str, Any]:
     cache = {"slots": 32, "max_seq_len": 576}  # 528-token prompts + 32 new tokens
     long = {"slots": 17, "max_seq_len": 1536}  # 16 streams + the 1,500-token prompt
-    scenarios = args.scenarios.split(",")
     specs = {}
     if "cache" in scenarios:
         specs["cache-on"] = spec("cache-on", model, **cache, generate_prefix_cache_tokens="8192")
         specs["cache-off"] = spec("cache-off", model, **cache, generate_prefix_cache_tokens="0")
     if "long" in scenarios:
         specs[NO_LONG_PROMPT] = spec(NO_LONG_PROMPT, model, **long)
-        specs["unchunked"] = spec(
-            "unchunked", model, **long, generate_prefill_chunk_tokens=str(UNCHUNKED),
-            generate_mixed_steps="false",
-        )  # fmt: skip
-        for chunk in args.chunks.split(","):
-            for mixed in args.mixed.split(","):
-                if chunk == "auto" and mixed == "off":
-                    continue  # auto measures mixed steps
-                name = f"chunk-{chunk}" + (" separate" if mixed == "off" else "")
-                specs[name] = spec(
-                    name, model, **long, generate_prefill_chunk_tokens=chunk,
-                    generate_mixed_steps="true" if mixed == "on" else "false",
-                )  # fmt: skip
+        for name, (chunk, mixed) in chunk_configs(args).items():
+            specs[name] = spec(
+                name, model, **long, generate_prefill_chunk_tokens=str(chunk),
+                generate_mixed_steps=str(mixed).lower(),
+            )  # fmt: skip
+    return specs
+
+
+def measure_servers(args: argparse.Namespace, specs: dict[str, Any]) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-prefill-"))
-    systems = {name: servers.start_server(s, log_dir) for name, s in specs.items()}
+    systems: dict[str, HttpServer] = {}
+    limits: dict[str, dict[str, Any]] = {}
     try:
-        for server in systems.values():
+        for name, server_spec in specs.items():  # one at a time: warm-up measures the chunk
+            systems[name] = server = servers.start_server(server_spec, log_dir)  # limits (auto)
             server.wait_ready(servers.READY_TIMEOUT_S)
+            with urllib.request.urlopen(f"{server.url}/info") as response:
+                limits[name] = json.load(response)["generate"]["prefill_chunk_limits"]
             server.pause()
         results = asyncio.run(measure(args, systems))
     finally:
         for server in systems.values():
             server.stop(timeout_s=5.0)
+    return results | {"chunk limits (/info)": {k: v for k, v in limits.items() if v["measured"]}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model = str(build_bench_models(args.models_dir)["llm"])
+    scenarios = args.scenarios.split(",")
+    results: dict[str, Any] = {}
+    if "long-engine" in scenarios:
+        configs = {
+            name: {"prefill_chunk_tokens": chunk, "mixed_steps": mixed}
+            for name, (chunk, mixed) in chunk_configs(args).items()
+        }
+        results |= asyncio.run(measure_in_engine(args.repeats, engines(model, configs)))
+    specs = server_specs(model, scenarios, args)
+    if specs:
+        results |= measure_servers(args, specs)
     for label, result in results.items():
         print(f"{label:24s} {json.dumps(result)}")
     args.out.mkdir(parents=True, exist_ok=True)
