@@ -14,7 +14,16 @@ and 70 ms at position 1,400. No fixed chunk is right everywhere.
 context, each right after a decode step of the same rows, a few pairs each. For each of those
 contexts it keeps the largest chunk whose mixed step took at most MAX_STALL decode steps (the
 median of the pairs' ratios: other load on the machine, such as other servers starting, slows
-both steps of a pair alike, where it would shift absolute timings).
+both steps of a pair alike, where it would shift absolute timings). A chunk size that was too
+slow at one context is not tried at longer ones (attention only costs more there), so the
+limits never grow with the context.
+
+Where even the smallest chunk's step takes longer than that, shrinking chunks cannot keep the
+bound and only costs prefill throughput: on a GPU the decode step replays a CUDA graph while a
+mixed step runs eagerly, so its launch overhead alone can be several decode steps. There a
+chunk may make the step at most CHUNK_GROWTH times the smallest chunk's step, which keeps the
+streams' pause near that unavoidable floor while each step prefills as much as it costs
+nothing extra to.
 A larger chunk would only give a long prompt its first token sooner; a smaller one spends more
 steps on it. At run time a chunk starting at position `start` gets the limit of the first
 context it fits under (`chunk_at`): a limit measured with the chunk ending there, where it
@@ -35,6 +44,7 @@ import torch
 from batching.generation.model_runner import ModelRunner
 
 MAX_STALL = 1.5  # a mixed step may take this many decode steps
+CHUNK_GROWTH = 1.25  # ... or, where the smallest chunk's step is longer, this times that step
 SMALLEST_CHUNK, LARGEST_CHUNK = 16, 2048
 PAIRS = 3  # (decode, mixed) timings per chunk size
 STREAM_CONTEXT = 128  # the decoding rows' length while measuring (short: a conservative base)
@@ -73,6 +83,7 @@ class ChunkLimits:
             "by_context": dict(zip(self.contexts, self.chunks, strict=True)) if measured else {},
             "decode_step_ms": None if not measured else round(self.decode_step_ms or 0.0, 2),
             "max_stall": MAX_STALL if measured else None,
+            "chunk_growth": CHUNK_GROWTH if measured else None,
         }
 
 
@@ -88,9 +99,10 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int) -> ChunkLimits:
     decode = functools.partial(runner.decode_step, tokens, lengths, riders)
     contexts = sorted({max(SMALLEST_CHUNK, seq_len * q // 4) for q in (1, 2, 3, 4)})
     chunks, timings, decode_s = [], [], []
+    cap = LARGEST_CHUNK  # a chunk too slow at some context is as slow further on: never retried
     for context in contexts:
-        chosen, chunk, measured = SMALLEST_CHUNK, SMALLEST_CHUNK, {}
-        while chunk <= min(LARGEST_CHUNK, context):
+        chosen, chunk, measured, bound = SMALLEST_CHUNK, SMALLEST_CHUNK, {}, MAX_STALL
+        while chunk <= min(cap, context):
             mixed = functools.partial(
                 runner.mixed_step, tokens, lengths, riders, slots - 1, [[1] * chunk],
                 [context - chunk],
@@ -98,7 +110,11 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int) -> ChunkLimits:
             pairs = _time_pairs(runner, decode, mixed)
             decode_s += [d for d, _ in pairs]
             measured[chunk] = round(min(m for _, m in pairs) * 1000, 2)
-            if statistics.median(m / d for d, m in pairs) > MAX_STALL:
+            stall = statistics.median(m / d for d, m in pairs)  # in decode steps
+            if chunk == SMALLEST_CHUNK and stall > MAX_STALL:
+                bound = CHUNK_GROWTH * stall  # the bound is out of reach: see the docstring
+            if stall > bound:
+                cap = chosen
                 break
             chosen, chunk = chunk, chunk * 2
         chunks.append(chosen)

@@ -86,3 +86,25 @@ async def test_auto_measures_at_warm_up_and_chunked_output_still_equals_generate
     result = await asyncio.wait_for((await engine.submit(prompt, SamplingParams(8))).wait(), WAIT_S)
     assert list(result.token_ids) == reference(tiny_llama, prompt, 8)
     assert mixed.count >= 100 // limits.largest  # prefilled in chunks inside decode steps
+
+
+class GraphedRunner(ScriptedRunner):
+    """A GPU-like machine: the decode step replays a graph in 2 ms, a mixed step runs eagerly
+    in 12 ms + 5 us per chunk token."""
+
+    def decode_step(self, *args: Any) -> None:
+        self.now_s += 0.002
+
+    def mixed_step(self, tokens, lengths, riders, slot, chunks, starts) -> None:  # type: ignore[no-untyped-def]
+        self.now_s += 0.012 + len(chunks[0]) * 5e-6
+
+
+def test_where_no_chunk_meets_the_stall_bound_chunks_grow_while_they_cost_little(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner = GraphedRunner()
+    monkeypatch.setattr(chunk_sizing.time, "perf_counter", lambda: runner.now_s)
+    limits = measure_chunk_limits(runner, fallback=256)  # type: ignore[arg-type]
+    # 16 tokens: 12.08 ms, 6x the decode step; up to 1.25x that (15.1 ms): 512 tokens take
+    # 14.56 ms, 1,024 would take 17.12. At context 256 the chunk cannot pass the context.
+    assert limits.chunks == (256, 512, 512, 512)

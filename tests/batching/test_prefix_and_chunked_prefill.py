@@ -169,14 +169,17 @@ async def test_a_chunked_prefill_cancelled_or_failed_midway_frees_its_slot_and_c
         model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
         prefix_cache_tokens=512, kv_bucket_min=16,
     )  # fmt: skip
-    # Forward 1 prefills the stream; 2 and 3 are the long prompt's first two chunks of five.
+    # Forward 1 prefills the stream; 2 and 3 are the long prompt's first two chunks of five,
+    # each in a mixed step with the stream's decode: a failure there fails the prompt only.
     trap = ChunkTrap(model, nth=3, fail=outcome == "failed")
+    mixed = MixedSteps(engine)
     try:
         stream = await engine.submit(tokens(4, seed=13), SamplingParams(60, ignore_eos=True))
         await anext(stream)
         long_prompt = tokens(80, seed=14)
         doomed = await engine.submit(long_prompt, SamplingParams(4))
         await trap.wait_until_entered()
+        assert mixed.count == 2  # the trapped forward is the second chunk's mixed step
         if outcome == "cancelled":
             doomed.cancel()
         trap.release.set()
