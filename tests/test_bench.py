@@ -278,3 +278,29 @@ def test_prompts_fit_the_token_range() -> None:
     prompts = generate_prompts(_WordTokenizer(), 20, min_tokens=16, max_tokens=32)  # type: ignore[arg-type]
     assert len(prompts) == 20
     assert all(16 <= len(p.split()) <= 32 for p in prompts)
+
+
+def test_the_threads_bench_runs_each_server_with_its_default_threads_and_with_one() -> None:
+    import bench_threads
+
+    specs = bench_threads.specs("/models/classifier")
+    assert list(specs) == ["ours", "ours-1-thread", "litserve", "litserve-1-thread"]
+    assert "OMP_NUM_THREADS" not in specs["ours"].env | specs["litserve"].env
+    assert specs["ours-1-thread"].env["OMP_NUM_THREADS"] == "1"
+    assert specs["litserve-1-thread"].env == {"OMP_NUM_THREADS": "1"}
+    assert specs["ours-1-thread"].env["PREDICT_MAX_GROUP_PADDING_TOKENS"] == "64"
+
+
+def test_the_prefill_bench_compares_each_chunk_size_mixed_and_separate() -> None:
+    import bench_prefill
+
+    configs = bench_prefill.chunk_configs(bench_prefill.parse_args([]))
+    assert configs == {
+        "unchunked": (bench_prefill.UNCHUNKED, False),
+        "chunk-auto": ("auto", True),  # auto measures mixed steps: no separate run of it
+        "chunk-64": (64, True),
+        "chunk-64 separate": (64, False),
+        "chunk-256": (256, True),
+        "chunk-256 separate": (256, False),
+    }
+    assert len({spec.port for spec in specs.values()}) == 4  # each its own port
