@@ -289,6 +289,7 @@ def test_the_threads_bench_runs_each_server_with_its_default_threads_and_with_on
     assert specs["ours-1-thread"].env["OMP_NUM_THREADS"] == "1"
     assert specs["litserve-1-thread"].env == {"OMP_NUM_THREADS": "1"}
     assert specs["ours-1-thread"].env["PREDICT_MAX_GROUP_PADDING_TOKENS"] == "64"
+    assert len({spec.port for spec in specs.values()}) == 4  # each its own port
 
 
 def test_the_prefill_bench_compares_each_chunk_size_mixed_and_separate() -> None:
@@ -303,4 +304,3 @@ def test_the_prefill_bench_compares_each_chunk_size_mixed_and_separate() -> None
         "chunk-256": (256, True),
         "chunk-256 separate": (256, False),
     }
-    assert len({spec.port for spec in specs.values()}) == 4  # each its own port
