@@ -126,7 +126,7 @@ class GenerationService:
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
             "prefill_chunk_limits": self.engine.prefill_chunk_limits.as_dict(),
-            "mixed_steps": self.settings.generate_mixed_steps,
+            "mixed_steps": self.engine.mixed_steps,
             "max_choices": self.settings.generate_max_choices,
             "structured_output": self.grammar_tokenizer is not None,
             "prefix_cache": {

@@ -15,8 +15,11 @@ context, each right after a decode step of the same rows, a few pairs each. For 
 contexts it keeps the largest chunk whose mixed step took at most MAX_STALL decode steps (the
 median of the pairs' ratios: other load on the machine, such as other servers starting, slows
 both steps of a pair alike, where it would shift absolute timings). A chunk size that was too
-slow at one context is not tried at longer ones (attention only costs more there), so the
-limits never grow with the context.
+slow at one context is not tried at longer ones (attention only costs more there). The
+decode rows are all slots but one, so the bound holds for a full batch; with fewer streams a
+decode step is cheaper and the same chunk costs it somewhat more decode steps. With
+GENERATE_MIXED_STEPS=false the same is measured for what the engine then runs: a prefill
+forward, then the decode.
 
 Where even the smallest chunk's step takes longer than that, shrinking chunks cannot keep the
 bound and only costs prefill throughput: on a GPU the decode step replays a CUDA graph while a
@@ -87,9 +90,11 @@ class ChunkLimits:
         }
 
 
-def measure_chunk_limits(runner: ModelRunner, fallback: int) -> ChunkLimits:
-    """Time decode and mixed steps over the runner's slots (warm-up only: it writes K/V to
-    them). With one slot nothing ever decodes beside a prefill: `fallback` is kept."""
+def measure_chunk_limits(runner: ModelRunner, fallback: int, mixed: bool = True) -> ChunkLimits:
+    """Time decode steps against steps that also prefill a chunk over the runner's slots
+    (warm-up only: it writes K/V to them): mixed steps, or with `mixed` off what the engine
+    then runs, a prefill forward followed by the decode. With one slot nothing ever decodes
+    beside a prefill: `fallback` is kept."""
     slots, seq_len = runner.cache.num_slots, runner.cache.max_seq_len
     if slots < 2 or seq_len < SMALLEST_CHUNK:
         return ChunkLimits.fixed(fallback)
@@ -103,11 +108,11 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int) -> ChunkLimits:
     for context in contexts:
         chosen, chunk, measured, bound = SMALLEST_CHUNK, SMALLEST_CHUNK, {}, MAX_STALL
         while chunk <= min(cap, context):
-            mixed = functools.partial(
-                runner.mixed_step, tokens, lengths, riders, slots - 1, [[1] * chunk],
-                [context - chunk],
+            step = functools.partial(
+                _mixed_step if mixed else _separate_steps,
+                runner, tokens, lengths, riders, [[1] * chunk], [context - chunk],
             )  # fmt: skip
-            pairs = _time_pairs(runner, decode, mixed)
+            pairs = _time_pairs(runner, decode, step)
             decode_s += [d for d, _ in pairs]
             measured[chunk] = round(min(m for _, m in pairs) * 1000, 2)
             stall = statistics.median(m / d for d, m in pairs)  # in decode steps
@@ -120,6 +125,21 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int) -> ChunkLimits:
         chunks.append(chosen)
         timings.append(measured)
     return ChunkLimits(tuple(contexts), tuple(chunks), min(decode_s) * 1000, tuple(timings))
+
+
+def _mixed_step(
+    runner: ModelRunner, tokens: list[int], lengths: list[int], riders: set[int],
+    chunks: list[list[int]], starts: list[int],
+) -> None:  # fmt: skip
+    runner.mixed_step(tokens, lengths, riders, len(tokens) - 1, chunks, starts)
+
+
+def _separate_steps(
+    runner: ModelRunner, tokens: list[int], lengths: list[int], riders: set[int],
+    chunks: list[list[int]], starts: list[int],
+) -> None:  # fmt: skip
+    runner.prefill(len(tokens) - 1, chunks, starts)
+    runner.decode_step(tokens, lengths, riders)
 
 
 def _time_pairs(

@@ -202,10 +202,35 @@ class GenerationEngine:
                     self._runner.decode_step([0] * rows, lengths)
                     lengths = [n + 1 for n in lengths]
             self._runner.capture_cuda_graphs()
+            self._check_mixed_steps(prompt)
             if self._measure_chunk:
-                limits = measure_chunk_limits(self._runner, DEFAULT_PREFILL_CHUNK_TOKENS)
+                limits = measure_chunk_limits(
+                    self._runner, DEFAULT_PREFILL_CHUNK_TOKENS, mixed=self._batch.mixed_steps
+                )
                 self._batch.chunk_limits = limits
                 logger.info("prefill chunk limits measured: %s", limits.as_dict())
+
+    def _check_mixed_steps(self, prompt: list[int]) -> None:
+        """One mixed step at warm-up: a model whose attention cannot be split (it does not pass
+        our keyword on to its attention function, say) is found now, and served with separate
+        prefill and decode forwards instead of failing over to them at every step."""
+        if not self._batch.mixed_steps or self.slots_total < 2:
+            return
+        try:
+            self._runner.mixed_step([0, 0], [len(prompt), 0], {1}, 1, [prompt], [0])
+        except Exception:
+            logger.warning(
+                "mixed steps do not work with this model; prefill and decode run as separate "
+                "forwards",
+                exc_info=True,
+            )
+            self._batch.mixed_steps = False
+
+    @property
+    def mixed_steps(self) -> bool:
+        """Whether a step's prefill runs in the decode forward (False if warm-up found it
+        cannot)."""
+        return self._batch.mixed_steps
 
     def start(self) -> None:
         """Start the engine thread (once)."""

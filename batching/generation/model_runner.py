@@ -162,6 +162,8 @@ class ModelRunner:
         Exact shapes, no buckets: the chunk sizes vary anyway, so this forward is not captured.
         """
         rows = len(tokens)
+        if any(first_slot + i not in riders for i in range(len(chunks))):
+            raise ValueError("the rows being prefilled must ride in the decode part")
         spare = self.cache.spare_slot
         positions = [0 if r in riders else n for r, n in enumerate(lengths)]
         write_slots = [spare if r in riders else r for r in range(rows)]

@@ -93,7 +93,7 @@ class RunningBatch:
         self._observer = observer
         self._eos_token_ids = eos_token_ids
         self.chunk_limits = chunk_limits
-        self._mixed_steps = mixed_steps
+        self.mixed_steps = mixed_steps
         self._timeout_s = timeout_s
         self.prefixes = (
             PrefixStore(runner.cache, prefix_cache_tokens) if prefix_cache_tokens else None
@@ -295,15 +295,16 @@ class RunningBatch:
         some row decodes, so the two forwards would run back to back, and the prefill does not
         need the logits of every position (prompt logprobs)."""
         return (
-            self._mixed_steps
+            self.mixed_steps
             and not work.requests[0].prefill_alone
             and any(r.decoding for r in self._slots.owners)
         )
 
     def prefill_and_decode(self, work: PrefillWork) -> None:
-        """prefill(work) then decode(), as one forward. If it fails, the prompts it was
-        prefilling fail and the decode rows run their step alone: a bad prompt (or one too
-        big for the memory left) cannot take the running streams down with it."""
+        """prefill(work) then decode(), as one forward. If it fails, the step runs again as the
+        two separate forwards (which rewrite every position the failed one may have written):
+        a failure of the packed forward itself (memory for the larger batch, say) costs
+        nobody their request, and a prompt that fails on its own fails alone there."""
         rows = list(self._slots.owners)
         riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
         try:
@@ -315,9 +316,9 @@ class RunningBatch:
                 work.chunks,
                 work.starts,
             )
-        except Exception as exc:
-            logger.exception("a mixed step failed; its %d prompts fail", len(work.requests))
-            self._fail(work.requests, exc)
+        except Exception:
+            logger.exception("a mixed step failed; running it as a prefill and a decode")
+            self.prefill(work)
             self.decode()
             return
         if self._after_decode(rows, riders, decode_logits):

@@ -108,3 +108,25 @@ def test_where_no_chunk_meets_the_stall_bound_chunks_grow_while_they_cost_little
     # 16 tokens: 12.08 ms, 6x the decode step; up to 1.25x that (15.1 ms): 512 tokens take
     # 14.56 ms, 1,024 would take 17.12. At context 256 the chunk cannot pass the context.
     assert limits.chunks == (256, 512, 512, 512)
+
+
+def test_with_mixed_steps_off_auto_times_a_prefill_and_a_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the engine runs then: the same bound, measured on the two forwards."""
+    runner = ScriptedRunner()
+    called: list[str] = []
+
+    def prefill(slot: int, chunks: list[list[int]], starts: list[int]) -> None:
+        called.append("prefill")
+        runner.now_s += 0.001 + len(chunks[0]) * 2e-5  # a decode step plus this: 1.1 + ...
+
+    def no_mixed_step(*args: Any) -> None:
+        raise AssertionError("mixed steps are off")
+
+    runner.prefill, runner.mixed_step = prefill, no_mixed_step  # type: ignore[method-assign]
+    monkeypatch.setattr(chunk_sizing.time, "perf_counter", lambda: runner.now_s)
+    limits = measure_chunk_limits(runner, fallback=256, mixed=False)  # type: ignore[arg-type]
+    assert "prefill" in called
+    # 10 ms decode + 1 ms + 20 us per token within 15 ms: up to 200 tokens, so 128.
+    assert limits.chunks == (128, 128, 128, 128)

@@ -132,8 +132,9 @@ async def test_eviction_drops_the_least_recently_used_prefix_within_the_bound(
 
 
 class ChunkTrap:
-    """Holds the engine inside its `nth` forward of more than one token (a prefill or a
-    prefill chunk) until released; optionally makes that forward raise."""
+    """Holds the engine inside its `nth` forward of more than one token (a prefill, a prefill
+    chunk or a mixed step) until released; optionally makes that forward and the next one (a
+    failed mixed step is run again as a prefill and a decode) raise."""
 
     def __init__(self, model: PreTrainedModel, nth: int, fail: bool = False) -> None:
         self.seen, self.nth, self.fail = 0, nth, fail
@@ -144,6 +145,8 @@ class ChunkTrap:
         if kwargs["input_ids"].shape[1] == 1:
             return  # a decode step
         self.seen += 1
+        if self.fail and self.seen == self.nth + 1:
+            raise RuntimeError("injected failure in the prefill run again after a mixed step")
         if self.seen != self.nth:
             return
         self.entered.set()
@@ -170,7 +173,8 @@ async def test_a_chunked_prefill_cancelled_or_failed_midway_frees_its_slot_and_c
         prefix_cache_tokens=512, kv_bucket_min=16,
     )  # fmt: skip
     # Forward 1 prefills the stream; 2 and 3 are the long prompt's first two chunks of five,
-    # each in a mixed step with the stream's decode: a failure there fails the prompt only.
+    # each in a mixed step with the stream's decode. A prompt whose chunk fails there and
+    # again on its own (forward 4) fails alone; the stream goes on.
     trap = ChunkTrap(model, nth=3, fail=outcome == "failed")
     mixed = MixedSteps(engine)
     try:
@@ -237,3 +241,64 @@ async def test_decode_steps_with_padded_rows_never_write_to_cached_prefixes(
     for handle in handles:
         await asyncio.wait_for(handle.wait(), WAIT_S)
     assert torch.equal(pool.storage, before)
+
+
+async def test_a_mixed_step_that_fails_is_run_again_as_a_prefill_and_a_decode(
+    make_engine: EngineFactory,
+) -> None:
+    """A failure of the packed forward itself (not of a prompt) costs nobody their request."""
+    model = build_tiny_llama()
+    engine = make_engine(
+        model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
+        kv_bucket_min=16,
+    )  # fmt: skip
+    failures = []
+
+    def fail_the_first_mixed_forward(module: object, args: object, kwargs: dict) -> None:
+        if "mixed_layout" in kwargs and not failures:
+            failures.append(1)
+            raise RuntimeError("injected failure of a mixed forward")
+
+    handle = model.register_forward_pre_hook(fail_the_first_mixed_forward, with_kwargs=True)
+    try:
+        short_prompt = tokens(4, seed=17)
+        stream = await engine.submit(short_prompt, SamplingParams(30))
+        await anext(stream)
+        long_prompt = tokens(50, seed=18)
+        result = await asyncio.wait_for(
+            (await engine.submit(long_prompt, SamplingParams(6))).wait(), WAIT_S
+        )
+        streamed = await asyncio.wait_for(stream.wait(), WAIT_S)
+    finally:
+        handle.remove()
+    assert failures == [1]
+    assert list(result.token_ids) == reference(model, long_prompt, 6)
+    assert streamed.completion_tokens == 30  # still decoding when the mixed step failed
+    assert list(streamed.token_ids) == reference(model, short_prompt, 30)
+
+
+async def test_a_model_that_cannot_mix_is_found_at_warm_up_and_served_unmixed(
+    make_engine: EngineFactory,
+) -> None:
+    model = build_tiny_llama()
+
+    def refuse_mixed_forwards(module: object, args: object, kwargs: dict) -> None:
+        if "mixed_layout" in kwargs:
+            raise TypeError("this model's attention takes no extra keywords")
+
+    handle = model.register_forward_pre_hook(refuse_mixed_forwards, with_kwargs=True)
+    try:
+        engine = make_engine(model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, warm_up=True)
+        assert engine.mixed_steps is False
+        mixed = MixedSteps(engine)
+        stream = await engine.submit(tokens(4, seed=19), SamplingParams(20, ignore_eos=True))
+        await anext(stream)
+        prompt = tokens(30, seed=20)
+        result = await asyncio.wait_for(
+            (await engine.submit(prompt, SamplingParams(5))).wait(), WAIT_S
+        )
+        await asyncio.wait_for(stream.wait(), WAIT_S)
+    finally:
+        handle.remove()
+    assert mixed.count == 0
+    assert list(result.token_ids) == reference(model, prompt, 5)
