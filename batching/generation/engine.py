@@ -360,6 +360,7 @@ class GenerationEngine:
                 )
             self._outbox.flush()
         finally:
+            self._batch.note_step(time.perf_counter() - self._step_started_s)
             self._step_started_s = None
 
     def _answer_evicted(self) -> None:

@@ -20,7 +20,9 @@ Chunked prefill: while other rows decode, a step prefills at most what `chunk_li
 (a fixed number, or per position measured at warm-up: chunk_sizing.py), so a long
 prompt costs the running streams one short pause per step instead of one long freeze. A prompt
 longer than that is prefilled in chunks over several steps, one chunk per step, and its first
-token is sampled after its last chunk. At most one prompt is being chunked at a time (it was
+token is sampled after its last chunk. A prompt that would not be through at that pace before
+REQUEST_TIMEOUT_S gets bigger chunks (`_catch_up`). At most one prompt is being chunked at a
+time (it was
 admitted alone, see Scheduler.admit). While it is, its row rides along in decode steps as a
 padding row (it writes no K/V of its own and its length does not size the step's attention),
 and its logits are ignored (its random stream is untouched), which keeps the decode batch a
@@ -32,6 +34,7 @@ IDLE_PREFILL_TOKENS.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ from batching.generation.slots import SlotTable
 logger = logging.getLogger(__name__)
 
 IDLE_PREFILL_TOKENS = 2048  # the prefill budget of a step with no row decoding
+CATCH_UP_MARGIN = 2.0  # a late prompt's chunks finish it in its time left at this x step time
 PROMPT_LOGPROBS_CHUNK_TOKENS = 256  # every position's logits: [256, V] at a time
 
 
@@ -95,6 +99,7 @@ class RunningBatch:
         self.chunk_limits = chunk_limits
         self.mixed_steps = mixed_steps
         self._timeout_s = timeout_s
+        self._step_s: float | None = None  # recent engine step time (moving average)
         self.prefixes = (
             PrefixStore(runner.cache, prefix_cache_tokens) if prefix_cache_tokens else None
         )
@@ -115,6 +120,20 @@ class RunningBatch:
         if any(r.decoding for r in self._slots.owners):
             return self.chunk_limits.chunk_at(start)
         return max(self.chunk_limits.largest, IDLE_PREFILL_TOKENS)
+
+    def note_step(self, seconds: float) -> None:
+        """How long the engine's last step took: paces a prompt that is late (_catch_up)."""
+        self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
+
+    def _catch_up(self, request: Request) -> int:
+        """The chunk a prompt needs to finish its prefill before REQUEST_TIMEOUT_S, with
+        CATCH_UP_MARGIN step times to spare per step left. Small chunks keep the streams smooth,
+        but not at the price of a 504 for a long prompt on a busy, slow machine."""
+        if self._step_s is None or request.prefill_alone:
+            return 0
+        left_s = request.arrival_s + self._timeout_s - time.perf_counter()
+        steps_left = max(1.0, left_s / (CATCH_UP_MARGIN * self._step_s))
+        return math.ceil((request.prompt_tokens - request.prefilled) / steps_left)
 
     # ---- 1. retire ----
 
@@ -147,7 +166,9 @@ class RunningBatch:
         """The next chunk of the prompt being chunked; else what admit(budget) gives."""
         for slot, request in enumerate(self._slots.owners):
             if request.prefilling:
-                take = _chunk_size(request, self.budget(request.prefilled))
+                take = max(
+                    _chunk_size(request, self.budget(request.prefilled)), self._catch_up(request)
+                )
                 chunk = request.prompt_ids[request.prefilled : request.prefilled + take]
                 return PrefillWork(slot, [request], [request.prefilled], [chunk])
         placed = self._placement.place(admit(self.budget()))
@@ -155,7 +176,9 @@ class RunningBatch:
             return None
         chunks = [r.prompt_ids[r.prefilled :] for r in placed]
         if len(placed) == 1:  # admitted alone when its prompt is longer than the budget
-            chunks[0] = chunks[0][: _chunk_size(placed[0], self.budget(placed[0].prefilled))]
+            first = placed[0]
+            take = max(_chunk_size(first, self.budget(first.prefilled)), self._catch_up(first))
+            chunks[0] = chunks[0][:take]
         first_slot = self._slots.owners.index(placed[0])  # leaders are contiguous from here
         return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
 

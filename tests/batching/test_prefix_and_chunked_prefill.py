@@ -302,3 +302,38 @@ async def test_a_model_that_cannot_mix_is_found_at_warm_up_and_served_unmixed(
         handle.remove()
     assert mixed.count == 0
     assert list(result.token_ids) == reference(model, prompt, 5)
+
+
+async def test_a_long_prompt_that_would_time_out_at_the_chunk_limit_gets_bigger_chunks(
+    make_engine: EngineFactory,
+) -> None:
+    """Every forward takes 100 ms here: 16-token chunks would need 7 steps (0.7 s) for this
+    112-token prompt, past its 0.6 s timeout; catching up, its chunks grow to finish in time."""
+    model = build_tiny_llama()
+    engine = make_engine(
+        model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
+        timeout_s=0.6, kv_bucket_min=16,
+    )  # fmt: skip
+    observer_chunks: list[int] = []
+
+    def slow_forward(module: object, args: object, kwargs: dict) -> None:
+        if "mixed_layout" in kwargs:
+            observer_chunks.append(
+                kwargs["input_ids"].shape[1] - kwargs["mixed_layout"].decode_rows
+            )
+        threading.Event().wait(0.1)
+
+    handle = model.register_forward_pre_hook(slow_forward, with_kwargs=True)
+    try:
+        stream = await engine.submit(tokens(4, seed=21), SamplingParams(12, ignore_eos=True))
+        await anext(stream)
+        prompt = tokens(112, seed=22)
+        result = await asyncio.wait_for(
+            (await engine.submit(prompt, SamplingParams(3))).wait(), WAIT_S
+        )
+        await asyncio.wait_for(stream.wait(), WAIT_S)
+    finally:
+        handle.remove()
+    assert sum(observer_chunks) >= 112 and max(observer_chunks) > 16
+    assert len(observer_chunks) < 7
+    assert list(result.token_ids) == reference(model, prompt, 3)
