@@ -84,7 +84,9 @@ class ChunkLimits:
         return {
             "measured": measured,
             "by_context": dict(zip(self.contexts, self.chunks, strict=True)) if measured else {},
-            "decode_step_ms": None if not measured else round(self.decode_step_ms or 0.0, 2),
+            "decode_step_ms": None
+            if self.decode_step_ms is None
+            else round(self.decode_step_ms, 2),
             "max_stall": MAX_STALL if measured else None,
             "chunk_growth": CHUNK_GROWTH if measured else None,
         }

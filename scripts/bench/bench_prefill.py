@@ -52,6 +52,7 @@ from batching.generation.sampling import SamplingParams
 
 NO_LONG_PROMPT = "no long prompt"  # the 'long' scenario's baseline: the streams alone
 BASELINE_WINDOW_S = 2.0
+LONG = {"slots": 17, "max_seq_len": 1536}  # the long scenarios: 16 streams + a 1,500-token prompt
 UNCHUNKED = 4096  # a chunk budget above every prompt here: each prompt in one forward
 
 
@@ -168,7 +169,8 @@ def engines(model_dir: str, configs: dict[str, dict[str, Any]]) -> dict[str, Gen
     built = {}
     for name, options in configs.items():
         engine = GenerationEngine(
-            model, tokenizer, eos_token_ids=[], num_slots=17, max_seq_len=1536, max_queue=64,
+            model, tokenizer, eos_token_ids=[], num_slots=LONG["slots"],
+            max_seq_len=LONG["max_seq_len"], max_queue=64,
             timeout_s=300.0, **options,
         )  # fmt: skip
         engine.warm_up()
@@ -247,16 +249,15 @@ def chunk_configs(args: argparse.Namespace) -> dict[str, tuple[int | str, bool]]
 
 def server_specs(model: str, scenarios: list[str], args: argparse.Namespace) -> dict[str, Any]:
     cache = {"slots": 32, "max_seq_len": 576}  # 528-token prompts + 32 new tokens
-    long = {"slots": 17, "max_seq_len": 1536}  # 16 streams + the 1,500-token prompt
     specs = {}
     if "cache" in scenarios:
         specs["cache-on"] = spec("cache-on", model, **cache, generate_prefix_cache_tokens="8192")
         specs["cache-off"] = spec("cache-off", model, **cache, generate_prefix_cache_tokens="0")
     if "long" in scenarios:
-        specs[NO_LONG_PROMPT] = spec(NO_LONG_PROMPT, model, **long)
+        specs[NO_LONG_PROMPT] = spec(NO_LONG_PROMPT, model, **LONG)
         for name, (chunk, mixed) in chunk_configs(args).items():
             specs[name] = spec(
-                name, model, **long, generate_prefill_chunk_tokens=str(chunk),
+                name, model, **LONG, generate_prefill_chunk_tokens=str(chunk),
                 generate_mixed_steps=str(mixed).lower(),
             )  # fmt: skip
     return specs

@@ -4,7 +4,9 @@ the output, token for token, and leave nothing half-written behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -129,6 +131,16 @@ async def test_eviction_drops_the_least_recently_used_prefix_within_the_bound(
     assert engine.prefix_cache_bytes == pool_bytes  # preallocated, never grows
     for prompt, output in zip([a, b, a, c, b, a], outputs, strict=True):
         assert output == reference(model, prompt, 6)  # misses after eviction are correct
+
+
+@contextlib.contextmanager
+def forward_pre_hook(model: PreTrainedModel, hook: Callable[..., None]) -> Iterator[None]:
+    """`hook(module, args, kwargs)` runs before each of the model's forwards, inside the block."""
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class ChunkTrap:
@@ -259,8 +271,7 @@ async def test_a_mixed_step_that_fails_is_run_again_as_a_prefill_and_a_decode(
             failures.append(1)
             raise RuntimeError("injected failure of a mixed forward")
 
-    handle = model.register_forward_pre_hook(fail_the_first_mixed_forward, with_kwargs=True)
-    try:
+    with forward_pre_hook(model, fail_the_first_mixed_forward):
         short_prompt = tokens(4, seed=17)
         stream = await engine.submit(short_prompt, SamplingParams(30))
         await anext(stream)
@@ -269,8 +280,6 @@ async def test_a_mixed_step_that_fails_is_run_again_as_a_prefill_and_a_decode(
             (await engine.submit(long_prompt, SamplingParams(6))).wait(), WAIT_S
         )
         streamed = await asyncio.wait_for(stream.wait(), WAIT_S)
-    finally:
-        handle.remove()
     assert failures == [1]
     assert list(result.token_ids) == reference(model, long_prompt, 6)
     assert streamed.completion_tokens == 30  # still decoding when the mixed step failed
@@ -286,8 +295,7 @@ async def test_a_model_that_cannot_mix_is_found_at_warm_up_and_served_unmixed(
         if "mixed_layout" in kwargs:
             raise TypeError("this model's attention takes no extra keywords")
 
-    handle = model.register_forward_pre_hook(refuse_mixed_forwards, with_kwargs=True)
-    try:
+    with forward_pre_hook(model, refuse_mixed_forwards):
         engine = make_engine(model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, warm_up=True)
         assert engine.mixed_steps is False
         mixed = MixedSteps(engine)
@@ -298,8 +306,6 @@ async def test_a_model_that_cannot_mix_is_found_at_warm_up_and_served_unmixed(
             (await engine.submit(prompt, SamplingParams(5))).wait(), WAIT_S
         )
         await asyncio.wait_for(stream.wait(), WAIT_S)
-    finally:
-        handle.remove()
     assert mixed.count == 0
     assert list(result.token_ids) == reference(model, prompt, 5)
 
@@ -314,17 +320,14 @@ async def test_a_long_prompt_that_would_time_out_at_the_chunk_limit_gets_bigger_
         model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
         timeout_s=0.6, kv_bucket_min=16,
     )  # fmt: skip
-    observer_chunks: list[int] = []
+    chunks: list[int] = []
 
     def slow_forward(module: object, args: object, kwargs: dict) -> None:
         if "mixed_layout" in kwargs:
-            observer_chunks.append(
-                kwargs["input_ids"].shape[1] - kwargs["mixed_layout"].decode_rows
-            )
+            chunks.append(kwargs["input_ids"].shape[1] - kwargs["mixed_layout"].decode_rows)
         threading.Event().wait(0.1)
 
-    handle = model.register_forward_pre_hook(slow_forward, with_kwargs=True)
-    try:
+    with forward_pre_hook(model, slow_forward):
         stream = await engine.submit(tokens(4, seed=21), SamplingParams(12, ignore_eos=True))
         await anext(stream)
         prompt = tokens(112, seed=22)
@@ -332,8 +335,6 @@ async def test_a_long_prompt_that_would_time_out_at_the_chunk_limit_gets_bigger_
             (await engine.submit(prompt, SamplingParams(3))).wait(), WAIT_S
         )
         await asyncio.wait_for(stream.wait(), WAIT_S)
-    finally:
-        handle.remove()
-    assert sum(observer_chunks) >= 112 and max(observer_chunks) > 16
-    assert len(observer_chunks) < 7
+    assert sum(chunks) >= 112 and max(chunks) > 16
+    assert len(chunks) < 7
     assert list(result.token_ids) == reference(model, prompt, 3)
