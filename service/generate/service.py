@@ -1,4 +1,4 @@
-"""The generation side of the service: the engine, its tokenizer, and request translation."""
+"""The generation side of the service: the engine and its tokenizer."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any, cast
 
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
-from batching.generation.grammar import grammar_tokenizer, json_schema_grammar
-from batching.generation.sampling import SamplingParams
+from batching.generation.grammar import grammar_tokenizer
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel
 from service.settings import Settings
@@ -41,13 +40,17 @@ def special_token_strings(loaded: LoadedModel) -> list[str]:
     return sorted(s for s in strings if s)
 
 
+def logits_size(loaded: LoadedModel) -> int:
+    """How many token ids the model scores (its head may be wider than the tokenizer)."""
+    head = loaded.model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or len(loaded.tokenizer))
+
+
 def make_grammar_tokenizer(loaded: LoadedModel) -> object:
     """llguidance's view of the tokenizer (structured output; token bytes for logprobs), or
     None if it cannot be made (llguidance needs a fast tokenizer)."""
-    head = loaded.model.get_output_embeddings()
-    vocab_size = getattr(head, "out_features", None) or len(loaded.tokenizer)
     try:
-        return grammar_tokenizer(loaded.tokenizer, vocab_size, eos_token_ids(loaded))
+        return grammar_tokenizer(loaded.tokenizer, logits_size(loaded), eos_token_ids(loaded))
     except Exception:
         log.warning("structured output is off: llguidance cannot use this tokenizer", exc_info=True)
         return None
@@ -87,6 +90,10 @@ class GenerationService:
         )
         metrics.slots_total.set(settings.generate_slots)
         return cls(loaded, engine, settings, metrics, grammars)
+
+    @property
+    def vocab_size(self) -> int:
+        return logits_size(self.loaded)
 
     @property
     def cancel_on_disconnect(self) -> bool:
@@ -134,30 +141,3 @@ class GenerationService:
                 "bytes": self.engine.prefix_cache_bytes,
             },
         }
-
-
-def sampling_params(
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-    stop: list[str],
-    logprobs: int | None = None,
-    prompt_logprobs: int | None = None,
-    json_schema: dict[str, Any] | None = None,
-    json_object: bool = False,
-) -> SamplingParams:
-    grammar = json_schema_grammar(json_schema) if json_schema is not None or json_object else None
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        stop=tuple(stop),
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-        grammar=grammar,
-    )
