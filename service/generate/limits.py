@@ -42,6 +42,22 @@ def checked_text(text: str, param: str, settings: Settings) -> str:
     return text
 
 
+def checked_conversation_size(messages: int, chars: int, settings: Settings) -> None:
+    """A chat before its template runs (a Jinja program whose cost grows with its input):
+    at most GENERATE_MAX_MESSAGES messages and GENERATE_MAX_PROMPT_CHARS characters."""
+    if messages > settings.generate_max_messages:
+        raise FieldError(
+            "messages",
+            f"{messages} messages, more than the limit of {settings.generate_max_messages}",
+        )
+    if chars > settings.generate_max_prompt_chars:
+        raise FieldError(
+            "messages",
+            f"{chars} characters of content, more than the limit of "
+            f"{settings.generate_max_prompt_chars}",
+        )
+
+
 def checked_prompt_count(count: int, settings: Settings, param: str = "prompt") -> int:
     limit = settings.generate_max_prompts
     if count < 1:

@@ -12,7 +12,7 @@ from jinja2 import TemplateError
 from batching.errors import InvalidInputError
 from batching.generation.sampling import SamplingParams
 from service.generate.grammars import JsonOutput
-from service.generate.limits import FieldError, checked_text
+from service.generate.limits import FieldError, checked_conversation_size, checked_text
 from service.generate.service import GenerationService
 from service.generate.submit import GenerationCall
 from service.openai.errors import OpenAIError
@@ -27,25 +27,11 @@ def reject_unsupported(body: SamplingRequest) -> None:
 def checked_conversation(
     messages: list[ChatMessage], tools: list[dict[Any, Any]] | None, service: GenerationService
 ) -> list[dict[str, Any]]:
-    """The messages as template input, refused before the template runs if there are too many
-    or too much text (tool definitions count): a chat template is a Jinja program whose cost
-    grows with its input."""
-    settings = service.settings
-    if len(messages) > settings.generate_max_messages:
-        raise OpenAIError(
-            f"messages: {len(messages)} messages, more than the limit of "
-            f"{settings.generate_max_messages}",
-            "messages",
-        )
+    """The messages as template input, within the limits (tool definitions count as text)."""
     conversation = [message.for_template() for message in messages]
     chars = sum(len(message["content"]) for message in conversation)
     chars += len(json.dumps(tools)) if tools else 0
-    if chars > settings.generate_max_prompt_chars:
-        raise OpenAIError(
-            f"messages: {chars} characters of content, more than the limit of "
-            f"{settings.generate_max_prompt_chars}",
-            "messages",
-        )
+    checked_conversation_size(len(messages), chars, service.settings)
     return conversation
 
 

@@ -213,7 +213,7 @@ def test_v1_never_calls_the_engine_and_limits_are_checked_in_one_place():
     }
     assert submitters == {"generate/submit.py"}
     limits = {"generate_max_new_tokens", "generate_max_prompt_chars", "generate_max_choices",
-              "generate_max_prompts"}  # fmt: skip
+              "generate_max_prompts", "generate_max_messages"}  # fmt: skip
     checkers = {
         path.relative_to(SERVICE).as_posix()
         for path in SERVICE.rglob("*.py")
