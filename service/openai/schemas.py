@@ -14,6 +14,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from batching.generation.logprobs import MAX_TOP_LOGPROBS
+from service.openai.tools.schemas import (
+    FunctionCall,
+    FunctionDefinition,
+    FunctionName,
+    ToolCall,
+    ToolChoice,
+    ToolDefinition,
+)
 from service.schemas import Priority, StopString
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
@@ -148,19 +156,6 @@ class TextPart(BaseModel):
     text: str = ""
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    arguments: str = Field(description="JSON text, as OpenAI sends it")
-
-
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    id: str = ""
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -218,34 +213,6 @@ def _arguments_for_template(arguments: str) -> Any:
         return json.loads(arguments)
     except ValueError:
         return arguments
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class FunctionName(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    function: FunctionName
-
-
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class JsonSchemaFormat(BaseModel):

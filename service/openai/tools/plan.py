@@ -18,13 +18,9 @@ from typing import Any, Literal
 
 from service.generate.grammars import JsonOutput
 from service.openai.errors import OpenAIError
-from service.openai.schemas import (
-    ChatCompletionRequest,
-    FunctionDefinition,
-    FunctionName,
-    NamedToolChoice,
-)
+from service.openai.schemas import ChatCompletionRequest
 from service.openai.tools.parsers import Parsed, ParsedCall, ToolParser
+from service.openai.tools.schemas import FunctionDefinition, FunctionName, NamedToolChoice
 
 Mode = Literal["none", "auto", "required", "named"]
 # With `required`, at most this many parallel calls: the grammar must let the output end, and
