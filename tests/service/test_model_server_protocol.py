@@ -228,6 +228,7 @@ def test_running_waiting_and_kv_use_follow_a_load_stepped_one_forward_at_a_time(
         info = client.get("/info").json()["generate"]["kv_cache_blocks"]
         assert first_use == info["blocks_used"] / info["blocks_total"]
         assert engine.kv_cache_blocks == type(engine.kv_cache_blocks)(**info)
+        first_blocks = info["blocks_used"]
 
         gate.step()  # the next engine step admits a second row (the slots are the limit)
         running, waiting, use = gauges(client)
@@ -249,6 +250,8 @@ def test_running_waiting_and_kv_use_follow_a_load_stepped_one_forward_at_a_time(
         gate.open()
         answers = [first.result(WAIT_S), *(f.result(WAIT_S) for f in queued)]
     assert [a.status_code for a in answers] == [200] * 4
+    # Held in its first decode, the first request had written its prompt and nothing more.
+    assert first_blocks == -(-answers[0].json()["prompt_tokens"] // info["block_size"])
     deadline = time.monotonic() + WAIT_S
     while gauges(client) != (0, 0, 0):  # the engine retires the last rows one step later
         assert time.monotonic() < deadline, gauges(client)
