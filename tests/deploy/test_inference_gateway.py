@@ -177,6 +177,17 @@ def test_picker_runs_the_pinned_image_on_its_pool_with_the_mounted_config():
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert args["config-file"] == f"{mounts['config']}/epp-config.yaml"
     assert picker()["spec"]["replicas"] == 1  # its prefix index lives in its memory
+    # Numbers older than the staleness limit make a pod count as full: the limit must outlast
+    # the scrape interval.
+    (detector,) = (p for p in picker_config()["plugins"] if p["type"] == "utilization-detector")
+    stale_s = seconds(detector["parameters"]["metricsStalenessThreshold"])
+    assert stale_s >= 2 * seconds(args["refresh-metrics-interval"])
+
+
+def seconds(duration: str) -> float:
+    """A Go duration of one unit, as these manifests write them ("100ms", "2s")."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)", duration).groups()  # type: ignore[union-attr]
+    return float(number) / (1000 if unit == "ms" else 1)
 
 
 def test_picker_may_read_its_pool_and_the_pools_pods_and_nothing_cluster_wide():
