@@ -1,7 +1,8 @@
 """overlays/inference-gateway: the InferencePool, the endpoint picker (EPP) and the Gateway route
 render with the real kustomize, validate against their APIs' schemas (deploy/kubernetes/schemas),
-point at each other and at our pods, and read metrics our /metrics really exports.
-(test_kubernetes.py validates its built-in kinds strictly, as for every build.)"""
+and point at each other and at our pods. (test_kubernetes.py validates the overlay's built-in
+kinds strictly, as for every build; tests/service/test_model_server_protocol.py finds every
+metric the picker and KEDA read in a real /metrics.)"""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import re
 from functools import cache
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
 import yaml
-from metrics_text import family_names
 from referencing import Registry, Resource
 
 from tests.deploy.kustomize import KUBERNETES, Obj, named, of_kind, render, selects
@@ -263,31 +262,3 @@ def test_keda_scales_the_pool_below_the_pickers_own_limits():
     limits = detector["parameters"]
     assert 0 < thresholds["vllm:num_requests_waiting"] < limits["queueDepthThreshold"]
     assert 0 < thresholds["vllm:kv_cache_usage_perc"] < limits["kvCacheUtilThreshold"]
-
-
-def picker_metric_names() -> set[str]:
-    config = picker_config()
-    (extractor,) = (p for p in config["plugins"] if p["type"] == "core-metrics-extractor")
-    default = extractor["parameters"]["defaultEngine"]
-    (engine,) = (e for e in extractor["parameters"]["engineConfigs"] if e["name"] == default)
-    specs = [value for key, value in engine.items() if key.endswith("Spec") and value]
-    return {selector_name(spec) for spec in specs}
-
-
-def test_every_metric_the_picker_and_keda_read_is_in_our_metrics(start_server, demo_models):
-    wanted = picker_metric_names()
-    assert wanted == {
-        "vllm:num_requests_waiting",
-        "vllm:num_requests_running",
-        "vllm:kv_cache_usage_perc",
-        "vllm:cache_config_info",
-    }
-    (scaled,) = of_kind(render(BUILD), "ScaledObject")
-    for trigger in scaled["spec"]["triggers"]:
-        wanted |= set(re.findall(r"([A-Za-z_:][A-Za-z0-9_:]*)\{", trigger["metadata"]["query"]))
-    server = start_server(GENERATE_MODEL=str(demo_models["llm"]))
-    text = httpx.get(server.url + "/metrics", timeout=30).text
-    assert wanted - family_names(text) == set()
-    # The labels the extractor reads the block size and count from (its defaults).
-    (info,) = (line for line in text.splitlines() if line.startswith("vllm:cache_config_info{"))
-    assert re.search(r'block_size="\d+"', info) and re.search(r'num_gpu_blocks="\d+"', info)

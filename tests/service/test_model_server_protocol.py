@@ -14,15 +14,18 @@ from typing import Any
 import httpx
 import pytest
 import torch
+import yaml
 from fastapi.testclient import TestClient
-from metrics_text import parse_metrics
+from metrics_text import family_names, parse_metrics
 
 from service.app import create_app
 from service.settings import Settings
+from tests.conftest import REPO
 
 from .inprocess import wait_ready
 from .scrape import metric
 
+GATEWAY_OVERLAY = REPO / "deploy" / "kubernetes" / "overlays" / "inference-gateway"
 WAIT_S = 30.0
 SLOTS, MAX_SEQ_LEN = 2, 128
 # name as exposed -> its `# TYPE` (vLLM's, vllm/v1/metrics/loggers.py).
@@ -120,6 +123,34 @@ def test_a_completion_moves_the_vllm_counters_as_it_moves_ours(server):
     assert (after["ttft"] - before["ttft"], after["e2e"] - before["e2e"]) == (1, 1)
     finish = answer["choices"][0]["finish_reason"]
     assert after["length"] - before["length"] == (1 if finish == "length" else 0)
+
+
+def picker_metric_names() -> set[str]:
+    """The series the endpoint picker is configured to read (epp-config.yaml)."""
+    config = yaml.safe_load((GATEWAY_OVERLAY / "epp-config.yaml").read_text())
+    (extractor,) = (p for p in config["plugins"] if p["type"] == "core-metrics-extractor")
+    default = extractor["parameters"]["defaultEngine"]
+    (engine,) = (e for e in extractor["parameters"]["engineConfigs"] if e["name"] == default)
+    return {value.split("{")[0] for key, value in engine.items() if key.endswith("Spec") and value}
+
+
+def keda_metric_names() -> set[str]:
+    scaled = yaml.safe_load((GATEWAY_OVERLAY / "scaledobject.yaml").read_text())
+    queries = [trigger["metadata"]["query"] for trigger in scaled["spec"]["triggers"]]
+    return {name for q in queries for name in re.findall(r"([A-Za-z_:][A-Za-z0-9_:]*)\{", q)}
+
+
+def test_every_metric_the_picker_and_keda_read_is_in_our_metrics(server):
+    wanted = picker_metric_names()
+    assert wanted == {
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:cache_config_info",
+    }
+    wanted |= keda_metric_names()
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    assert wanted - family_names(text) == set()
 
 
 class StepGate:
