@@ -240,11 +240,20 @@ def test_running_waiting_and_kv_use_follow_a_load_stepped_one_forward_at_a_time(
     engine = client.app.state.runtime.generate.engine  # type: ignore[attr-defined]
     assert gauges(client) == (0, 0, 0)
 
+    block_size = engine.kv_cache_blocks.block_size
+    service = client.app.state.runtime.generate  # type: ignore[attr-defined]
+    # A first prompt one token into a block: its blocks are ceil(tokens / block), not floor.
+    first_prompt = "request number 0 of the stepped load"
+    while len(service.encode(first_prompt)) % block_size != 1:
+        first_prompt += " x"
+
     def post(i: int) -> Future[httpx.Response]:
-        body = {"prompt": f"request number {i} of the stepped load", "max_new_tokens": 40}
+        prompt = first_prompt if i == 0 else f"request number {i} of the stepped load"
+        body = {"prompt": prompt, "max_new_tokens": 40}
         return pool.submit(client.post, "/generate", json=body)
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    pool = ThreadPoolExecutor(max_workers=4)
+    try:
         first = post(0)
         gate.wait_entered(1)  # held in its prefill: it has a slot, nothing is written yet
         assert gauges(client) == (1, 0, 0)
@@ -280,9 +289,14 @@ def test_running_waiting_and_kv_use_follow_a_load_stepped_one_forward_at_a_time(
 
         gate.open()
         answers = [first.result(WAIT_S), *(f.result(WAIT_S) for f in queued)]
+    finally:
+        gate.open()  # a failed assertion must not leave the requests held in the engine
+        pool.shutdown(wait=True)
     assert [a.status_code for a in answers] == [200] * 4
     # Held in its first decode, the first request had written its prompt and nothing more.
-    assert first_blocks == -(-answers[0].json()["prompt_tokens"] // info["block_size"])
+    prompt_tokens = answers[0].json()["prompt_tokens"]
+    assert prompt_tokens % block_size == 1
+    assert first_blocks == prompt_tokens // block_size + 1
     deadline = time.monotonic() + WAIT_S
     while gauges(client) != (0, 0, 0):  # the engine retires the last rows one step later
         assert time.monotonic() < deadline, gauges(client)
