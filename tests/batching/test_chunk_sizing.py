@@ -135,6 +135,9 @@ def test_where_no_chunk_meets_the_stall_bound_chunks_grow_while_they_cost_little
     # 16 tokens: 12.08 ms, 6x the decode step; up to 1.25x that (15.1 ms): 512 tokens take
     # 14.56 ms, 1,024 would take 17.12. At context 256 the chunk cannot pass the context.
     assert limits.chunks == (256, 512, 512, 512)
+    # Both bounds are out of reach there, so admission is not throttled below that either:
+    # a burst rides as far as a single chunk does.
+    assert limits.busy_chunks == limits.chunks and limits.admit_tokens == 512
 
 
 def test_with_mixed_steps_off_auto_times_a_prefill_and_a_decode(
