@@ -25,12 +25,12 @@ from service.openai.logprobs import TokenTexts, chat_logprobs, completion_logpro
 from service.openai.requests import (
     chat_prompt_ids,
     checked_choices,
-    checked_grammar,
     checked_max_tokens,
     choice_params,
     completion_prompt_ids,
     reject_unsupported,
     to_sampling_params,
+    with_response_format,
 )
 from service.openai.router import v1_router
 from service.openai.schemas import (
@@ -77,9 +77,9 @@ async def start(
     max_tokens = checked_max_tokens(body, len(prompt_ids), service, echo)
     # Echo with logprobs scores the prompt too (lm-evaluation-harness's loglikelihood).
     prompt_logprobs = body.top_logprobs_asked() if echo else None
-    params = to_sampling_params(body, max_tokens, prompt_logprobs)
-    if params.grammar is not None:
-        checked_grammar(params.grammar, service)
+    params = await with_response_format(
+        body, to_sampling_params(body, max_tokens, prompt_logprobs), service
+    )
     try:
         handles = await service.engine.submit_choices(
             prompt_ids,

@@ -4,12 +4,14 @@ one JSON document or as a Server-Sent Events stream."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from batching.errors import InvalidInputError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
+from batching.generation.sampling import SamplingParams
 from service.audit import audit_generations, audit_model
 from service.deps import ApiKeyDep, RuntimeDep, accepting_work, resolve_priority
 from service.errors import RETRY_AFTER, ApiError
@@ -63,6 +65,17 @@ def checked_prompt_ids(prompt: str, service: GenerationService) -> list[int]:
             f"prompt: {len(prompt)} characters, more than the limit of {limit}",
         )
     return service.encode(prompt)
+
+
+async def compiled_json_schema(
+    service: GenerationService, params: SamplingParams, json_schema: dict[str, Any] | None
+) -> SamplingParams:
+    """params with json_schema's grammar (compiled off the event loop and the engine thread,
+    under GRAMMAR_* limits); a refused schema is a 422 naming json_schema."""
+    try:
+        return await service.with_grammar(params, json_schema)
+    except InvalidInputError as exc:
+        raise ApiError(422, "invalid_request", f"json_schema: {exc}") from exc
 
 
 def to_response(result: GenerationResult, model: str, request_id: str) -> GenerateResponse:
@@ -130,8 +143,8 @@ async def generate(
         top_k=body.top_k,
         seed=body.seed,
         stop=body.stop,
-        json_schema=body.json_schema,
     )
+    params = await compiled_json_schema(service, params, body.json_schema)
     priority = resolve_priority(request, service.settings, body.priority)
     handle = await submit(
         service, checked_prompt_ids(body.prompt, service), params, request_id, priority
