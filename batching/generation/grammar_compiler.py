@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,11 @@ class GrammarRejectedError(InvalidInputError):
 class _Worker:
     """One child process and its pipes."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, on_exit: Callable[[_Worker], None]
+    ) -> None:
         self.process = process
+        self.on_exit = on_exit
 
     async def ask(self, line: str) -> dict[str, Any] | None:
         """The worker's answer, or None if it died (EOF)."""
@@ -93,6 +97,7 @@ class _Worker:
         if self.process.returncode is None:
             self.process.kill()
         await self.process.wait()
+        self.on_exit(self)
 
 
 class GrammarCompiler:
@@ -116,6 +121,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, CompiledGrammar | GrammarRejectedError] = OrderedDict()
         self._compiling: dict[str, asyncio.Future[CompiledGrammar]] = {}
         self._idle: asyncio.Queue[_Worker | None] | None = None  # made on the loop that uses it
+        self._workers: set[_Worker] = set()  # alive, idle or busy
 
     @property
     def tokenizer(self) -> Any:
@@ -160,13 +166,9 @@ class GrammarCompiler:
         return compiled
 
     async def close(self) -> None:
-        """Stop the workers (idle ones; a busy one is stopped by whoever holds it)."""
-        if self._idle is None:
-            return
-        while not self._idle.empty():
-            worker = self._idle.get_nowait()
-            if worker is not None:
-                await worker.kill()
+        """Stop every worker, busy ones too (their compiles fail; the server is stopping)."""
+        for worker in list(self._workers):
+            await worker.kill()
 
     # ---- internals ----
 
@@ -240,7 +242,8 @@ class GrammarCompiler:
             env=environment,
             limit=1 << 20,
         )
-        worker = _Worker(process)
+        worker = _Worker(process, self._workers.discard)
+        self._workers.add(worker)
         try:
             ready = await asyncio.wait_for(worker.ask(self._setup), _WORKER_START_S)
         except BaseException:
