@@ -19,7 +19,8 @@ from batching.generation.grammar_compiler import (
 from tests.batching.conftest import EOS_ID, VOCAB_SIZE
 
 OBJECT = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-# Under 1 KB (774 bytes as compact JSON) that makes llguidance's regex analysis take exponential time and memory.
+# Under 1 KB (774 bytes as compact JSON): llguidance's regex analysis of it takes
+# exponential time and memory.
 ALL_OF_PATTERNS = {"allOf": [{"type": "string", "pattern": f"[a-z]{{{n}}}"} for n in range(1, 30)]}
 # Valid, but minutes to compile: every key must be checked against 600 patterns.
 PATTERN_PROPERTIES = {
