@@ -34,7 +34,7 @@ from batching.errors import (
 from batching.generation.chunk_sizing import ChunkLimits, measure_chunk_limits
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
-from batching.generation.handle import GenerationHandle
+from batching.generation.handle import GenerationHandle, fail_now
 from batching.generation.model_runner import ModelRunner, build_slot_cache
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
@@ -302,14 +302,31 @@ class GenerationEngine:
                 raise EngineStoppedError("the generation engine is stopping")
             # The leader stands in the queue for them all.
             try:
-                evicted = self._scheduler.add(requests[0], time.perf_counter())
+                evicted = self._scheduler.add(
+                    requests[0], time.perf_counter(), free_slots=self._slots.free
+                )
             except QueueFullError:
                 self._observer.on_rejected("queue_full", priority)
                 raise
             if evicted is not None:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
+        # The engine thread answers timed-out requests between steps; this timer answers them
+        # on time even while one step runs long.
+        loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
         return [r.handle for r in requests]
+
+    def _expire_if_waiting(self, leader: Request) -> None:
+        """On the event loop: a request still queued at its timeout gets QueueTimeoutError."""
+        with self._cond:
+            if not self._scheduler.remove(leader):
+                return  # admitted, answered, or taken by the engine thread already
+        now_s = time.perf_counter()
+        self._observer.on_rejected("timeout", leader.priority)
+        for request in leader.group:
+            error = QueueTimeoutError(now_s - leader.arrival_s, self._scheduler.timeout_s)
+            self._observer.on_finish("error", request.prompt_tokens, 0, now_s - leader.arrival_s)
+            fail_now(request.handle, error)
 
     def _wake(self) -> None:
         with self._cond:
