@@ -263,6 +263,7 @@ class GenerationEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> GenerationHandle:
         """Queue one generation; iterate the returned handle for its deltas.
 
@@ -271,7 +272,11 @@ class GenerationEngine:
         grammar that cannot be used), QueueFullError (max_queue requests already wait).
         """
         (handle,) = await self.submit_choices(
-            prompt_ids, [params], request_id=request_id, priority=priority
+            prompt_ids,
+            [params],
+            request_id=request_id,
+            priority=priority,
+            cache_namespace=cache_namespace,
         )
         return handle
 
@@ -282,17 +287,25 @@ class GenerationEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> list[GenerationHandle]:
         """Queue len(choices) generations of one prompt (OpenAI's `n`): they share one
         prefill, then each samples with its own params. One handle per choice; raises as
-        submit() does, and InvalidInputError if they could never get their slots at once."""
+        submit() does, and InvalidInputError if they could never get their slots at once.
+        `cache_namespace`: the prefix-cache entries it may use and adds to (prefix_cache.py)."""
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the generation engine is not running")
         self._rules.check(prompt_ids, choices, priority)
         name = request_id or f"gen-{next(self._request_ids)}"
         loop = asyncio.get_running_loop()
         requests = [
-            Request(GenerationHandle(name, loop, self._wake), list(prompt_ids), params, priority)
+            Request(
+                GenerationHandle(name, loop, self._wake),
+                list(prompt_ids),
+                params,
+                priority,
+                cache_namespace,
+            )
             for params in choices
         ]
         for follower in requests[1:]:

@@ -30,8 +30,10 @@ class Request:
         prompt_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> None:
         self.handle = handle
+        self.cache_namespace = cache_namespace  # whose prefix-cache entries it may use
         self.prompt_ids = prompt_ids
         self.params = params
         self.priority = priority  # lower is admitted sooner (batching/priority.py)

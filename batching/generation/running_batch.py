@@ -272,7 +272,8 @@ class RunningBatch:
         """Leave the prompt's K/V behind as reusable prefix blocks (only once it is whole, so
         a cancelled or failed prefill never leaves half a prefix in the cache)."""
         if self.prefixes is not None:
-            self.prefixes.save(request.prompt_ids, self._slots.owners.index(request))
+            slot = self._slots.owners.index(request)
+            self.prefixes.save(request.prompt_ids, slot, request.cache_namespace)
 
     # ---- 4. decode ----
 

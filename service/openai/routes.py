@@ -56,7 +56,7 @@ from service.openai.streams import (
     usage,
 )
 from service.request_id import request_id_of
-from service.routes.generate import GenerationServiceDep
+from service.routes.generate import GenerationServiceDep, prefix_cache_namespace
 from service.streaming import SSE_HEADERS, first_delta, wait_all_or_cancel_on_disconnect
 
 router = v1_router()
@@ -86,6 +86,7 @@ async def start(
             choice_params(params, choices),
             request_id=request_id,
             priority=resolve_priority(request, service.settings, body.priority),
+            cache_namespace=prefix_cache_namespace(request, service.settings),
         )
     except EngineError as exc:
         error = as_api_error(exc, request_id)

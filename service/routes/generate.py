@@ -3,6 +3,7 @@ one JSON document or as a Server-Sent Events stream."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -13,12 +14,19 @@ from batching.errors import InvalidInputError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from batching.generation.sampling import SamplingParams
 from service.audit import audit_generations, audit_model
-from service.deps import ApiKeyDep, RuntimeDep, accepting_work, resolve_priority
+from service.deps import (
+    ApiKeyDep,
+    RuntimeDep,
+    accepting_work,
+    configured_key,
+    resolve_priority,
+)
 from service.errors import RETRY_AFTER, ApiError
 from service.generation import GenerationService, sampling_params
 from service.limits import RateLimitDep
 from service.request_id import request_id_of
 from service.schemas import GenerateRequest, GenerateResponse, GenerateTimings
+from service.settings import Settings
 from service.streaming import (
     SSE_HEADERS,
     error_event,
@@ -43,6 +51,16 @@ async def get_generation_service(request: Request, runtime: RuntimeDep) -> Gener
 
 
 GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
+
+
+def prefix_cache_namespace(request: Request, settings: Settings) -> str:
+    """Whose prefix-cache entries a request may use: its API key's (hashed), so that
+    cached_tokens never tells one key whether its guess of another key's prompt is right;
+    "" (one shared cache) for an open API or with GENERATE_PREFIX_CACHE_SHARED=true."""
+    if settings.generate_prefix_cache_shared:
+        return ""
+    key = configured_key(request, settings.api_key_set)
+    return "key:" + hashlib.sha256(key.encode()).hexdigest() if key else ""
 
 
 def checked_max_new_tokens(requested: int | None, service: GenerationService) -> int:
@@ -147,7 +165,12 @@ async def generate(
     params = await compiled_json_schema(service, params, body.json_schema)
     priority = resolve_priority(request, service.settings, body.priority)
     handle = await submit(
-        service, checked_prompt_ids(body.prompt, service), params, request_id, priority
+        service,
+        checked_prompt_ids(body.prompt, service),
+        params,
+        request_id,
+        priority,
+        prefix_cache_namespace(request, service.settings),
     )
     audit_generations(request, [handle])
     model, cancel = service.loaded.name, service.cancel_on_disconnect
