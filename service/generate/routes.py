@@ -3,31 +3,26 @@ one JSON document or as a Server-Sent Events stream."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batching.errors import InvalidInputError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from batching.generation.sampling import SamplingParams
-from service.audit import audit_generations, audit_model
+from service.audit import audit_generations
 from service.deps import (
     ApiKeyDep,
-    RuntimeDep,
-    accepting_work,
-    configured_key,
+    GenerationServiceDep,
+    prefix_cache_namespace,
     resolve_priority,
 )
-from service.errors import RETRY_AFTER, ApiError
-from service.generation import GenerationService, sampling_params
-from service.limits import RateLimitDep
-from service.request_id import request_id_of
-from service.schemas import GenerateRequest, GenerateResponse, GenerateTimings
-from service.settings import Settings
-from service.streaming import (
+from service.errors import ApiError
+from service.generate.schemas import GenerateRequest, GenerateResponse, GenerateTimings
+from service.generate.service import GenerationService, sampling_params
+from service.generate.streaming import (
     SSE_HEADERS,
     error_event,
     first_delta,
@@ -36,31 +31,10 @@ from service.streaming import (
     submit,
     wait_or_cancel_on_disconnect,
 )
+from service.limits import RateLimitDep
+from service.request_id import request_id_of
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKeyDep, RateLimitDep])
-
-
-async def get_generation_service(request: Request, runtime: RuntimeDep) -> GenerationService:
-    if runtime.ready and runtime.generate is None:
-        raise ApiError(404, "not_found", "generation is disabled: GENERATE_MODEL is not set")
-    accepting_work(runtime)
-    if runtime.generate is None:
-        raise ApiError(503, "unavailable", "the generation model is not loaded", RETRY_AFTER)
-    audit_model(request, runtime.generate.loaded.name, runtime.generate.loaded.revision)
-    return runtime.generate
-
-
-GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
-
-
-def prefix_cache_namespace(request: Request, settings: Settings) -> str:
-    """Whose prefix-cache entries a request may use: its API key's (hashed), so that
-    cached_tokens never tells one key whether its guess of another key's prompt is right;
-    "" (one shared cache) for an open API or with GENERATE_PREFIX_CACHE_SHARED=true."""
-    if settings.generate_prefix_cache_shared:
-        return ""
-    key = configured_key(request, settings.api_key_set)
-    return "key:" + hashlib.sha256(key.encode()).hexdigest() if key else ""
 
 
 def checked_max_new_tokens(requested: int | None, service: GenerationService) -> int:
