@@ -14,6 +14,7 @@ from batching.generation.engine import GenerationEngine
 from batching.generation.grammar import CompiledGrammar, json_schema_grammar
 from batching.generation.grammar_compiler import GrammarCompiler, GrammarLimits
 from batching.generation.sampling import SamplingParams
+from service.generate.special_tokens import prompt_ids
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel
 from service.settings import Settings
@@ -145,8 +146,8 @@ class GenerationService:
     def encode(self, prompt: str) -> list[int]:
         """Tokenise on the event loop: fast tokenizers take well under a millisecond per KB,
         and the engine keeps a private tokenizer copy, so the two never race."""
-        ids: list[int] = self.loaded.tokenizer.encode(prompt, add_special_tokens=True)
-        return ids
+        allow = self.settings.generate_special_tokens_in_prompts
+        return prompt_ids(self.loaded.tokenizer, prompt, True, allow)
 
     def refresh_gauges(self) -> None:
         self.metrics.slots_in_use.set(self.engine.slots_in_use)

@@ -11,6 +11,7 @@ from jinja2 import TemplateError
 from batching.errors import InvalidInputError
 from batching.generation.sampling import SamplingParams
 from service.generate.service import GenerationService, sampling_params
+from service.generate.special_tokens import chat_ids
 from service.openai.errors import OpenAIError
 from service.openai.schemas import ChatMessage, SamplingRequest
 
@@ -65,10 +66,13 @@ def chat_prompt_ids(messages: list[ChatMessage], service: GenerationService) -> 
     except TemplateError as exc:  # templates raise on conversations they refuse
         raise OpenAIError(f"messages: {exc}", "messages") from exc
     # The template writes any special tokens (BOS, role markers) itself: add none twice.
-    ids: list[int] = tokenizer.encode(
-        checked_prompt_text(str(text), "messages", service), add_special_tokens=False
-    )
-    return ids
+    rendered = checked_prompt_text(str(text), "messages", service)
+    contents = [message["content"] for message in conversation]
+    allow = service.settings.generate_special_tokens_in_prompts
+    try:
+        return chat_ids(tokenizer, rendered, contents, allow)
+    except InvalidInputError as exc:
+        raise OpenAIError(str(exc), "messages") from exc
 
 
 def completion_prompt_ids(

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from batching.errors import InvalidInputError
 from service.deps import ApiKeyDep, GenerationServiceDep
 from service.errors import as_api_error
+from service.generate.special_tokens import prompt_ids
 from service.limits import RateLimitDep
 from service.openai.requests import chat_prompt_ids, checked_prompt_text
 from service.openai.schemas import ChatMessage
@@ -31,6 +32,10 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    special_tokens_in_text: bool = Field(
+        description="Whether special-token text in the prompt or contents became control tokens "
+        "(GENERATE_SPECIAL_TOKENS_IN_PROMPTS); else it was tokenised as plain text"
+    )
 
 
 class DetokenizeRequest(BaseModel):
@@ -47,12 +52,18 @@ class DetokenizeResponse(BaseModel):
 async def tokenize(body: TokenizeRequest, service: GenerationServiceDep) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise as_api_error(InvalidInputError("give exactly one of prompt and messages"))
+    allow = service.settings.generate_special_tokens_in_prompts
     if body.messages is not None:
         ids = chat_prompt_ids(body.messages, service)  # the chat template, as /v1 applies it
     else:
         text = checked_prompt_text(body.prompt or "", "prompt", service)
-        ids = service.loaded.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
-    return TokenizeResponse(count=len(ids), max_model_len=service.engine.max_seq_len, tokens=ids)
+        ids = prompt_ids(service.loaded.tokenizer, text, body.add_special_tokens, allow)
+    return TokenizeResponse(
+        count=len(ids),
+        max_model_len=service.engine.max_seq_len,
+        tokens=ids,
+        special_tokens_in_text=allow,
+    )
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
