@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from batching.errors import InvalidInputError
 from service.deps import ApiKeyDep, GenerationServiceDep
-from service.errors import as_api_error
+from service.errors import ApiError, as_api_error
 from service.generate.special_tokens import prompt_ids
 from service.limits import RateLimitDep
+from service.openai.errors import OpenAIError
 from service.openai.requests import chat_prompt_ids, checked_prompt_text
 from service.openai.schemas import ChatMessage
 
@@ -53,11 +54,14 @@ async def tokenize(body: TokenizeRequest, service: GenerationServiceDep) -> Toke
     if (body.prompt is None) == (body.messages is None):
         raise as_api_error(InvalidInputError("give exactly one of prompt and messages"))
     allow = service.settings.generate_special_tokens_in_prompts
-    if body.messages is not None:
-        ids = chat_prompt_ids(body.messages, service)  # the chat template, as /v1 applies it
-    else:
-        text = checked_prompt_text(body.prompt or "", "prompt", service)
-        ids = prompt_ids(service.loaded.tokenizer, text, body.add_special_tokens, allow)
+    try:
+        if body.messages is not None:
+            ids = chat_prompt_ids(body.messages, service)  # the chat template, as /v1 does it
+        else:
+            text = checked_prompt_text(body.prompt or "", "prompt", service)
+            ids = prompt_ids(service.loaded.tokenizer, text, body.add_special_tokens, allow)
+    except OpenAIError as exc:  # /tokenize is not /v1: its input errors are 422, like the rest
+        raise ApiError(422, "invalid_request", exc.message) from exc
     return TokenizeResponse(
         count=len(ids),
         max_model_len=service.engine.max_seq_len,
