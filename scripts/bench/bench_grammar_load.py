@@ -33,7 +33,7 @@ from make_demo_models import build_demo_models
 
 CHEAP = {"prompt": "hello there", "max_new_tokens": 4, "temperature": 0}
 SCHEMA_CLIENTS = 4
-SCHEMA_KEYS = 200
+SCHEMA_KEYS = 100
 
 
 def slow_schema(tag: str) -> dict[str, Any]:
