@@ -58,3 +58,13 @@ def test_stream_must_be_a_real_boolean(client) -> None:
 def test_booleans_are_not_token_ids(client) -> None:
     answer = client.post("/v1/completions", json={"model": "m", "prompt": [True, False]})
     assert answer.status_code == 400, answer.text
+
+
+def test_detokenize_takes_every_id_a_prompt_may_hold(client) -> None:
+    service = client.app.state.runtime.generate
+    rows = service.loaded.model.get_input_embeddings().num_embeddings
+    assert rows > len(service.loaded.tokenizer)  # the demo model pads its vocabulary
+    assert client.post("/detokenize", json={"tokens": [rows - 1]}).status_code == 200
+    assert client.post("/detokenize", json={"tokens": [rows]}).status_code == 422
+    completion = {"model": "m", "prompt": [rows - 1], "max_tokens": 1}
+    assert client.post("/v1/completions", json=completion).status_code == 200
