@@ -72,9 +72,9 @@ async def tokenize(body: TokenizeRequest, service: GenerationServiceDep) -> Toke
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, service: GenerationServiceDep) -> DetokenizeResponse:
-    # The ids a prompt may hold (the model's embedding rows, as the engine checks), not only
+    # The ids a prompt may hold (the model's vocabulary, as the engine checks), not only
     # the tokenizer's: ids past it are padding rows and decode to nothing.
-    rows: int = service.loaded.model.get_input_embeddings().weight.shape[0]
+    rows = int(getattr(service.loaded.model.config, "vocab_size", 0) or 0)
     vocab = max(len(service.loaded.tokenizer), rows)
     if any(token >= vocab for token in body.tokens):
         raise as_api_error(InvalidInputError(f"tokens must be in [0, {vocab})"))
