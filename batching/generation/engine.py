@@ -39,7 +39,7 @@ from batching.generation.chunk_sizing import (
 )
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
-from batching.generation.handle import GenerationHandle
+from batching.generation.handle import GenerationHandle, fail_now
 from batching.generation.model_runner import ModelRunner, build_slot_cache
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
@@ -306,6 +306,7 @@ class GenerationEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> GenerationHandle:
         """Queue one generation; iterate the returned handle for its deltas.
 
@@ -314,7 +315,11 @@ class GenerationEngine:
         grammar that cannot be used), QueueFullError (max_queue requests already wait).
         """
         (handle,) = await self.submit_choices(
-            prompt_ids, [params], request_id=request_id, priority=priority
+            prompt_ids,
+            [params],
+            request_id=request_id,
+            priority=priority,
+            cache_namespace=cache_namespace,
         )
         return handle
 
@@ -325,17 +330,25 @@ class GenerationEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> list[GenerationHandle]:
         """Queue len(choices) generations of one prompt (OpenAI's `n`): they share one
         prefill, then each samples with its own params. One handle per choice; raises as
-        submit() does, and InvalidInputError if they could never get their slots at once."""
+        submit() does, and InvalidInputError if they could never get their slots at once.
+        `cache_namespace`: the prefix-cache entries it may use and adds to (prefix_cache.py)."""
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the generation engine is not running")
         self._rules.check(prompt_ids, choices, priority)
         name = request_id or f"gen-{next(self._request_ids)}"
         loop = asyncio.get_running_loop()
         requests = [
-            Request(GenerationHandle(name, loop, self._wake), list(prompt_ids), params, priority)
+            Request(
+                GenerationHandle(name, loop, self._wake),
+                list(prompt_ids),
+                params,
+                priority,
+                cache_namespace,
+            )
             for params in choices
         ]
         for follower in requests[1:]:
@@ -345,14 +358,31 @@ class GenerationEngine:
                 raise EngineStoppedError("the generation engine is stopping")
             # The leader stands in the queue for them all.
             try:
-                evicted = self._scheduler.add(requests[0], time.perf_counter())
+                evicted = self._scheduler.add(
+                    requests[0], time.perf_counter(), free_slots=self._slots.free
+                )
             except QueueFullError:
                 self._observer.on_rejected("queue_full", priority)
                 raise
             if evicted is not None:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
+        # The engine thread answers timed-out requests between steps; this timer answers them
+        # on time even while one step runs long.
+        loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
         return [r.handle for r in requests]
+
+    def _expire_if_waiting(self, leader: Request) -> None:
+        """On the event loop: a request still queued at its timeout gets QueueTimeoutError."""
+        with self._cond:
+            if not self._scheduler.remove(leader):
+                return  # admitted, answered, or taken by the engine thread already
+        now_s = time.perf_counter()
+        self._observer.on_rejected("timeout", leader.priority)
+        for request in leader.group:
+            error = QueueTimeoutError(now_s - leader.arrival_s, self._scheduler.timeout_s)
+            self._observer.on_finish("error", request.prompt_tokens, 0, now_s - leader.arrival_s)
+            fail_now(request.handle, error)
 
     def _wake(self) -> None:
         with self._cond:
