@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from batching.errors import InvalidInputError
+from batching.generation.grammar import CompiledGrammar
 from batching.generation.logprobs import MAX_TOP_LOGPROBS
 
 # Temperatures below this are greedy: dividing logits by a tiny (or subnormal) temperature
@@ -35,7 +36,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks want fixed lengths)
     logprobs: int | None = None  # None: off; k: each token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
-    grammar: str | None = None  # llguidance grammar the output must follow (grammar.py)
+    # The grammar the output must follow, compiled once per request (grammar_compiler.py)
+    # and shared by its choices.
+    grammar: CompiledGrammar | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # generation ends ("stop") after one of these tokens

@@ -3,8 +3,9 @@
 A route decodes its request into a `GenerationCall` (prompt token ids, sampling, how many
 choices, what JSON the output must be); `submit_generation` checks the limits (limits.py),
 compiles the grammar once for the whole request (grammars.py), submits every prompt's choices
-together so they batch in the engine, and maps engine errors with `as_api_error`, the one
-mapping. The route then encodes the handles' deltas and results in its own shape.
+together so they batch in the engine (in the caller's prefix-cache namespace), and maps engine
+errors with `as_api_error`, the one mapping. The route then encodes the handles' deltas and
+results in its own shape.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 
 from batching.errors import EngineError
+from batching.generation.grammar import CompiledGrammar
 from batching.generation.handle import GenerationHandle
 from batching.generation.sampling import SamplingParams
 from service.audit import audit_generations
-from service.deps import resolve_priority
+from service.deps import prefix_cache_namespace, resolve_priority
 from service.errors import as_api_error
 from service.generate.grammars import JsonOutput, compile_json_grammar
 from service.generate.limits import (
@@ -56,7 +58,7 @@ def choice_params(params: SamplingParams, choices: int) -> list[SamplingParams]:
 
 
 def _plans(
-    call: GenerationCall, grammar: str | None, service: GenerationService
+    call: GenerationCall, grammar: CompiledGrammar | None, service: GenerationService
 ) -> list[list[SamplingParams]]:
     plans = []
     for prompt_ids in call.prompts:
@@ -80,17 +82,22 @@ async def submit_generation(
     request_id = request_id_of(request)
     checked_prompt_count(len(call.prompts), service.settings, call.prompt_param)
     checked_choices(call.choices, service.settings)
-    grammar = None
-    if call.json_output is not None:
-        grammar = await compile_json_grammar(service, call.json_output)
     priority = resolve_priority(request, service.settings, call.priority)
+    namespace = prefix_cache_namespace(request, service.settings)
     submitted: list[list[GenerationHandle]] = []
     try:
+        grammar = None
+        if call.json_output is not None:
+            grammar = await compile_json_grammar(service, call.json_output)
         plans = _plans(call, grammar, service)
         for prompt_ids, choices in zip(call.prompts, plans, strict=True):
             submitted.append(
                 await service.engine.submit_choices(
-                    prompt_ids, choices, request_id=request_id, priority=priority
+                    prompt_ids,
+                    choices,
+                    request_id=request_id,
+                    priority=priority,
+                    cache_namespace=namespace,
                 )
             )
     except EngineError as exc:

@@ -14,6 +14,7 @@ from batching.generation.sampling import SamplingParams
 from service.generate.grammars import JsonOutput
 from service.generate.limits import FieldError, checked_conversation_size, checked_text
 from service.generate.service import GenerationService
+from service.generate.special_tokens import chat_ids
 from service.generate.submit import GenerationCall
 from service.openai.errors import OpenAIError
 from service.openai.schemas import ChatMessage, CompletionRequest, SamplingRequest
@@ -51,10 +52,13 @@ def chat_prompt_ids(
     except TemplateError as exc:  # templates raise on conversations they refuse
         raise OpenAIError(f"messages: {exc}", "messages") from exc
     # The template writes any special tokens (BOS, role markers) itself: add none twice.
-    ids: list[int] = tokenizer.encode(
-        checked_text(str(text), "messages", service.settings), add_special_tokens=False
-    )
-    return ids
+    rendered = checked_text(str(text), "messages", service.settings)
+    contents = [message["content"] for message in conversation]
+    allow = service.settings.generate_special_tokens_in_prompts
+    try:
+        return chat_ids(tokenizer, rendered, contents, allow)
+    except InvalidInputError as exc:
+        raise OpenAIError(str(exc), "messages") from exc
 
 
 def completion_prompts(body: CompletionRequest, service: GenerationService) -> list[list[int]]:

@@ -11,7 +11,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+)
 
 from batching.generation.logprobs import MAX_TOP_LOGPROBS
 from service.openai.tools.schemas import (
@@ -28,7 +36,7 @@ NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
 FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[StrictInt, Field(ge=0)]  # strict: true is not token 1
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 # Fields that would change the output, which this server does not implement: a request that
@@ -85,7 +93,7 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopString | list[StopString] | None = None
     n: int | None = Field(None, ge=1, description="Choices; at most GENERATE_MAX_CHOICES")
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored")
     logit_bias: dict[str, float] | None = Field(
