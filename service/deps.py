@@ -6,6 +6,7 @@ They are `async def` on purpose: none of them blocks, and FastAPI would send eac
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -13,7 +14,8 @@ from fastapi import Depends, Request
 
 from service.audit import audit_model, audit_priority
 from service.errors import RETRY_AFTER, ApiError
-from service.predict_service import PredictService
+from service.generate.service import GenerationService
+from service.predict.service import PredictService
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -44,6 +46,16 @@ def configured_key(request: Request, keys: frozenset[str]) -> str | None:
     # compare_digest against every key: the time taken does not reveal how much matched.
     matches = [hmac.compare_digest(token.encode(), key.encode()) for key in keys]
     return token if token and any(matches) else None
+
+
+def prefix_cache_namespace(request: Request, settings: Settings) -> str:
+    """Whose prefix-cache entries a request may use: its API key's (hashed), so that
+    cached_tokens never tells one key whether its guess of another key's prompt is right;
+    "" (one shared cache) for an open API or with GENERATE_PREFIX_CACHE_SHARED=true."""
+    if settings.generate_prefix_cache_shared:
+        return ""
+    key = configured_key(request, settings.api_key_set)
+    return "key:" + hashlib.sha256(key.encode()).hexdigest() if key else ""
 
 
 async def require_api_key(request: Request, settings: SettingsDep) -> None:
@@ -81,6 +93,19 @@ async def get_predict_service(request: Request, runtime: RuntimeDep) -> PredictS
 
 
 PredictServiceDep = Annotated[PredictService, Depends(get_predict_service)]
+
+
+async def get_generation_service(request: Request, runtime: RuntimeDep) -> GenerationService:
+    if runtime.ready and runtime.generate is None:
+        raise ApiError(404, "not_found", "generation is disabled: GENERATE_MODEL is not set")
+    accepting_work(runtime)
+    if runtime.generate is None:
+        raise ApiError(503, "unavailable", "the generation model is not loaded", RETRY_AFTER)
+    audit_model(request, runtime.generate.loaded.name, runtime.generate.loaded.revision)
+    return runtime.generate
+
+
+GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
 
 
 def resolve_priority(request: Request, settings: Settings, requested: int | None) -> int:

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -38,10 +39,11 @@ from batching.generation.chunk_sizing import (
 )
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
-from batching.generation.handle import GenerationHandle
+from batching.generation.handle import GenerationHandle, fail_now
 from batching.generation.model_runner import ModelRunner, build_slot_cache
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
+from batching.generation.prefix_store import PREFIX_BLOCK_TOKENS
 from batching.generation.request import Request
 from batching.generation.running_batch import RunningBatch
 from batching.generation.sampling import SamplingParams
@@ -57,6 +59,19 @@ logger = logging.getLogger(__name__)
 # that pause, while a burst of short prompts still shares one forward. See BENCHMARKS.md.
 DEFAULT_PREFILL_CHUNK_TOKENS = 256
 STOP_JOIN_GRACE_S = 5.0  # stop() waits this long beyond the drain timeout for the thread
+
+
+@dataclass(frozen=True)
+class KVCacheBlocks:
+    """How much KV memory the engine has and uses, in blocks of `block_size` tokens."""
+
+    block_size: int
+    blocks_total: int
+    blocks_used: int
+
+    @property
+    def usage_ratio(self) -> float:
+        return self.blocks_used / self.blocks_total
 
 
 class GenerationEngine:
@@ -157,8 +172,28 @@ class GenerationEngine:
         return len(self._scheduler)
 
     @property
+    def kv_cache_blocks(self) -> KVCacheBlocks:
+        """KV memory in blocks: the one place /metrics reads KV use and size from
+        (kv_cache_usage_ratio, vllm:kv_cache_usage_perc, vllm:cache_config_info).
+
+        Slot memory counted as paged memory would be: each slot is max_seq_len tokens, cut into
+        blocks of the prefix cache's block size, and a sequence uses the blocks its written
+        tokens touch. So usage follows the tokens written (as it will with paged blocks), not
+        the prompt + max_new_tokens a slot reserves. The prefix-cache pool is not counted: it
+        is memory of its own, evictable, and has its own gauge.
+        """
+        size = PREFIX_BLOCK_TOKENS
+        per_slot = -(-self._slots.max_seq_len // size)
+        lengths = list(self._slots.lengths)  # one copy: the engine thread appends and pops
+        return KVCacheBlocks(
+            block_size=size,
+            blocks_total=self._slots.num_slots * per_slot,
+            blocks_used=sum(-(-length // size) for length in lengths),
+        )
+
+    @property
     def kv_cache_usage_ratio(self) -> float:
-        return self._slots.usage_ratio
+        return self.kv_cache_blocks.usage_ratio
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -271,6 +306,7 @@ class GenerationEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> GenerationHandle:
         """Queue one generation; iterate the returned handle for its deltas.
 
@@ -279,7 +315,11 @@ class GenerationEngine:
         grammar that cannot be used), QueueFullError (max_queue requests already wait).
         """
         (handle,) = await self.submit_choices(
-            prompt_ids, [params], request_id=request_id, priority=priority
+            prompt_ids,
+            [params],
+            request_id=request_id,
+            priority=priority,
+            cache_namespace=cache_namespace,
         )
         return handle
 
@@ -290,17 +330,25 @@ class GenerationEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> list[GenerationHandle]:
         """Queue len(choices) generations of one prompt (OpenAI's `n`): they share one
         prefill, then each samples with its own params. One handle per choice; raises as
-        submit() does, and InvalidInputError if they could never get their slots at once."""
+        submit() does, and InvalidInputError if they could never get their slots at once.
+        `cache_namespace`: the prefix-cache entries it may use and adds to (prefix_cache.py)."""
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the generation engine is not running")
         self._rules.check(prompt_ids, choices, priority)
         name = request_id or f"gen-{next(self._request_ids)}"
         loop = asyncio.get_running_loop()
         requests = [
-            Request(GenerationHandle(name, loop, self._wake), list(prompt_ids), params, priority)
+            Request(
+                GenerationHandle(name, loop, self._wake),
+                list(prompt_ids),
+                params,
+                priority,
+                cache_namespace,
+            )
             for params in choices
         ]
         for follower in requests[1:]:
@@ -310,14 +358,31 @@ class GenerationEngine:
                 raise EngineStoppedError("the generation engine is stopping")
             # The leader stands in the queue for them all.
             try:
-                evicted = self._scheduler.add(requests[0], time.perf_counter())
+                evicted = self._scheduler.add(
+                    requests[0], time.perf_counter(), free_slots=self._slots.free
+                )
             except QueueFullError:
                 self._observer.on_rejected("queue_full", priority)
                 raise
             if evicted is not None:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
+        # The engine thread answers timed-out requests between steps; this timer answers them
+        # on time even while one step runs long.
+        loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
         return [r.handle for r in requests]
+
+    def _expire_if_waiting(self, leader: Request) -> None:
+        """On the event loop: a request still queued at its timeout gets QueueTimeoutError."""
+        with self._cond:
+            if not self._scheduler.remove(leader):
+                return  # admitted, answered, or taken by the engine thread already
+        now_s = time.perf_counter()
+        self._observer.on_rejected("timeout", leader.priority)
+        for request in leader.group:
+            error = QueueTimeoutError(now_s - leader.arrival_s, self._scheduler.timeout_s)
+            self._observer.on_finish("error", request.prompt_tokens, 0, now_s - leader.arrival_s)
+            fail_now(request.handle, error)
 
     def _wake(self) -> None:
         with self._cond:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batching.errors import EngineError, QueueTimeoutError
+from batching.errors import EngineError, InvalidInputError, QueueTimeoutError
 from batching.generation.choosing import choose_tokens, record_prompt_logprobs
 from batching.generation.chunk_sizing import ChunkLimits
 from batching.generation.detokenizer import Tokenizer
@@ -292,7 +292,8 @@ class RunningBatch:
         """Leave the prompt's K/V behind as reusable prefix blocks (only once it is whole, so
         a cancelled or failed prefill never leaves half a prefix in the cache)."""
         if self.prefixes is not None:
-            self.prefixes.save(request.prompt_ids, self._slots.owners.index(request))
+            slot = self._slots.owners.index(request)
+            self.prefixes.save(request.prompt_ids, slot, request.cache_namespace)
 
     # ---- 4. decode ----
 
@@ -375,6 +376,10 @@ class RunningBatch:
         grammar), only this row fails: it is retired with its error, its neighbours go on."""
         try:
             delta = request.accept(token, self._eos_token_ids, now_s, logprob)
+        except InvalidInputError as exc:  # the client's grammar ran into a limit: its fault
+            logger.warning("a grammar stopped its row (request_id=%s)", request.handle.request_id)
+            request.error = exc
+            return
         except Exception as exc:
             logger.exception("accepting a token failed (request_id=%s)", request.handle.request_id)
             request.error = model_error(exc)

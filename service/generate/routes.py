@@ -4,20 +4,25 @@ one JSON document or as a Server-Sent Events stream."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from batching.errors import InvalidInputError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
-from service.audit import audit_generations, audit_model
-from service.deps import ApiKeyDep, RuntimeDep, accepting_work, resolve_priority
-from service.errors import RETRY_AFTER, ApiError
-from service.generation import GenerationService, sampling_params
-from service.limits import RateLimitDep
-from service.request_id import request_id_of
-from service.schemas import GenerateRequest, GenerateResponse, GenerateTimings
-from service.streaming import (
+from batching.generation.sampling import SamplingParams
+from service.audit import audit_generations
+from service.deps import (
+    ApiKeyDep,
+    GenerationServiceDep,
+    prefix_cache_namespace,
+    resolve_priority,
+)
+from service.errors import ApiError
+from service.generate.schemas import GenerateRequest, GenerateResponse, GenerateTimings
+from service.generate.service import GenerationService, sampling_params
+from service.generate.streaming import (
     SSE_HEADERS,
     error_event,
     first_delta,
@@ -26,21 +31,10 @@ from service.streaming import (
     submit,
     wait_or_cancel_on_disconnect,
 )
+from service.limits import RateLimitDep
+from service.request_id import request_id_of
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKeyDep, RateLimitDep])
-
-
-async def get_generation_service(request: Request, runtime: RuntimeDep) -> GenerationService:
-    if runtime.ready and runtime.generate is None:
-        raise ApiError(404, "not_found", "generation is disabled: GENERATE_MODEL is not set")
-    accepting_work(runtime)
-    if runtime.generate is None:
-        raise ApiError(503, "unavailable", "the generation model is not loaded", RETRY_AFTER)
-    audit_model(request, runtime.generate.loaded.name, runtime.generate.loaded.revision)
-    return runtime.generate
-
-
-GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
 
 
 def checked_max_new_tokens(requested: int | None, service: GenerationService) -> int:
@@ -63,6 +57,17 @@ def checked_prompt_ids(prompt: str, service: GenerationService) -> list[int]:
             f"prompt: {len(prompt)} characters, more than the limit of {limit}",
         )
     return service.encode(prompt)
+
+
+async def compiled_json_schema(
+    service: GenerationService, params: SamplingParams, json_schema: dict[str, Any] | None
+) -> SamplingParams:
+    """params with json_schema's grammar (compiled off the event loop and the engine thread,
+    under GRAMMAR_* limits); a refused schema is a 422 naming json_schema."""
+    try:
+        return await service.with_grammar(params, json_schema)
+    except InvalidInputError as exc:
+        raise ApiError(422, "invalid_request", f"json_schema: {exc}") from exc
 
 
 def to_response(result: GenerationResult, model: str, request_id: str) -> GenerateResponse:
@@ -130,11 +135,16 @@ async def generate(
         top_k=body.top_k,
         seed=body.seed,
         stop=body.stop,
-        json_schema=body.json_schema,
     )
+    params = await compiled_json_schema(service, params, body.json_schema)
     priority = resolve_priority(request, service.settings, body.priority)
     handle = await submit(
-        service, checked_prompt_ids(body.prompt, service), params, request_id, priority
+        service,
+        checked_prompt_ids(body.prompt, service),
+        params,
+        request_id,
+        priority,
+        prefix_cache_namespace(request, service.settings),
     )
     audit_generations(request, [handle])
     model, cancel = service.loaded.name, service.cancel_on_disconnect

@@ -13,7 +13,7 @@ from batching.errors import EngineError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from batching.generation.sampling import SamplingParams
 from service.errors import ApiError, as_api_error
-from service.generation import GenerationService
+from service.generate.service import GenerationService
 
 T = TypeVar("T")
 
@@ -32,10 +32,15 @@ async def submit(
     params: SamplingParams,
     request_id: str,
     priority: int = 0,
+    cache_namespace: str = "",
 ) -> GenerationHandle:
     try:
         return await service.engine.submit(
-            prompt_ids, params, request_id=request_id, priority=priority
+            prompt_ids,
+            params,
+            request_id=request_id,
+            priority=priority,
+            cache_namespace=cache_namespace,
         )
     except EngineError as exc:
         raise as_api_error(exc, request_id) from exc
