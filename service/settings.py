@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Most prompt tokens prefilled per step while streams decode; auto = "
         "measured at warm-up",
     )
+    generate_max_stall_steps: float = Field(
+        4.0,
+        ge=1.0,
+        description="Longest step while streams decode and requests wait, in decode steps of "
+        "a full batch (auto chunk limits are measured against it)",
+    )
     # a step's prefill runs inside the decode forward (one mixed batch) while streams decode
     generate_mixed_steps: bool = True
     generate_max_choices: int = Field(

@@ -32,7 +32,11 @@ from batching.errors import (
     QueueTimeoutError,
     RequestInterruptedError,
 )
-from batching.generation.chunk_sizing import ChunkLimits, measure_chunk_limits
+from batching.generation.chunk_sizing import (
+    DEFAULT_MAX_STALL_STEPS,
+    ChunkLimits,
+    measure_chunk_limits,
+)
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle, fail_now
@@ -83,7 +87,9 @@ class GenerationEngine:
         max_seq_len: int,
         max_queue: int,
         timeout_s: float,
-        prefill_chunk_tokens: int | Literal["auto"] = DEFAULT_PREFILL_CHUNK_TOKENS,
+        # "auto": measured at warm-up against max_stall_steps; a number: for every case
+        prefill_chunk_tokens: int | Literal["auto"] | ChunkLimits = DEFAULT_PREFILL_CHUNK_TOKENS,
+        max_stall_steps: float = DEFAULT_MAX_STALL_STEPS,  # GENERATE_MAX_STALL_STEPS
         mixed_steps: bool = True,  # prefill inside the decode forward (mixed_attention.py)
         prefix_cache_tokens: int = 0,
         observer: EngineObserver | None = None,
@@ -121,16 +127,15 @@ class GenerationEngine:
             special_tokens=tuple(special_tokens),  # their text never reaches a client
             grammar_tokenizer=grammar_tokenizer,
             eos_token_ids=frozenset(eos_token_ids),
-            chunk_limits=ChunkLimits.fixed(
-                DEFAULT_PREFILL_CHUNK_TOKENS
-                if prefill_chunk_tokens == "auto"
-                else prefill_chunk_tokens
-            ),
+            chunk_limits=_initial_limits(prefill_chunk_tokens),
             mixed_steps=mixed_steps,
             prefix_cache_tokens=prefix_cache_tokens,
             timeout_s=timeout_s,
         )
+        if max_stall_steps < 1:
+            raise ValueError("max_stall_steps must be >= 1 (a decode step at least)")
         self._measure_chunk = prefill_chunk_tokens == "auto"  # by warm_up()
+        self._max_stall_steps = max_stall_steps
         self._cond = threading.Condition()  # guards the scheduler and the flags below
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -240,7 +245,10 @@ class GenerationEngine:
             self._check_mixed_steps(prompt)
             if self._measure_chunk:
                 limits = measure_chunk_limits(
-                    self._runner, DEFAULT_PREFILL_CHUNK_TOKENS, mixed=self._batch.mixed_steps
+                    self._runner,
+                    DEFAULT_PREFILL_CHUNK_TOKENS,
+                    mixed=self._batch.mixed_steps,
+                    max_stall_steps=self._max_stall_steps,
                 )
                 self._batch.chunk_limits = limits
                 logger.info("prefill chunk limits measured: %s", limits.as_dict())
@@ -411,7 +419,7 @@ class GenerationEngine:
         try:
             self._answer_evicted()
             self._batch.retire_ended()
-            work = self._batch.next_prefill(self._take_admissions)
+            work = self._batch.next_prefill(self._take_admissions, self._count_waiting)
             if work is not None and self._batch.mixes(work):
                 self._batch.prefill_and_decode(work)  # one forward for both
             else:
@@ -452,6 +460,10 @@ class GenerationEngine:
             self._fail_group(leader, functools.partial(QueueTimeoutError, waited_s, limit_s))
         return admitted
 
+    def _count_waiting(self) -> int:
+        with self._cond:
+            return len(self._scheduler)
+
     def _fail_group(self, leader: Request, make_error: Callable[[], Exception]) -> None:
         for request in leader.group:
             self._outbox.fail(request, make_error())
@@ -470,3 +482,12 @@ class GenerationEngine:
             self._slots.release(slot)
             self._outbox.fail(request, RequestInterruptedError(message))
         self._outbox.flush()
+
+
+def _initial_limits(prefill_chunk_tokens: int | Literal["auto"] | ChunkLimits) -> ChunkLimits:
+    """The limits until warm-up measures them ("auto"), or for good (a number, or limits)."""
+    if isinstance(prefill_chunk_tokens, ChunkLimits):
+        return prefill_chunk_tokens
+    if prefill_chunk_tokens == "auto":
+        return ChunkLimits.fixed(DEFAULT_PREFILL_CHUNK_TOKENS)
+    return ChunkLimits.fixed(prefill_chunk_tokens)
