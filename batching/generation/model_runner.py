@@ -42,7 +42,7 @@ from batching.generation.decode_buffers import DecodeBuffers
 from batching.generation.kv_cache import SlotKVCache
 from batching.generation.layer_masks import LayerMasks, Masks
 from batching.generation.mixed_attention import MixedLayout, PrefillSegment, install
-from batching.generation.model_support import check_supported
+from batching.generation.model_support import cache_kv_heads, check_supported
 
 
 class ModelRunner:
@@ -58,7 +58,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.cache = cache
-        pattern = check_supported(model.config, cache.max_seq_len)  # refuses what it cannot serve
+        pattern = check_supported(model, cache.max_seq_len)  # refuses what it cannot serve
         install(model)  # type: ignore[arg-type]  # the model's own attention unless a step mixes
         embeddings = model.get_input_embeddings()  # type: ignore[operator]
         self.device: torch.device = embeddings.weight.device
@@ -309,7 +309,7 @@ def build_slot_cache(model: torch.nn.Module, num_slots: int, max_seq_len: int) -
     return SlotKVCache(
         num_layers=config.num_hidden_layers,
         num_slots=num_slots,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        kv_heads=cache_kv_heads(config),
         max_seq_len=max_seq_len,
         head_dim=head_dim,
         dtype=embeddings.weight.dtype,

@@ -128,14 +128,14 @@ def attention_pattern(config: Any) -> AttentionPattern:
     return AttentionPattern(types, window, chunk)
 
 
-def refusal_reason(config: Any, max_seq_len: int) -> str | None:
+def refusal_reason(config: Any, max_seq_len: int, name: str | None = None) -> str | None:
     """Why the engine cannot serve a model of this config exactly, or None. One sentence that
-    names the architecture, the cause and what to do."""
-    name = _architecture(config)
+    names the architecture (`name`, else the config's), the cause and what to do."""
+    name = name or _architecture(config)
     config = text_config(config)
     model_type = str(getattr(config, "model_type", "unknown"))
     if model_type in HYBRID_MODEL_TYPES:
-        return f"{name} is a hybrid model with {HYBRID_MODEL_TYPES[model_type]}: {HYBRID_ADVICE}"
+        return f"{name} has {HYBRID_MODEL_TYPES[model_type]}, not only attention: {HYBRID_ADVICE}"
     declared = getattr(config, "layer_types", None) or ()
     other = sorted({str(t) for t in declared} - set(ATTENTION_KINDS))
     if other:
@@ -172,12 +172,29 @@ def refusal_reason(config: Any, max_seq_len: int) -> str | None:
     return None
 
 
-def check_supported(config: Any, max_seq_len: int) -> AttentionPattern:
+def check_supported(model: Any, max_seq_len: int) -> AttentionPattern:
     """The model's attention pattern, or UnsupportedModelError with the reason."""
-    reason = refusal_reason(config, max_seq_len)
+    reason = refusal_reason(model.config, max_seq_len, model_name(model))
     if reason is not None:
         raise UnsupportedModelError(reason)
-    return attention_pattern(config)
+    return attention_pattern(model.config)
+
+
+def cache_kv_heads(config: Any) -> int:
+    """K/V heads per layer as the model writes them to its cache. Falcon's own spelling:
+    the new decoder architecture caches K/V repeated to every query head, multi-query one."""
+    config = text_config(config)
+    if config.model_type == "falcon":
+        if config.new_decoder_architecture:
+            return int(config.num_attention_heads)
+        return 1 if config.multi_query else int(config.num_kv_heads)
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def model_name(model: Any) -> str:
+    """The architecture a user knows the model by (its config's, else its class's)."""
+    architectures = getattr(model.config, "architectures", None) or []
+    return str(architectures[0]) if architectures else type(model).__name__
 
 
 def mixed_steps_unavailable(model: Any) -> str | None:
@@ -190,7 +207,7 @@ def mixed_steps_unavailable(model: Any) -> str | None:
     """
     if not getattr(model, "_supports_attention_backend", False):
         return (
-            f"{_architecture(model.config)}'s attention does not go through transformers' "
+            f"{model_name(model)}'s attention does not go through transformers' "
             "AttentionInterface, so a mixed step cannot split it"
         )
     return None
