@@ -81,13 +81,13 @@ FAMILIES: tuple[Family, ...] = (
         "qwen2_moe",
         MOE | {"shared_expert_intermediate_size": 32},
         why="sliding_window=0 read as no window",
-    ),  # fmt: skip
+    ),
     Family(
         "Mixtral",
         "mixtral",
         LOCAL_EXPERTS | {"sliding_window": WINDOW},
         why="sliding window on every layer",
-    ),  # fmt: skip
+    ),
     Family("Mistral", "mistral", {"sliding_window": WINDOW}, why="sliding window on every layer"),
     Family("Ministral", "ministral", {"head_dim": 16} | ALTERNATING, why="sliding + full layers"),
     Family("Gemma", "gemma", {"head_dim": 16}),
@@ -99,7 +99,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Phi3", "phi3"),
     Family(
         "Starcoder2", "starcoder2", {"sliding_window": WINDOW}, why="sliding window on every layer"
-    ),  # fmt: skip
+    ),
     Family("OLMo", "olmo"),
     Family("OLMo2", "olmo2"),
     Family("OLMo3", "olmo3", ALTERNATING, why="sliding + full layers"),
@@ -109,7 +109,7 @@ FAMILIES: tuple[Family, ...] = (
         "gpt_oss",
         {"head_dim": 16} | LOCAL_EXPERTS | ALTERNATING,
         why="sliding + full layers, attention sinks",
-    ),  # fmt: skip
+    ),
     Family(
         "Llama-4",
         "llama4_text",
@@ -122,7 +122,7 @@ FAMILIES: tuple[Family, ...] = (
             "layer_types": ["chunked_attention", "full_attention"],
         },
         why="chunked + full layers",
-    ),  # fmt: skip
+    ),
     Family("Granite", "granite"),
     Family("GraniteMoE", "granitemoe", LOCAL_EXPERTS),
     Family("SmolLM3", "smollm3"),
@@ -142,7 +142,7 @@ FAMILIES: tuple[Family, ...] = (
         {"num_kv_heads": 2, "new_decoder_architecture": True},
         "served without mixed steps",
         NO_MIXED,
-    ),  # fmt: skip
+    ),
     Family("StableLM", "stablelm", {}, "served without mixed steps", NO_MIXED),
     Family(
         "GPT-J",
@@ -151,7 +151,7 @@ FAMILIES: tuple[Family, ...] = (
         "served without mixed steps",
         NO_MIXED,
         plain=True,
-    ),  # fmt: skip
+    ),
     Family(
         "CodeGen",
         "codegen",
@@ -159,7 +159,7 @@ FAMILIES: tuple[Family, ...] = (
         "served without mixed steps",
         NO_MIXED,
         plain=True,
-    ),  # fmt: skip
+    ),
     Family(
         "GPT-Neo",
         "gpt_neo",
@@ -178,7 +178,7 @@ FAMILIES: tuple[Family, ...] = (
         "served without mixed steps",
         NO_MIXED + "; contexts up to its local window",
         plain=True,
-    ),  # fmt: skip
+    ),
     Family(
         "GPT-Neo (past its window)",
         "gpt_neo",
@@ -197,7 +197,7 @@ FAMILIES: tuple[Family, ...] = (
         "local attention layers take their 8-token window from the batch's padded "
         "length.*GENERATE_MAX_SEQ_LEN to at most 8",
         plain=True,
-    ),  # fmt: skip
+    ),
     Family("Bloom", "bloom", {"n_layer": 2, "n_head": 4}, "refused", "ALiBi position biases"),
     Family(
         "MPT",
@@ -206,7 +206,7 @@ FAMILIES: tuple[Family, ...] = (
         "refused",
         "ALiBi position biases",
         plain=True,
-    ),  # fmt: skip
+    ),
     Family(
         "DeepSeek-V2",
         "deepseek_v2",
@@ -223,7 +223,7 @@ FAMILIES: tuple[Family, ...] = (
         },
         "refused",
         "multi-head latent attention",
-    ),  # fmt: skip
+    ),
     Family(
         "DeepSeek-V3",
         "deepseek_v3",
@@ -242,21 +242,21 @@ FAMILIES: tuple[Family, ...] = (
         },
         "refused",
         "multi-head latent attention",
-    ),  # fmt: skip
+    ),
     Family(
         "Qwen3-Next",
         "qwen3_next",
         {"head_dim": 16} | MOE,
         "refused",
         "linear-attention .* layers, not only attention",
-    ),  # fmt: skip
+    ),
     Family(
         "LFM2",
         "lfm2",
         {"layer_types": ["conv", "full_attention"]},
         "refused",
         "short-convolution layers, not only attention",
-    ),  # fmt: skip
+    ),
     Family("Jamba", "jamba", {"num_experts": 2}, "refused", "Mamba .* layers, not only attention"),
     Family("Falcon-H1", "falcon_h1", {}, "refused", "Mamba-2 .* layers, not only attention"),
     Family(
@@ -266,5 +266,5 @@ FAMILIES: tuple[Family, ...] = (
         "refused",
         "Mamba .* layers, not only attention",
         plain=True,
-    ),  # fmt: skip
+    ),
 )

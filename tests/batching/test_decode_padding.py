@@ -12,8 +12,8 @@ from transformers import LlamaForCausalLM
 
 from batching.generation.decode_buffers import DecodeBuffers
 from batching.generation.layer_masks import LayerMasks
-from batching.generation.model_support import FULL, AttentionPattern
 from batching.generation.model_runner import ModelRunner, build_slot_cache
+from batching.generation.model_support import FULL, AttentionPattern
 from tests.batching.conftest import TEST_DTYPE, VOCAB_SIZE
 
 PROMPTS = [[5, 9, 11], [7] * 9, [12, 40, 3, 3, 90], [100], [33, 34, 35, 36, 37, 38, 39]]
