@@ -47,7 +47,7 @@ GPT2_STYLE = {  # GPT-2, GPT-J, CodeGen, GPTBigCode name their sizes the old way
 ALTERNATING = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": WINDOW}
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 LOCAL_EXPERTS = {"num_local_experts": 4, "num_experts_per_tok": 2}
-NO_MIXED = "its attention does not go through transformers' AttentionInterface"
+NO_MIXED = "attention does not go through transformers' AttentionInterface"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from batching.generation.engine import GenerationEngine
 from batching.generation.grammar import grammar_tokenizer, json_schema_grammar
 from batching.generation.sampling import SamplingParams
 from service.metrics import GenerateMetrics
-from service.models import LoadedModel
+from service.models import LoadedModel, attn_implementation_of
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ class GenerationService:
             "max_new_tokens": self.settings.generate_max_new_tokens,
             "max_queue": self.settings.generate_max_queue,
             "kv_cache_bytes": self.engine.kv_cache_bytes,
-            "attn_implementation": self.settings.attn_implementation,
+            "attn_implementation": attn_implementation_of(self.loaded.model),
+            "attention_layers": self.engine.attention_layout,
+            "mixed_steps_off_reason": self.engine.mixed_steps_off_reason,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
             "prefill_chunk_limits": self.engine.prefill_chunk_limits.as_dict(),
