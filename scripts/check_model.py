@@ -117,7 +117,9 @@ async def compare(
     return 0
 
 
-def reference(loaded: LoadedModel, ids: list[int], max_new_tokens: int, eos: list[int]) -> list[int]:
+def reference(
+    loaded: LoadedModel, ids: list[int], max_new_tokens: int, eos: list[int]
+) -> list[int]:
     """generate() on one prompt alone, greedy; the engine's output has no EOS token."""
     with torch.inference_mode():
         output = loaded.model.generate(  # type: ignore[operator]

@@ -47,6 +47,8 @@ GPT2_STYLE = {  # GPT-2, GPT-J, CodeGen, GPTBigCode name their sizes the old way
 ALTERNATING = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": WINDOW}
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 LOCAL_EXPERTS = {"num_local_experts": 4, "num_experts_per_tok": 2}
+ALIBI_NOTE = "ALiBi biases, which the model builds from a 2D mask; the engine passes 4D masks"
+MLA_NOTE = "multi-head latent attention: K and V of different widths, the KV slots have one"
 NO_MIXED = "attention does not go through transformers' AttentionInterface"
 
 
@@ -61,6 +63,7 @@ class Family:
     why: str = ""  # served: what is special; refused: the reason (a regex of the message)
     plain: bool = False  # no TINY defaults (old-style configs)
     max_seq_len: int = 64
+    note: str = ""  # the README's words, where `why` is a pattern
 
     def config(self) -> PretrainedConfig:
         base = {} if self.plain else TINY
@@ -197,8 +200,17 @@ FAMILIES: tuple[Family, ...] = (
         "local attention layers take their 8-token window from the batch's padded "
         "length.*GENERATE_MAX_SEQ_LEN to at most 8",
         plain=True,
+        note="its local layers cut their window by the batch's padded length: served only "
+        "with GENERATE_MAX_SEQ_LEN up to window_size (256 in the released checkpoints)",
     ),
-    Family("Bloom", "bloom", {"n_layer": 2, "n_head": 4}, "refused", "ALiBi position biases"),
+    Family(
+        "Bloom",
+        "bloom",
+        {"n_layer": 2, "n_head": 4},
+        "refused",
+        "ALiBi position biases",
+        note=ALIBI_NOTE,
+    ),
     Family(
         "MPT",
         "mpt",
@@ -206,6 +218,7 @@ FAMILIES: tuple[Family, ...] = (
         "refused",
         "ALiBi position biases",
         plain=True,
+        note=ALIBI_NOTE,
     ),
     Family(
         "DeepSeek-V2",
@@ -223,6 +236,7 @@ FAMILIES: tuple[Family, ...] = (
         },
         "refused",
         "multi-head latent attention",
+        note=MLA_NOTE,
     ),
     Family(
         "DeepSeek-V3",
@@ -242,6 +256,7 @@ FAMILIES: tuple[Family, ...] = (
         },
         "refused",
         "multi-head latent attention",
+        note=MLA_NOTE,
     ),
     Family(
         "Qwen3-Next",
@@ -249,6 +264,7 @@ FAMILIES: tuple[Family, ...] = (
         {"head_dim": 16} | MOE,
         "refused",
         "linear-attention .* layers, not only attention",
+        note="linear-attention (Gated DeltaNet) layers: per-sequence state the KV slots cannot hold",
     ),
     Family(
         "LFM2",
@@ -256,9 +272,24 @@ FAMILIES: tuple[Family, ...] = (
         {"layer_types": ["conv", "full_attention"]},
         "refused",
         "short-convolution layers, not only attention",
+        note="short-convolution layers: per-sequence state the KV slots cannot hold",
     ),
-    Family("Jamba", "jamba", {"num_experts": 2}, "refused", "Mamba .* layers, not only attention"),
-    Family("Falcon-H1", "falcon_h1", {}, "refused", "Mamba-2 .* layers, not only attention"),
+    Family(
+        "Jamba",
+        "jamba",
+        {"num_experts": 2},
+        "refused",
+        "Mamba .* layers, not only attention",
+        note="Mamba layers: per-sequence state the KV slots cannot hold",
+    ),
+    Family(
+        "Falcon-H1",
+        "falcon_h1",
+        {},
+        "refused",
+        "Mamba-2 .* layers, not only attention",
+        note="Mamba-2 layers: per-sequence state the KV slots cannot hold",
+    ),
     Family(
         "Mamba",
         "mamba",
@@ -266,5 +297,46 @@ FAMILIES: tuple[Family, ...] = (
         "refused",
         "Mamba .* layers, not only attention",
         plain=True,
+        note="state-space layers: per-sequence state the KV slots cannot hold",
     ),
 )
+
+
+# /predict families (tests/service/test_predict_families.py): batched equals alone, for a
+# classifier head and for embeddings. model_type -> extra config fields.
+ENCODER_FAMILIES: dict[str, dict[str, Any]] = {
+    "BERT": {"model_type": "bert"},
+    "RoBERTa": {"model_type": "roberta"},
+    "DistilBERT": {"model_type": "distilbert", "dim": 64, "hidden_dim": 128, "n_layers": 2,
+                   "n_heads": 4},
+    "DeBERTa-v2": {"model_type": "deberta-v2"},
+    "XLM-R": {"model_type": "xlm-roberta"},
+    "ELECTRA": {"model_type": "electra", "embedding_size": 64},
+    "ModernBERT": {"model_type": "modernbert", "global_attn_every_n_layers": 2,
+                   "local_attention": 8},
+    "ALBERT": {"model_type": "albert", "embedding_size": 32},
+    "MPNet": {"model_type": "mpnet"},
+}  # fmt: skip
+
+
+def readme_table() -> str:
+    """The README's "Supported models" table, from FAMILIES and ENCODER_FAMILIES."""
+    lines = [
+        "| Family | `model_type` | What the server does | Why / how |",
+        "|---|---|---|---|",
+    ]
+    for family in FAMILIES:
+        if family.verdict == "refused":
+            what = "refused at start-up"
+        elif family.verdict == "served":
+            what = "served, equal to `generate()`"
+        else:
+            what = "served without mixed steps, equal to `generate()`"
+        why = family.note or family.why or "full attention"
+        lines.append(f"| {family.name} | `{family.model_type}` | {what} | {why} |")
+    for name, fields in ENCODER_FAMILIES.items():
+        lines.append(
+            f"| {name} | `{fields['model_type']}` | `/predict`: classification and embeddings, "
+            "batched equal to alone | encoder |"
+        )
+    return "\n".join(lines) + "\n"
