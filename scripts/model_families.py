@@ -264,7 +264,8 @@ FAMILIES: tuple[Family, ...] = (
         {"head_dim": 16} | MOE,
         "refused",
         "linear-attention .* layers, not only attention",
-        note="linear-attention (Gated DeltaNet) layers: per-sequence state the KV slots cannot hold",
+        note="linear-attention (Gated DeltaNet) layers: per-sequence state the KV slots "
+        "cannot hold",
     ),
     Family(
         "LFM2",
