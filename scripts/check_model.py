@@ -33,7 +33,7 @@ from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
 from batching.generation.model_support import UnsupportedModelError
 from batching.generation.sampling import SamplingParams
-from service.generation import eos_token_ids
+from service.generate.service import eos_token_ids
 from service.models import LoadedModel, attn_implementation_of, load_generate_model
 from service.settings import Settings
 
