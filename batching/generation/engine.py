@@ -192,9 +192,11 @@ class GenerationEngine:
     # ---- lifecycle ----
 
     def warm_up(self, prompt_tokens: int = 16, decode_steps: int = 2) -> None:
-        """Run prefill and decode for 1 row and for every slot once, then capture the decode
-        step's CUDA graphs where they can be used, and with prefill_chunk_tokens="auto"
-        measure the chunk size (chunk_sizing.py); call before start()."""
+        """Check the engine's paths against the model's own forward (_check_paths: refuses the
+        model or turns mixed steps off), run prefill and decode for 1 row and for every slot
+        once, then capture the decode step's CUDA graphs where they can be used, and with
+        prefill_chunk_tokens="auto" measure the chunk size (chunk_sizing.py); call before
+        start()."""
         if self._thread is not None:
             raise RuntimeError(
                 "warm_up() must run before start(): the engine thread owns the cache"

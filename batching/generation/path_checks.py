@@ -32,9 +32,11 @@ MAX_PROBE_TOKENS = 512  # bounds the reference forward at warm-up for models wit
 DECODE_STEPS = 4
 # Largest |difference| allowed, relative to the largest |logit| (at least 1). fp32 forwards of
 # the same tokens differ in summation order only (~1e-6); a wrong mask moves logits by far more.
-# Half precision and quantized matmuls round per kernel and per batch shape, so they get more.
+# Half precision and quantized matmuls round per kernel and per batch shape, so they get more
+# (a false refusal would stop a good model from serving at all); a wrong mask past a window
+# still moves logits by more than that.
 FP32_TOLERANCE = 1e-3
-LOW_PRECISION_TOLERANCE = 5e-2
+LOW_PRECISION_TOLERANCE = 1e-1
 
 
 @dataclass(frozen=True)
