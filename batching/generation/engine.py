@@ -94,7 +94,10 @@ class GenerationEngine:
         )
         # Why mixed steps are off although asked for (None: on, or not asked for).
         self.mixed_steps_off_reason = mixed_steps_unavailable(model) if mixed_steps else None
-        mixed_steps = mixed_steps and self.mixed_steps_off_reason is None
+        if self.mixed_steps_off_reason is not None:
+            logger.warning("mixed steps are off: %s", self.mixed_steps_off_reason)
+            mixed_steps = False
+        logger.info("attention layers: %s", self._runner.masks.pattern.describe())
 
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
         vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]

@@ -79,6 +79,7 @@ async def test_a_served_family_equals_generate(family: Family, make_engine: Engi
     )
     mixed = MixedSteps(engine)
     assert await run_staggered(engine, batch) == expected
+    assert observer.prefill_chunks  # the long prompt was prefilled in chunks
     mixes = family.verdict == "served"
     assert engine.mixed_steps == mixes
     assert (mixed.count > 0) == mixes
