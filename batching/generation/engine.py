@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -40,6 +41,7 @@ from batching.generation.model_support import check_supported, mixed_steps_unava
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
 from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
+from batching.generation.prefix_store import PREFIX_BLOCK_TOKENS
 from batching.generation.request import Request
 from batching.generation.running_batch import RunningBatch
 from batching.generation.sampling import SamplingParams
@@ -55,6 +57,19 @@ logger = logging.getLogger(__name__)
 # that pause, while a burst of short prompts still shares one forward. See BENCHMARKS.md.
 DEFAULT_PREFILL_CHUNK_TOKENS = 256
 STOP_JOIN_GRACE_S = 5.0  # stop() waits this long beyond the drain timeout for the thread
+
+
+@dataclass(frozen=True)
+class KVCacheBlocks:
+    """How much KV memory the engine has and uses, in blocks of `block_size` tokens."""
+
+    block_size: int
+    blocks_total: int
+    blocks_used: int
+
+    @property
+    def usage_ratio(self) -> float:
+        return self.blocks_used / self.blocks_total
 
 
 class GenerationEngine:
@@ -161,8 +176,28 @@ class GenerationEngine:
         return len(self._scheduler)
 
     @property
+    def kv_cache_blocks(self) -> KVCacheBlocks:
+        """KV memory in blocks: the one place /metrics reads KV use and size from
+        (kv_cache_usage_ratio, vllm:kv_cache_usage_perc, vllm:cache_config_info).
+
+        Slot memory counted as paged memory would be: each slot is max_seq_len tokens, cut into
+        blocks of the prefix cache's block size, and a sequence uses the blocks its written
+        tokens touch. So usage follows the tokens written (as it will with paged blocks), not
+        the prompt + max_new_tokens a slot reserves. The prefix-cache pool is not counted: it
+        is memory of its own, evictable, and has its own gauge.
+        """
+        size = PREFIX_BLOCK_TOKENS
+        per_slot = -(-self._slots.max_seq_len // size)
+        lengths = list(self._slots.lengths)  # one copy: the engine thread appends and pops
+        return KVCacheBlocks(
+            block_size=size,
+            blocks_total=self._slots.num_slots * per_slot,
+            blocks_used=sum(-(-length // size) for length in lengths),
+        )
+
+    @property
     def kv_cache_usage_ratio(self) -> float:
-        return self._slots.usage_ratio
+        return self.kv_cache_blocks.usage_ratio
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 from batching.generation.detokenizer import Tokenizer
@@ -86,6 +86,7 @@ class GenerationService:
             priority_aging_s=settings.priority_aging_s,
         )
         metrics.slots_total.set(settings.generate_slots)
+        metrics.vllm.bind(settings.generate_model, engine.kv_cache_blocks)
         return cls(loaded, engine, settings, metrics, grammars)
 
     @property
@@ -112,7 +113,11 @@ class GenerationService:
     def refresh_gauges(self) -> None:
         self.metrics.slots_in_use.set(self.engine.slots_in_use)
         self.metrics.waiting.set(self.engine.waiting_requests)
-        self.metrics.kv_cache_usage.set(self.engine.kv_cache_usage_ratio)
+        blocks = self.engine.kv_cache_blocks
+        self.metrics.kv_cache_usage.set(blocks.usage_ratio)
+        self.metrics.vllm.set_state(
+            waiting=self.engine.waiting_requests, running=self.engine.slots_in_use, blocks=blocks
+        )
         self.metrics.prefix_cache_usage.set(self.engine.prefix_cache_usage_ratio)
 
     def info(self) -> dict[str, Any]:
@@ -122,6 +127,8 @@ class GenerationService:
             "max_new_tokens": self.settings.generate_max_new_tokens,
             "max_queue": self.settings.generate_max_queue,
             "kv_cache_bytes": self.engine.kv_cache_bytes,
+            # What vllm:cache_config_info and vllm:kv_cache_usage_perc report (blocks of tokens).
+            "kv_cache_blocks": asdict(self.engine.kv_cache_blocks),
             "attn_implementation": attn_implementation_of(self.loaded.model),
             "attention_layers": self.engine.attention_layout,
             "mixed_steps_off_reason": self.engine.mixed_steps_off_reason,
