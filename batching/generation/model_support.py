@@ -136,8 +136,13 @@ def refusal_reason(config: Any, max_seq_len: int, name: str | None = None) -> st
     model_type = str(getattr(config, "model_type", "unknown"))
     if model_type in HYBRID_MODEL_TYPES:
         return f"{name} has {HYBRID_MODEL_TYPES[model_type]}, not only attention: {HYBRID_ADVICE}"
-    declared = getattr(config, "layer_types", None) or ()
-    other = sorted({str(t) for t in declared} - set(ATTENTION_KINDS))
+    # layer_types (Qwen3-Next, LFM2...) or layers_block_type (Jamba, Zamba...) naming layers
+    # other than attention, in a model this file does not know yet
+    declared = [
+        *(getattr(config, "layer_types", None) or ()),
+        *(getattr(config, "layers_block_type", None) or ()),
+    ]
+    other = sorted({str(t) for t in declared} - {*ATTENTION_KINDS, "attention"})
     if other:
         return f"{name} has {', '.join(other)} layers, not only attention: {HYBRID_ADVICE}"
     if getattr(config, "kv_lora_rank", None):

@@ -19,6 +19,7 @@ from batching.generation.model_support import (
     AttentionPattern,
     UnsupportedModelError,
     attention_pattern,
+    refusal_reason,
 )
 from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
 from tests.batching.conftest import EngineFactory
@@ -115,3 +116,12 @@ async def test_warm_up_turns_mixed_steps_off_when_they_differ(
     assert engine.mixed_steps is False
     assert "logits differ" in str(engine.mixed_steps_off_reason)
     assert "mixed steps are off" in caplog.text
+
+
+def test_a_model_naming_layers_other_than_attention_is_refused() -> None:
+    """A hybrid this module has no name for is still found from its layer list."""
+    config = AutoConfig.for_model("llama", num_hidden_layers=2)
+    config.layers_block_type = ["mamba", "attention"]
+    assert "LlamaForCausalLM has mamba layers, not only attention" in str(
+        refusal_reason(config, 64, "LlamaForCausalLM")
+    )
