@@ -166,6 +166,14 @@ def refusal_reason(config: Any, max_seq_len: int, name: str | None = None) -> st
             "engine passes per-row 4D masks, so the biases would be wrong: serve a model with "
             "rotary or learned positions"
         )
+    rope_limit = _batch_dependent_rope(config)
+    if rope_limit is not None and max_seq_len > rope_limit[1]:
+        kind, limit = rope_limit
+        return (
+            f"{name} uses {kind} RoPE scaling, whose frequencies change once the longest "
+            f"sequence in a batch passes {limit} tokens, so a row's output would depend on its "
+            f"neighbours: set GENERATE_MAX_SEQ_LEN to at most {limit} (it is {max_seq_len})"
+        )
     if model_type == "gpt_neo" and "local" in (getattr(config, "attention_layers", None) or ()):
         window = _positive(getattr(config, "window_size", None))
         if window is not None and max_seq_len > window:
@@ -174,6 +182,22 @@ def refusal_reason(config: Any, max_seq_len: int, name: str | None = None) -> st
                 "batch's padded length, not each row's position: set GENERATE_MAX_SEQ_LEN to "
                 f"at most {window} (it is {max_seq_len})"
             )
+    return None
+
+
+def _batch_dependent_rope(config: Any) -> tuple[str, int] | None:
+    """("dynamic" or "longrope", the length past which transformers rescales the rotary
+    frequencies from the largest position in the forward), or None."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        return None
+    per_layer_type = [p for p in rope.values() if isinstance(p, dict)]
+    for params in per_layer_type or [rope]:
+        kind = str(params.get("rope_type") or params.get("type") or "")
+        if "dynamic" in kind or kind == "longrope":
+            original = params.get("original_max_position_embeddings")
+            limit = original if kind == "longrope" and original else config.max_position_embeddings
+            return kind, int(limit)
     return None
 
 

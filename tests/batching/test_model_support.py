@@ -125,3 +125,12 @@ def test_a_model_naming_layers_other_than_attention_is_refused() -> None:
     assert "LlamaForCausalLM has mamba layers, not only attention" in str(
         refusal_reason(config, 64, "LlamaForCausalLM")
     )
+
+
+def test_dynamic_rope_scaling_is_refused_past_the_length_where_it_rescales() -> None:
+    """Past max_position_embeddings, dynamic NTK scaling recomputes the rotary frequencies from
+    the largest position in the forward: a batch neighbour would change a row's output."""
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    config = AutoConfig.for_model("llama", max_position_embeddings=32, rope_parameters=rope)
+    assert refusal_reason(config, 32) is None
+    assert "set GENERATE_MAX_SEQ_LEN to at most 32 (it is 64)" in str(refusal_reason(config, 64))
