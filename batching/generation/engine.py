@@ -107,10 +107,9 @@ class GenerationEngine:
             cuda_graphs=cuda_graphs,
             kv_bucket_min=kv_bucket_min,
         )
-        # Why mixed steps are off although asked for (None: on, or not asked for).
-        self.mixed_steps_off_reason = mixed_steps_unavailable(model) if mixed_steps else None
-        if self.mixed_steps_off_reason is not None:
-            logger.warning("mixed steps are off: %s", self.mixed_steps_off_reason)
+        self._mixed_off_reason = mixed_steps_unavailable(model) if mixed_steps else None
+        if self._mixed_off_reason is not None:
+            logger.warning("mixed steps are off: %s", self._mixed_off_reason)
             mixed_steps = False
         logger.info("attention layers: %s", self._runner.masks.pattern.describe())
 
@@ -271,8 +270,14 @@ class GenerationEngine:
             logger.warning(
                 "mixed steps are off: %s; prefill and decode run as separate forwards", reason
             )
-            self.mixed_steps_off_reason = reason
+            self._mixed_off_reason = reason
             self._batch.mixed_steps = False
+
+    @property
+    def mixed_steps_off_reason(self) -> str | None:
+        """Why mixed steps are off although they were asked for (None: on, or not asked for):
+        the model's attention cannot be split, or warm-up found a mixed step differs."""
+        return self._mixed_off_reason
 
     @property
     def attention_layout(self) -> str:
