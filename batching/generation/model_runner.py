@@ -1,15 +1,18 @@
 """The forward passes of the engine, gpt-fast style: `prefill`, `decode_step`, and
 `mixed_step`, which runs both at once in one forward (see mixed_attention.py).
 
-Any Hugging Face decoder-only model works (Llama, Qwen2, Mistral shapes, bitsandbytes-quantised
-too) because the model is driven through its public forward with three explicit inputs:
+Hugging Face decoder-only models of attention layers work (the families model_support.py lists,
+bitsandbytes-quantised too; it refuses the rest, and warm-up checks every path against the
+model's own forward: path_checks.py) because the model is driven through its public forward
+with three explicit inputs:
 
 * `past_key_values`: a per-forward view of the slot cache (see kv_cache.py);
 * `position_ids` [B, q]: each row's own positions (rows are at different lengths);
 * `attention_mask` [B, 1, q, kv]: a 4D *additive float* mask (0 = attend, dtype min = not).
   transformers returns a 4D mask as is, for every attention implementation. A bool mask would
   be silently wrong with eager attention (it adds the mask to the scores), and a 2D mask would
-  be expanded against the wrong lengths.
+  be expanded against the wrong lengths. A model whose layers attend differently (sliding
+  window, chunked) gets one such mask per layer type, as a dict (layer_masks.py).
 
 Prefill shapes change with every admission (rows, prompt lengths). On CUDA, PyTorch's cuDNN
 attention backend builds a plan per new shape (measured on an H100, torch 2.11: about 60 ms
