@@ -9,8 +9,9 @@ path and compares the logits with one plain forward of the model over the same t
 the model builds its own masks and keeps its own cache:
 
 * `check_prefill_and_decode`: a two-row left-padded prefill, a continuation chunk (what a
-  chunked prefill or a prefix-cache hit does) and decode steps (replaying CUDA graphs where
-  they were captured). A difference here means the model cannot be served: UnsupportedModelError.
+  chunked prefill or a prefix-cache hit does) and decode steps of two rows at different
+  lengths (replaying CUDA graphs where they were captured). A difference here means the model
+  cannot be served: UnsupportedModelError.
 * `check_mixed_step`: two mixed steps (a fresh chunk, then a continuation chunk, both beside a
   decoding row). A difference turns mixed steps off; the model is served without them.
 
@@ -81,22 +82,23 @@ def check_prefill_and_decode(runner: ModelRunner, probe: Probe) -> None:
     tokens, length = probe.tokens, len(probe.tokens)
     decode_from = max(2, length - DECODE_STEPS)
     first = max(1, decode_from // 2)  # the first chunk; the second continues it
+    short = max(1, first // 2)  # a second, shorter row (left padding, rows of two lengths)
+    rows = 2 if runner.cache.num_slots >= 2 else 1
     compare = _comparer(probe)
     try:
-        if runner.cache.num_slots >= 2:  # two rows of different lengths: left padding
-            short = max(1, first // 2)
-            logits = runner.prefill(0, [tokens[:first], tokens[:short]])
-            problem = compare("a prefill", [first - 1, short - 1], logits)
-        else:
-            problem = compare("a prefill", [first - 1], runner.prefill(0, [tokens[:first]]))
+        logits = runner.prefill(0, [tokens[:first], tokens[:short]][:rows])
+        problem = compare("a prefill", [first - 1, short - 1][:rows], logits)
         if problem is None and decode_from > first:
             logits = runner.prefill(0, [tokens[first:decode_from]], starts=[first])
             problem = compare("a continued (chunked) prefill", [decode_from - 1], logits)
-        for position in range(decode_from, length):
+        for step, position in enumerate(range(decode_from, length)):
             if problem is not None:
                 break
-            logits = runner.decode_step([tokens[position]], [position])
-            problem = compare("a decode step", [position], logits)
+            # Row 1 stays shorter than row 0: a model that takes every row to end at the
+            # batch's KV length (GPT-Neo's local layers) shows here.
+            positions = [position, short + step][:rows]
+            logits = runner.decode_step([tokens[p] for p in positions], positions)
+            problem = compare("a decode step", positions, logits)
     except Exception as exc:
         problem = f"the engine's forward failed on this model: {exc!r}"
     if problem is not None:

@@ -134,3 +134,19 @@ def test_dynamic_rope_scaling_is_refused_past_the_length_where_it_rescales() -> 
     config = AutoConfig.for_model("llama", max_position_embeddings=32, rope_parameters=rope)
     assert refusal_reason(config, 32) is None
     assert "set GENERATE_MAX_SEQ_LEN to at most 32 (it is 64)" in str(refusal_reason(config, 64))
+
+
+def test_gpt_neo_past_its_window_fails_the_check_even_without_its_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its local layers cut their window by the batch's padded length: the refusal says so from
+    the config, and the warm-up check would have caught it from the logits anyway."""
+    model = tiny("GPT-Neo (past its window)")
+    monkeypatch.setattr(
+        "batching.generation.model_runner.check_supported",
+        lambda model, max_seq_len: attention_pattern(model.config),
+    )
+    with torch.inference_mode():
+        runner = ModelRunner(model, build_slot_cache(model, 3, 64))
+        with pytest.raises(UnsupportedModelError, match="logits differ"):
+            check_prefill_and_decode(runner, make_probe(runner))
