@@ -75,7 +75,7 @@ class Placement:
     def _load_cached_prefix(self, request: Request, slot: int) -> None:
         if self._prefixes is None or request.prefill_alone:
             return  # (prompt logprobs need every position's logits: nothing can be skipped)
-        hit = self._prefixes.load(request.prompt_ids, slot)
+        hit = self._prefixes.load(request.prompt_ids, slot, request.cache_namespace)
         if hit:
             self._slots.advance(slot, hit)
             request.prefilled = request.cached_tokens = hit

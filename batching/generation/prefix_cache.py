@@ -5,6 +5,11 @@ from the start, hash(hash of block i-1, tokens of block i), so a block can only 
 part of the very same prefix; every match is also checked token for token, and against the
 exact parent block, so a hash collision is a miss, never a wrong hit.
 
+Each prefix lives in a namespace (the service uses one per API key): the namespace seeds the
+chain (the first block's hash is hash(namespace, tokens)) and is checked on the first block,
+so a prompt only ever matches blocks its own namespace stored, and a hit (cached_tokens)
+tells a client nothing about another namespace's prompts. A shared cache is namespace "".
+
 The K/V of each cached block lives in its own storage row (`block_id`) of a pool that the slots
 do not use (`BlockPool` in kv_cache.py), bounded by GENERATE_PREFIX_CACHE_TOKENS. On a hit, the
 blocks are copied into the new request's slot and only the rest of the prompt is prefilled.
@@ -32,6 +37,7 @@ class CachedBlock:
     block_id: int  # its row in the block pool
     tokens: tuple[int, ...]
     parent: CachedBlock | None  # the block before it in its prefix (None: the first block)
+    namespace: str = ""  # whose prefix: checked on first blocks (parents carry it on)
 
 
 @dataclass(frozen=True)
@@ -62,22 +68,24 @@ class PrefixCache:
     def usage_ratio(self) -> float:
         return len(self._blocks) / self.num_blocks
 
-    def match(self, prompt: Sequence[int], max_tokens: int) -> list[CachedBlock]:
-        """The longest chain of cached blocks that starts `prompt` and covers at most
-        `max_tokens` tokens (whole blocks only). Touches what it returns."""
-        chain = self._walk(prompt, max_tokens // self.block_size)
+    def match(
+        self, prompt: Sequence[int], max_tokens: int, namespace: str = ""
+    ) -> list[CachedBlock]:
+        """The longest chain of cached blocks that starts `prompt` in `namespace` and covers
+        at most `max_tokens` tokens (whole blocks only). Touches what it returns."""
+        chain = self._walk(prompt, max_tokens // self.block_size, namespace)
         self._touch(chain)
         return chain
 
-    def insert(self, prompt: Sequence[int]) -> list[BlockToFill]:
+    def insert(self, prompt: Sequence[int], namespace: str = "") -> list[BlockToFill]:
         """Index every whole block of `prompt` (its K/V complete in its slot) that is not
         cached yet. Returns the new blocks for the caller to fill, evicting the least recently
         used blocks of other prefixes to make room."""
         full_blocks = len(prompt) // self.block_size
-        chain = self._walk(prompt, full_blocks)
+        chain = self._walk(prompt, full_blocks, namespace)
         to_fill: list[BlockToFill] = []
         parent = chain[-1] if chain else None
-        key = parent.key if parent is not None else None
+        key: object = parent.key if parent is not None else namespace
         keep = {id(block) for block in chain}
         for index in range(len(chain), full_blocks):
             block_id = self._take_free_id(keep)
@@ -88,7 +96,7 @@ class PrefixCache:
             if key in self._blocks:  # a colliding hash: keep the older entry, stop here
                 self._free_ids.append(block_id)
                 break
-            block = CachedBlock(key, block_id, tokens, parent)
+            block = CachedBlock(key, block_id, tokens, parent, namespace)
             self._blocks[key] = block
             keep.add(id(block))
             chain.append(block)
@@ -101,15 +109,17 @@ class PrefixCache:
         self._blocks.clear()
         self._free_ids = list(range(self.num_blocks - 1, -1, -1))
 
-    def _walk(self, prompt: Sequence[int], max_blocks: int) -> list[CachedBlock]:
+    def _walk(self, prompt: Sequence[int], max_blocks: int, namespace: str) -> list[CachedBlock]:
         chain: list[CachedBlock] = []
-        key: int | None = None
+        key: object = namespace  # the chain's seed: another namespace's hashes all differ
         for index in range(min(max_blocks, len(prompt) // self.block_size)):
             tokens = self._block_tokens(prompt, index)
             key = hash((key, tokens))
             block = self._blocks.get(key)
             parent = chain[-1] if chain else None
             if block is None or block.tokens != tokens or block.parent is not parent:
+                break
+            if parent is None and block.namespace != namespace:  # a colliding seed hash
                 break
             chain.append(block)
         return chain

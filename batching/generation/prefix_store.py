@@ -27,16 +27,17 @@ class PrefixStore:
     def usage_ratio(self) -> float:
         return self.index.usage_ratio
 
-    def load(self, prompt: Sequence[int], slot: int) -> int:
-        """Copy the longest cached prefix of `prompt` into `slot`, leaving at least its last
-        token to prefill (its logits give the first output token). Returns its length."""
-        blocks = self.index.match(prompt, len(prompt) - 1)
+    def load(self, prompt: Sequence[int], slot: int, namespace: str = "") -> int:
+        """Copy the longest cached prefix of `prompt` (stored in `namespace`) into `slot`,
+        leaving at least its last token to prefill (its logits give the first output token).
+        Returns its length."""
+        blocks = self.index.match(prompt, len(prompt) - 1, namespace)
         if blocks:
             self.pool.load([b.block_id for b in blocks], slot)
         return len(blocks) * PREFIX_BLOCK_TOKENS
 
-    def save(self, prompt: Sequence[int], slot: int) -> None:
+    def save(self, prompt: Sequence[int], slot: int, namespace: str = "") -> None:
         """The prompt's K/V is whole in `slot`: keep its blocks that are not cached yet."""
-        fills = self.index.insert(prompt)
+        fills = self.index.insert(prompt, namespace)
         if fills:
             self.pool.save(slot, [f.block_id for f in fills], [f.index for f in fills])

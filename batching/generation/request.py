@@ -30,8 +30,10 @@ class Request:
         prompt_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> None:
         self.handle = handle
+        self.cache_namespace = cache_namespace  # whose prefix-cache entries it may use
         self.prompt_ids = prompt_ids
         self.params = params
         self.priority = priority  # lower is admitted sooner (batching/priority.py)
@@ -113,7 +115,7 @@ class Request:
             tokenizer, self.prompt_ids, self.params.stop, special_tokens
         )
         if self.params.grammar is not None:
-            self.matcher = GrammarMatcher(grammar_tokenizer, self.params.grammar)
+            self.matcher = self.params.grammar.new_matcher()  # compiled before submit
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]  # the first prompt token has no context
 

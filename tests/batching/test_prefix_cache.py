@@ -71,3 +71,12 @@ def test_a_prompt_longer_than_the_cache_keeps_what_fits() -> None:
     assert [f.index for f in cache.insert(prompt(1, 2, 3, 4))] == [0, 1]
     assert len(cache.match(prompt(1, 2, 3, 4), 100)) == 2
     assert cache.usage_ratio == 1.0
+
+
+def test_a_prefix_stored_in_one_namespace_is_never_matched_from_another() -> None:
+    cache = PrefixCache(block_size=4, num_blocks=8)
+    prompt = list(range(1, 13))
+    cache.insert(prompt, namespace="key:a")
+    assert cache.match(prompt, 12, namespace="key:b") == []
+    assert cache.match(prompt, 12, namespace="") == []
+    assert len(cache.match(prompt, 12, namespace="key:a")) == 3
