@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from batching.generation.model_support import UnsupportedModelError
 from service import health
 from service.audit import AuditLog, AuditMiddleware
 from service.body_limit import BodySizeLimitMiddleware
@@ -63,6 +64,10 @@ async def start_runtime(runtime: Runtime) -> None:
     """Background start; a model that cannot load stops the process instead of idling half-alive."""
     try:
         await runtime.start()
+    except UnsupportedModelError as exc:  # a known reason: one line a user can act on
+        runtime.fatal_error = f"startup failed: model not supported: {exc}"
+        log.critical("%s -- stopping the process", runtime.fatal_error)
+        os.kill(os.getpid(), signal.SIGTERM)
     except Exception as exc:
         runtime.fatal_error = f"startup failed: {exc}"
         log.critical("%s -- stopping the process", runtime.fatal_error, exc_info=exc)

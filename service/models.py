@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from batching.generation.model_support import UnsupportedModelError, refusal_reason
 from service.model_versions import (
     ModelVersion,
     RevisionMismatchError,
@@ -188,20 +189,47 @@ def load_predict_model(settings: Settings) -> LoadedModel:
     return _load(AutoModel, name, requested, version, settings, "embedding")
 
 
+def refuse_before_loading(name: str, revision: str, settings: Settings) -> None:
+    """A model the engine cannot serve is refused from its config, before its weights load
+    (the engine checks again, and checks its paths at warm-up: model_support.py)."""
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision)
+    except Exception:
+        return  # the load says why, with its own error
+    reason = refusal_reason(config, settings.generate_max_seq_len)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
+
+
+def attn_implementation_of(model: PreTrainedModel) -> str:
+    """The attention kernels the model runs ("sdpa", "eager"), without the engine's prefix."""
+    return str(model.config._attn_implementation).removeprefix("slots+")
+
+
 def load_generate_model(settings: Settings) -> LoadedModel:
     if resolve_device(settings.device).type == "cuda":
         # cuDNN attention builds a plan per new shape, and continuous batching changes shapes
         # every step (see batching/model_runner.py); flash / mem-efficient attention do not.
         torch.backends.cuda.enable_cudnn_sdp(False)
     name, requested = settings.generate_model, settings.generate_model_revision
+    version = version_before_load(name, requested)
+    refuse_before_loading(name, revision_to_load(version, requested), settings)
     loaded = _load(
         AutoModelForCausalLM,
         name,
         requested,
-        version_before_load(name, requested),
+        version,
         settings,
         "generation",
-        attn_implementation=settings.attn_implementation,
+        # None: transformers picks sdpa where the model supports it, else eager (auto)
+        attn_implementation=None
+        if settings.attn_implementation == "auto"
+        else settings.attn_implementation,
+    )
+    log.info(
+        "generation attention: %s (ATTN_IMPLEMENTATION=%s)",
+        attn_implementation_of(loaded.model),
+        settings.attn_implementation,
     )
     if loaded.tokenizer.pad_token_id is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token

@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     generate_model_revision: str = Field("main", description="Pinned revision of GENERATE_MODEL")
     quantization: Literal["none", "int8", "nf4"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
+        "auto",
+        description="Attention kernels of the generation model; auto: sdpa where the model "
+        "supports it, else eager",
+    )
 
     predict_max_batch_size: int = Field(32, ge=1, le=1024)
     predict_max_batch_tokens: int = Field(

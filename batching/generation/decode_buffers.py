@@ -13,8 +13,8 @@ Rows past the real batch are padding: token 0 at position 0, written to the cach
 (which no sequence owns), so they never touch live K/V; position 0 gives each of them one
 attendable column, so softmax never sees an all-masked row (NaN).
 
-The additive mask is built on the device from `positions` and a static `arange`, so it is part
-of the captured graph instead of host work per step.
+The masks are built on the device from `positions` (layer_masks.py), so they are part of the
+captured graph instead of host work per step.
 
 The host buffer is rewritten at the start of the next step, after the previous copy has
 finished: normally it has long finished (the sampled tokens came back to the host, a sync), and
@@ -41,13 +41,10 @@ class DecodeBuffers:
         max_seq_len: int,
         vocab_size: int,
         spare_slot: int,
-        mask_dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         self.max_rows = max_rows
         self._spare_slot = spare_slot
-        self._mask_dtype = mask_dtype
-        self._mask_min = torch.finfo(mask_dtype).min
         pinned = device.type == "cuda"  # pinned memory needs CUDA; on CPU there is no copy cost
         self._host = torch.zeros((3, max_rows), dtype=torch.int64, pin_memory=pinned)  # [3, R]
         # numpy writes Python ints straight into the (pinned) memory: no tensor per step.
@@ -59,7 +56,6 @@ class DecodeBuffers:
         self.positions = self._device[POSITION]  # [R]
         self.write_slots = self._device[WRITE_SLOT]  # [R]
         self.logits = torch.zeros((max_rows, vocab_size), dtype=torch.float32, device=device)
-        self._columns = torch.arange(max_seq_len, device=device)  # [S], static
         self.load([], [])
 
     def load(
@@ -101,9 +97,3 @@ class DecodeBuffers:
         self._device.copy_(self._host, non_blocking=True)
         if self._copied is not None:
             self._copied.record(torch.cuda.current_stream(self._device.device))
-
-    def attention_mask(self, rows: int, kv_len: int) -> torch.Tensor:
-        """Additive mask [rows, 1, 1, kv_len]: row r attends to columns 0..positions[r]."""
-        allowed = self._columns[None, :kv_len] <= self.positions[:rows, None]  # [rows, kv]
-        mask = torch.zeros(allowed.shape, dtype=self._mask_dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, self._mask_min)[:, None, None, :]

@@ -41,8 +41,10 @@ from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle, fail_now
 from batching.generation.model_runner import ModelRunner, build_slot_cache
+from batching.generation.model_support import check_supported, mixed_steps_unavailable
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
+from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
 from batching.generation.prefix_store import PREFIX_BLOCK_TOKENS
 from batching.generation.request import Request
 from batching.generation.running_batch import RunningBatch
@@ -104,12 +106,18 @@ class GenerationEngine:
         # on the event loop can fail with "RuntimeError: Already borrowed"
         # (huggingface/transformers#47085, vllm-project/vllm#40949). Only this thread uses it.
         engine_tokenizer = copy.deepcopy(tokenizer)
+        check_supported(model, max_seq_len)  # UnsupportedModelError before any memory is taken
         self._runner = ModelRunner(
             model,
             build_slot_cache(model, num_slots, max_seq_len),
             cuda_graphs=cuda_graphs,
             kv_bucket_min=kv_bucket_min,
         )
+        self._mixed_off_reason = mixed_steps_unavailable(model) if mixed_steps else None
+        if self._mixed_off_reason is not None:
+            logger.warning("mixed steps are off: %s", self._mixed_off_reason)
+            mixed_steps = False
+        logger.info("attention layers: %s", self._runner.masks.pattern.describe())
 
         self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
         vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
@@ -226,15 +234,18 @@ class GenerationEngine:
     # ---- lifecycle ----
 
     def warm_up(self, prompt_tokens: int = 16, decode_steps: int = 2) -> None:
-        """Run prefill and decode for 1 row and for every slot once, then capture the decode
-        step's CUDA graphs where they can be used, and with prefill_chunk_tokens="auto"
-        measure the chunk size (chunk_sizing.py); call before start()."""
+        """Check the engine's paths against the model's own forward (_check_paths: refuses the
+        model or turns mixed steps off), run prefill and decode for 1 row and for every slot
+        once, then capture the decode step's CUDA graphs where they can be used, and with
+        prefill_chunk_tokens="auto" measure the chunk size (chunk_sizing.py); call before
+        start()."""
         if self._thread is not None:
             raise RuntimeError(
                 "warm_up() must run before start(): the engine thread owns the cache"
             )
         prompt = [0] * max(1, min(prompt_tokens, self.max_seq_len - decode_steps))
         with torch.inference_mode():
+            self._check_paths()  # eager steps; capture_cuda_graphs checks replays against them
             for rows in sorted({1, self.slots_total}):
                 self._runner.prefill(0, [prompt] * rows)
                 lengths = [len(prompt)] * rows
@@ -242,7 +253,6 @@ class GenerationEngine:
                     self._runner.decode_step([0] * rows, lengths)
                     lengths = [n + 1 for n in lengths]
             self._runner.capture_cuda_graphs()
-            self._check_mixed_steps(prompt)
             if self._measure_chunk:
                 limits = measure_chunk_limits(
                     self._runner,
@@ -253,21 +263,34 @@ class GenerationEngine:
                 self._batch.chunk_limits = limits
                 logger.info("prefill chunk limits measured: %s", limits.as_dict())
 
-    def _check_mixed_steps(self, prompt: list[int]) -> None:
-        """One mixed step at warm-up: a model whose attention cannot be split (it does not pass
-        our keyword on to its attention function, say) is found now, and served with separate
-        prefill and decode forwards instead of failing over to them at every step."""
+    def _check_paths(self) -> None:
+        """Compare the engine's prefill, decode (graph replays included) and mixed steps with the
+        model's own forward on probe rows (path_checks.py). A prefill or decode that differs
+        raises UnsupportedModelError: the model is refused. A mixed step that differs or fails
+        (a model whose attention cannot be split) turns mixed steps off, with the reason logged
+        and in /info, instead of failing over to separate forwards at every step."""
+        probe = make_probe(self._runner)
+        check_prefill_and_decode(self._runner, probe)
         if not self._batch.mixed_steps or self.slots_total < 2:
             return
-        try:
-            self._runner.mixed_step([0, 0], [len(prompt), 0], {1}, 1, [prompt], [0])
-        except Exception:
+        reason = check_mixed_step(self._runner, probe)
+        if reason is not None:
             logger.warning(
-                "mixed steps do not work with this model; prefill and decode run as separate "
-                "forwards",
-                exc_info=True,
+                "mixed steps are off: %s; prefill and decode run as separate forwards", reason
             )
+            self._mixed_off_reason = reason
             self._batch.mixed_steps = False
+
+    @property
+    def mixed_steps_off_reason(self) -> str | None:
+        """Why mixed steps are off although they were asked for (None: on, or not asked for):
+        the model's attention cannot be split, or warm-up found a mixed step differs."""
+        return self._mixed_off_reason
+
+    @property
+    def attention_layout(self) -> str:
+        """The model's attention layers as the engine masks them ("full", "sliding 8 + full")."""
+        return self._runner.masks.pattern.describe()
 
     @property
     def mixed_steps(self) -> bool:

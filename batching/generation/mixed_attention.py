@@ -35,6 +35,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from batching.generation.layer_masks import Masks, for_layer
+
 PREFIX = "slots+"  # our registered names: "slots+sdpa", "slots+eager"
 PLAIN_IMPLEMENTATIONS = ("sdpa", "eager")  # the ones that take the runner's 4D additive mask
 
@@ -47,7 +49,7 @@ class PrefillSegment:
     offset: int  # first column of the segment in the packed sequence
     length: int
     kv_len: int  # start + length: the slot's K/V this chunk attends over
-    mask: torch.Tensor  # [1, 1, length, kv_len] additive, causal from start
+    mask: Masks  # [1, 1, length, kv_len] additive, causal from start (per layer kind)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class MixedLayout:
 
     decode_rows: int  # columns 0..decode_rows-1 are decode rows, row r at slot r
     decode_kv_len: int
-    decode_mask: torch.Tensor  # [B, 1, 1, decode_kv_len] additive
+    decode_mask: Masks  # [B, 1, 1, decode_kv_len] additive (per layer kind)
     segments: tuple[PrefillSegment, ...]
 
 
@@ -101,7 +103,7 @@ def _mixed_or_plain(
         decode_query = query[0, :, :rows].transpose(0, 1)[:, :, None]  # [B, heads, 1, D]
         out, _ = attend(
             module, decode_query, key[:rows, :, :kv_len], value[:rows, :, :kv_len],
-            layout.decode_mask, **kwargs,
+            for_layer(layout.decode_mask, module), **kwargs,
         )  # fmt: skip
         outputs.append(out.reshape(1, rows, *out.shape[2:]))  # [1, B, heads, D]
     if _grouped_sdpa_applies(plain, query, key, kwargs):
@@ -111,7 +113,7 @@ def _mixed_or_plain(
         own = slice(segment.slot, segment.slot + 1)
         out, _ = attend(
             module, query[:, :, columns], key[own, :, : segment.kv_len],
-            value[own, :, : segment.kv_len], segment.mask, **kwargs,
+            value[own, :, : segment.kv_len], for_layer(segment.mask, module), **kwargs,
         )  # fmt: skip
         outputs.append(out)  # [1, length, heads, D]
     return torch.cat(outputs, dim=1), None  # [1, N, heads, D], packing order

@@ -1,15 +1,18 @@
 """The forward passes of the engine, gpt-fast style: `prefill`, `decode_step`, and
 `mixed_step`, which runs both at once in one forward (see mixed_attention.py).
 
-Any Hugging Face decoder-only model works (Llama, Qwen2, Mistral shapes, bitsandbytes-quantised
-too) because the model is driven through its public forward with three explicit inputs:
+Hugging Face decoder-only models of attention layers work (the families model_support.py lists,
+bitsandbytes-quantised too; it refuses the rest, and warm-up checks every path against the
+model's own forward: path_checks.py) because the model is driven through its public forward
+with three explicit inputs:
 
 * `past_key_values`: a per-forward view of the slot cache (see kv_cache.py);
 * `position_ids` [B, q]: each row's own positions (rows are at different lengths);
 * `attention_mask` [B, 1, q, kv]: a 4D *additive float* mask (0 = attend, dtype min = not).
   transformers returns a 4D mask as is, for every attention implementation. A bool mask would
   be silently wrong with eager attention (it adds the mask to the scores), and a 2D mask would
-  be expanded against the wrong lengths.
+  be expanded against the wrong lengths. A model whose layers attend differently (sliding
+  window, chunked) gets one such mask per layer type, as a dict (layer_masks.py).
 
 Prefill shapes change with every admission (rows, prompt lengths). On CUDA, PyTorch's cuDNN
 attention backend builds a plan per new shape (measured on an H100, torch 2.11: about 60 ms
@@ -40,7 +43,9 @@ from batching.generation.cuda_graphs import (
 )
 from batching.generation.decode_buffers import DecodeBuffers
 from batching.generation.kv_cache import SlotKVCache
+from batching.generation.layer_masks import LayerMasks, Masks
 from batching.generation.mixed_attention import MixedLayout, PrefillSegment, install
+from batching.generation.model_support import cache_kv_heads, check_supported
 
 
 class ModelRunner:
@@ -56,11 +61,12 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.cache = cache
+        pattern = check_supported(model, cache.max_seq_len)  # refuses what it cannot serve
         install(model)  # type: ignore[arg-type]  # the model's own attention unless a step mixes
         embeddings = model.get_input_embeddings()  # type: ignore[operator]
         self.device: torch.device = embeddings.weight.device
         self.dtype: torch.dtype = embeddings.weight.dtype  # hidden states, scores, mask
-        self._mask_min = torch.finfo(self.dtype).min
+        self.masks = LayerMasks(pattern, cache.max_seq_len, self.dtype, self.device)
         self._arange = torch.arange(cache.max_seq_len, device=self.device)  # [S], reused
         # A mixed forward's attention uses each part's own mask (MixedLayout); the model is
         # given this 4D placeholder only so that it builds no mask of its own.
@@ -75,7 +81,6 @@ class ModelRunner:
             max_seq_len=cache.max_seq_len,
             vocab_size=_output_size(model),
             spare_slot=cache.spare_slot,
-            mask_dtype=self.dtype,
             device=self.device,
         )
         self._graphs_mode: CudaGraphsMode = cuda_graphs
@@ -113,8 +118,7 @@ class ModelRunner:
         # Absolute positions; a pad column gets position 0, so it attends to one column of
         # its own row (no all-masked softmax row, which would be NaN).
         positions = (first + columns[None, :]).masked_fill_(~is_real, 0)  # [k, q]
-        allowed = self._arange[None, None, :kv_len] <= positions[:, :, None]  # [k, q, kv]
-        mask = self._additive(allowed)[:, None]  # [k, 1, q, kv]
+        mask = self.masks.build(positions, kv_len)  # [k, 1, q, kv] per layer kind
         own_slots = torch.arange(first_slot, first_slot + rows, device=self.device)  # [k]
         spare = torch.full_like(input_ids, self.cache.spare_slot)  # [k, q]
         write_slots = torch.where(is_real, own_slots[:, None], spare)  # [k, q]; pads: spare
@@ -176,14 +180,12 @@ class ModelRunner:
             offset += len(chunk)
         packed_positions = torch.tensor(positions, device=self.device)  # [N]
         decode_kv_len = max(counted) + 1  # +1: this step's token
-        decode_allowed = self._arange[None, :decode_kv_len] <= packed_positions[:rows, None]
+        decode_mask = self.masks.build(packed_positions[:rows, None], decode_kv_len)
         segments = tuple(
             PrefillSegment(slot, offset, length, start + length, self._causal(start, length))
             for slot, offset, length, start in spans
         )
-        layout = MixedLayout(
-            rows, decode_kv_len, self._additive(decode_allowed)[:, None, None], segments
-        )
+        layout = MixedLayout(rows, decode_kv_len, decode_mask, segments)  # [B, 1, 1, kv] masks
         input_ids = torch.tensor([tokens + [t for c in chunks for t in c]], device=self.device)
         keep = torch.tensor(
             [*range(rows), *(s.offset + s.length - 1 for s in segments)], device=self.device
@@ -203,17 +205,15 @@ class ModelRunner:
         logits = output.logits[0].float()  # [B + k, V]
         return logits[:rows], logits[rows:]
 
-    def _causal(self, start: int, length: int) -> torch.Tensor:
-        """Additive mask [1, 1, length, start + length]: query j attends to columns <= start + j."""
-        queries = self._arange[start : start + length]
-        allowed = self._arange[None, : start + length] <= queries[:, None]
-        return self._additive(allowed)[None, None]
+    def _causal(self, start: int, length: int) -> Masks:
+        """Masks [1, 1, length, start + length] for queries at positions start.. start+length-1."""
+        return self.masks.build(self._arange[None, start : start + length], start + length)
 
     def _decode_bucket(self, rows: int, kv_len: int) -> None:
         """The decode step at one bucket, over static buffers only: what a graph captures."""
         buffers = self.decode_buffers
         positions = buffers.positions[:rows]  # [Bb]
-        mask = buffers.attention_mask(rows, kv_len)  # [Bb, 1, 1, kv]
+        mask = self.masks.build(positions[:, None], kv_len)  # [Bb, 1, 1, kv] per layer kind
         view = self.cache.decode_view(buffers.write_slots[:rows], positions, kv_len)
         input_ids = buffers.tokens[:rows, None]  # [Bb, 1]
         logits = self._forward(input_ids, positions[:, None], mask, view)  # [Bb, 1, V]
@@ -275,16 +275,11 @@ class ModelRunner:
                 )
         return None
 
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """bool (True = attend) -> additive float mask in the model's dtype."""
-        zeros = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        return zeros.masked_fill_(~allowed, self._mask_min)
-
     def _forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        mask: torch.Tensor,
+        mask: Masks,
         cache_view: object,
         logits_to_keep: int = 1,
     ) -> torch.Tensor:
@@ -311,18 +306,13 @@ def _output_size(model: torch.nn.Module) -> int:
 def build_slot_cache(model: torch.nn.Module, num_slots: int, max_seq_len: int) -> SlotKVCache:
     """A slot cache shaped for `model` (reads layers, KV heads and head size from its config)."""
     config = model.config.get_text_config()  # type: ignore[union-attr, operator]
-    window = getattr(config, "sliding_window", None)
-    if window is not None and max_seq_len > window:
-        # The runner builds one full-causal mask for every layer; beyond the window the
-        # model's sliding-window layers would need a different one.
-        raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's sliding window {window}")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     embeddings = model.get_input_embeddings()  # type: ignore[operator]
     return SlotKVCache(
         num_layers=config.num_hidden_layers,
         num_slots=num_slots,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        kv_heads=cache_kv_heads(config),
         max_seq_len=max_seq_len,
         head_dim=head_dim,
         dtype=embeddings.weight.dtype,

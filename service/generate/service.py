@@ -13,7 +13,7 @@ from batching.generation.engine import GenerationEngine
 from batching.generation.grammar_compiler import GrammarCompiler, GrammarLimits
 from service.generate.special_tokens import prompt_ids
 from service.metrics import GenerateMetrics
-from service.models import LoadedModel
+from service.models import LoadedModel, attn_implementation_of
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,9 @@ class GenerationService:
             "kv_cache_bytes": self.engine.kv_cache_bytes,
             # What vllm:cache_config_info and vllm:kv_cache_usage_perc report (blocks of tokens).
             "kv_cache_blocks": asdict(self.engine.kv_cache_blocks),
-            "attn_implementation": self.settings.attn_implementation,
+            "attn_implementation": attn_implementation_of(self.loaded.model),
+            "attention_layers": self.engine.attention_layout,
+            "mixed_steps_off_reason": self.engine.mixed_steps_off_reason,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
             "max_stall_steps": self.settings.generate_max_stall_steps,

@@ -11,7 +11,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from batching.generation.decode_buffers import DecodeBuffers
+from batching.generation.layer_masks import LayerMasks
 from batching.generation.model_runner import ModelRunner, build_slot_cache
+from batching.generation.model_support import FULL, AttentionPattern
 from tests.batching.conftest import TEST_DTYPE, VOCAB_SIZE
 
 PROMPTS = [[5, 9, 11], [7] * 9, [12, 40, 3, 3, 90], [100], [33, 34, 35, 36, 37, 38, 39]]
@@ -68,14 +70,14 @@ def test_padded_rows_attend_one_column_and_write_to_the_spare_slot() -> None:
         max_seq_len=8,
         vocab_size=16,
         spare_slot=4,
-        mask_dtype=torch.float32,
         device=torch.device("cpu"),
     )
     buffers.load([7, 8], [3, 5])
     assert buffers.tokens.tolist() == [7, 8, 0, 0]
     assert buffers.positions.tolist() == [3, 5, 0, 0]
     assert buffers.write_slots.tolist() == [0, 1, 4, 4]
-    allowed = buffers.attention_mask(4, kv_len=8)[:, 0, 0] == 0  # [4, 8]
+    masks = LayerMasks(AttentionPattern((FULL,)), 8, torch.float32, torch.device("cpu"))
+    allowed = masks.allowed(FULL, buffers.positions[:, None], kv_len=8)[:, 0]  # [4, 8]
     assert allowed.sum(dim=-1).tolist() == [4, 6, 1, 1]
     assert allowed[2:, 0].all()  # padded rows: column 0 only, so softmax has a finite row
 
@@ -86,7 +88,6 @@ def test_loading_fewer_rows_pads_what_a_bigger_step_left_behind() -> None:
         max_seq_len=8,
         vocab_size=16,
         spare_slot=3,
-        mask_dtype=torch.float32,
         device=torch.device("cpu"),
     )
     buffers.load([1, 2, 3], [4, 5, 6])

@@ -101,15 +101,15 @@ def tiny_qwen2() -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).to(TEST_DEVICE, TEST_DTYPE).eval()
 
 
-def tiny_mistral() -> MistralForCausalLM:
-    """Mistral shape: a (large) sliding window, head_dim set explicitly."""
+def tiny_mistral(sliding_window: int = 128) -> MistralForCausalLM:
+    """Mistral shape: a sliding window on every layer, head_dim set explicitly."""
     torch.manual_seed(2)
     config = decoder_config(
         "mistral",
         vocab_size=VOCAB_SIZE,
         num_key_value_heads=1,
         head_dim=32,
-        sliding_window=128,
+        sliding_window=sliding_window,
         eos_token_id=EOS_ID,
     )
     return MistralForCausalLM(config).to(TEST_DEVICE, TEST_DTYPE).eval()
@@ -122,17 +122,12 @@ async def test_greedy_qwen2_and_mistral_shapes_equal_generate(
     await assert_matches_generate(build(), make_engine)
 
 
-def test_a_context_longer_than_the_sliding_window_is_refused(tokenizer: object) -> None:
-    with pytest.raises(ValueError, match="sliding window"):
-        GenerationEngine(
-            tiny_mistral(),
-            tokenizer,  # type: ignore[arg-type]
-            eos_token_ids=[EOS_ID],
-            num_slots=2,
-            max_seq_len=256,
-            max_queue=4,
-            timeout_s=1.0,
-        )
+async def test_a_context_longer_than_the_sliding_window_equals_generate(
+    make_engine: EngineFactory,
+) -> None:
+    """An 8-token window under 64-token slots: prompts and outputs run far past it, so every
+    prefill, decode and mixed step must mask each row's own window (layer_masks.py)."""
+    await assert_matches_generate(tiny_mistral(sliding_window=8), make_engine)
 
 
 # 13 requests; prompt + new tokens reach past 64, so rows cross the KV buckets 16 -> 32 -> 64 -> 96.
