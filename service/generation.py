@@ -113,6 +113,10 @@ class GenerationService:
         self.metrics.slots_in_use.set(self.engine.slots_in_use)
         self.metrics.waiting.set(self.engine.waiting_requests)
         self.metrics.kv_cache_usage.set(self.engine.kv_cache_usage_ratio)
+        self.metrics.kv_blocks_total.set(self.engine.kv_blocks_total)
+        self.metrics.kv_blocks_used.set(self.engine.kv_blocks_used)
+        self.metrics.kv_blocks_cached.set(self.engine.kv_blocks_cached)
+        self.metrics.kv_cache_bytes.set(self.engine.kv_cache_bytes)
         self.metrics.prefix_cache_usage.set(self.engine.prefix_cache_usage_ratio)
 
     def info(self) -> dict[str, Any]:
@@ -122,6 +126,12 @@ class GenerationService:
             "max_new_tokens": self.settings.generate_max_new_tokens,
             "max_queue": self.settings.generate_max_queue,
             "kv_cache_bytes": self.engine.kv_cache_bytes,
+            "kv_cache": {
+                **self.engine.memory_summary(),
+                "blocks_used": self.engine.kv_blocks_used,
+                "blocks_cached": self.engine.kv_blocks_cached,
+                "preemptions": self.engine.preemptions_total,
+            },
             "attn_implementation": self.settings.attn_implementation,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
@@ -130,6 +140,7 @@ class GenerationService:
             "max_choices": self.settings.generate_max_choices,
             "structured_output": self.grammar_tokenizer is not None,
             "prefix_cache": {
+                "enabled": self.engine.prefix_cache_enabled,
                 "tokens": self.settings.generate_prefix_cache_tokens,
                 "bytes": self.engine.prefix_cache_bytes,
             },

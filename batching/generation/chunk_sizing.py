@@ -97,13 +97,14 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int, mixed: bool = True)
     (warm-up only: it writes K/V to them): mixed steps, or with `mixed` off what the engine
     then runs, a prefill forward followed by the decode. With one slot nothing ever decodes
     beside a prefill: `fallback` is kept."""
-    slots, seq_len = runner.cache.num_slots, runner.cache.max_seq_len
+    slots, seq_len = runner.max_rows, runner.cache.max_seq_len
     if slots < 2 or seq_len < SMALLEST_CHUNK:
         return ChunkLimits.fixed(fallback)
     # Rows 0..slots-2 decode; the last row is the one being prefilled.
     lengths = [min(STREAM_CONTEXT, seq_len - 1)] * slots
     tokens, riders = [1] * slots, {slots - 1}
-    decode = functools.partial(runner.decode_step, tokens, lengths, riders)
+    tables = runner.scratch_tables(slots, seq_len)
+    decode = functools.partial(runner.decode_step, tokens, lengths, tables, riders)
     contexts = sorted({max(SMALLEST_CHUNK, seq_len * q // 4) for q in (1, 2, 3, 4)})
     chunks, timings, decode_s = [], [], []
     cap = LARGEST_CHUNK  # a chunk too slow at some context is as slow further on: never retried
@@ -112,7 +113,7 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int, mixed: bool = True)
         while chunk <= min(cap, context):
             step = functools.partial(
                 _mixed_step if mixed else _separate_steps,
-                runner, tokens, lengths, riders, [[1] * chunk], [context - chunk],
+                runner, tokens, lengths, tables, riders, [[1] * chunk], [context - chunk],
             )  # fmt: skip
             pairs = _time_pairs(runner, decode, step)
             decode_s += [d for d, _ in pairs]
@@ -130,18 +131,18 @@ def measure_chunk_limits(runner: ModelRunner, fallback: int, mixed: bool = True)
 
 
 def _mixed_step(
-    runner: ModelRunner, tokens: list[int], lengths: list[int], riders: set[int],
-    chunks: list[list[int]], starts: list[int],
+    runner: ModelRunner, tokens: list[int], lengths: list[int], tables: list[list[int]],
+    riders: set[int], chunks: list[list[int]], starts: list[int],
 ) -> None:  # fmt: skip
-    runner.mixed_step(tokens, lengths, riders, len(tokens) - 1, chunks, starts)
+    runner.mixed_step(tokens, lengths, tables, riders, len(tokens) - 1, chunks, starts)
 
 
 def _separate_steps(
-    runner: ModelRunner, tokens: list[int], lengths: list[int], riders: set[int],
-    chunks: list[list[int]], starts: list[int],
+    runner: ModelRunner, tokens: list[int], lengths: list[int], tables: list[list[int]],
+    riders: set[int], chunks: list[list[int]], starts: list[int],
 ) -> None:  # fmt: skip
-    runner.prefill(len(tokens) - 1, chunks, starts)
-    runner.decode_step(tokens, lengths, riders)
+    runner.prefill(tables[-1:], chunks, starts)
+    runner.decode_step(tokens, lengths, tables, riders)
 
 
 def _time_pairs(

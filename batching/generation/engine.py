@@ -1,14 +1,16 @@
 """Token-level continuous batching: `GenerationEngine`, the loop that serves /generate.
 
-One engine thread owns the slots, the KV cache and the model; it is their only writer. Event-loop
-handlers only `submit()` (which validates and queues, under one lock) and read their handle.
-Each step (see RunningBatch in running_batch.py for the details): retire ended rows, prefill
-(the next chunk of a long prompt, or waiting requests admitted into free slots, after copying
-in their cached prefixes), run one decode forward over all rows past their prefill (while rows
-decode, the prefill and the decode are one forward: a mixed step), sample one token per row,
-push the tokens to the handles, retire finished rows (their slots serve the next request in
-the very next step). When there is nothing to do the thread sleeps on a Condition: no
-polling.
+One engine thread owns the batch rows, the KV blocks and the model; it is their only writer.
+Event-loop handlers only `submit()` (which validates and queues, under one lock) and read their
+handle. Each step (see RunningBatch in running_batch.py for the details): retire ended rows,
+give every decoding row a block for its next token (preempting the least urgent sequence when
+the pool is short: it goes back to the queue and is later resumed by recomputing what it had
+written), prefill (the next chunk of a long prompt, or waiting requests admitted into free rows,
+their cached prefix blocks shared), run one decode forward over all rows past their prefill
+(while rows decode, the prefill and the decode are one forward: a mixed step), sample one token
+per row, push the tokens to the handles, retire finished rows (their rows and blocks serve the
+next request in the very next step). When there is nothing to do the thread sleeps on a
+Condition: no polling.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from batching.errors import (
     QueueTimeoutError,
     RequestInterruptedError,
 )
+from batching.generation.block_manager import BlockManager
 from batching.generation.chunk_sizing import ChunkLimits, measure_chunk_limits
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle
-from batching.generation.model_runner import ModelRunner, build_slot_cache
+from batching.generation.model_runner import ModelRunner, build_paged_cache
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
 from batching.generation.request import Request
@@ -52,11 +55,18 @@ logger = logging.getLogger(__name__)
 # A prefill runs before that step's decode, so every running stream waits for it: this bounds
 # that pause, while a burst of short prompts still shares one forward. See BENCHMARKS.md.
 DEFAULT_PREFILL_CHUNK_TOKENS = 256
+DEFAULT_KV_BLOCK_SIZE = 16  # token positions per KV block (vLLM's default)
 STOP_JOIN_GRACE_S = 5.0  # stop() waits this long beyond the drain timeout for the thread
 
 
 class GenerationEngine:
-    """Continuous batching over a fixed pool of KV-cache slots, on one engine thread."""
+    """Continuous batching over a pool of KV blocks, on one engine thread.
+
+    `num_slots` rows are decoded together at most; `kv_cache_blocks` blocks of `kv_block_size`
+    positions hold the K/V of every sequence (None: enough for num_slots sequences of
+    max_seq_len, the memory a slot per row used to take). max_seq_len is capped by the pool.
+    `prefix_cache_tokens` > 0 turns the prefix cache on (its blocks live in free pool memory).
+    """
 
     def __init__(
         self,
@@ -71,6 +81,8 @@ class GenerationEngine:
         prefill_chunk_tokens: int | Literal["auto"] = DEFAULT_PREFILL_CHUNK_TOKENS,
         mixed_steps: bool = True,  # prefill inside the decode forward (mixed_attention.py)
         prefix_cache_tokens: int = 0,
+        kv_block_size: int = DEFAULT_KV_BLOCK_SIZE,
+        kv_cache_blocks: int | None = None,
         observer: EngineObserver | None = None,
         special_tokens: Sequence[str] = (),
         cuda_graphs: CudaGraphsMode = "auto",
@@ -83,9 +95,15 @@ class GenerationEngine:
         # on the event loop can fail with "RuntimeError: Already borrowed"
         # (huggingface/transformers#47085, vllm-project/vllm#40949). Only this thread uses it.
         engine_tokenizer = copy.deepcopy(tokenizer)
+        if kv_block_size < 1:
+            raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
+        blocks = kv_cache_blocks or num_slots * -(-max_seq_len // kv_block_size)
+        max_seq_len = min(max_seq_len, blocks * kv_block_size)
+        self._blocks = BlockManager(blocks, kv_block_size, prefix_caching=prefix_cache_tokens > 0)
         self._runner = ModelRunner(
             model,
-            build_slot_cache(model, num_slots, max_seq_len),
+            build_paged_cache(model, blocks, kv_block_size, max_seq_len),
+            max_rows=num_slots,
             cuda_graphs=cuda_graphs,
             kv_bucket_min=kv_bucket_min,
         )
@@ -112,7 +130,7 @@ class GenerationEngine:
                 else prefill_chunk_tokens
             ),
             mixed_steps=mixed_steps,
-            prefix_cache_tokens=prefix_cache_tokens,
+            blocks=self._blocks,
             timeout_s=timeout_s,
         )
         self._measure_chunk = prefill_chunk_tokens == "auto"  # by warm_up()
@@ -153,21 +171,60 @@ class GenerationEngine:
 
     @property
     def kv_cache_usage_ratio(self) -> float:
-        return self._slots.usage_ratio
+        """KV blocks held by sequences / blocks in the pool (cached free blocks not counted)."""
+        return self._blocks.usage_ratio
 
     @property
     def kv_cache_bytes(self) -> int:
         return self._runner.cache.nbytes
 
     @property
+    def kv_block_size(self) -> int:
+        return self._blocks.block_size
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self._blocks.num_blocks
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self._blocks.used_blocks
+
+    @property
+    def kv_blocks_cached(self) -> int:
+        """Blocks indexed by the prefix cache (held by sequences or free)."""
+        return self._blocks.cached_blocks
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Token positions the pool holds."""
+        return self._blocks.num_blocks * self._blocks.block_size
+
+    @property
+    def preemptions_total(self) -> int:
+        return self._batch.preemptions
+
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        return self._blocks.prefix_caching
+
+    @property
     def prefix_cache_bytes(self) -> int:
-        prefixes = self._batch.prefixes
-        return 0 if prefixes is None else prefixes.nbytes
+        """Memory of the blocks the prefix cache indexes (they are pool blocks, not extra)."""
+        return self._blocks.cached_blocks * self._runner.cache.bytes_per_block
 
     @property
     def prefix_cache_usage_ratio(self) -> float:
-        prefixes = self._batch.prefixes
-        return 0.0 if prefixes is None else prefixes.usage_ratio
+        return self._blocks.cached_blocks / self._blocks.num_blocks
+
+    def memory_summary(self) -> dict[str, int]:
+        """What /info and the start-up log say about KV memory."""
+        return {
+            "block_size": self.kv_block_size,
+            "blocks": self.kv_blocks_total,
+            "bytes": self.kv_cache_bytes,
+            "tokens": self.kv_cache_tokens,
+        }
 
     @property
     def prefill_chunk_limits(self) -> ChunkLimits:
@@ -196,10 +253,11 @@ class GenerationEngine:
         prompt = [0] * max(1, min(prompt_tokens, self.max_seq_len - decode_steps))
         with torch.inference_mode():
             for rows in sorted({1, self.slots_total}):
-                self._runner.prefill(0, [prompt] * rows)
+                tables = self._runner.scratch_tables(rows, len(prompt) + decode_steps)
+                self._runner.prefill(tables, [prompt] * rows)
                 lengths = [len(prompt)] * rows
                 for _ in range(decode_steps):
-                    self._runner.decode_step([0] * rows, lengths)
+                    self._runner.decode_step([0] * rows, lengths, tables)
                     lengths = [n + 1 for n in lengths]
             self._runner.capture_cuda_graphs()
             self._check_mixed_steps(prompt)
@@ -217,7 +275,8 @@ class GenerationEngine:
         if not self._batch.mixed_steps or self.slots_total < 2:
             return
         try:
-            self._runner.mixed_step([0, 0], [len(prompt), 0], {1}, 1, [prompt], [0])
+            tables = self._runner.scratch_tables(2, len(prompt) + 1)
+            self._runner.mixed_step([0, 0], [len(prompt), 0], tables, {1}, 1, [prompt], [0])
         except Exception:
             logger.warning(
                 "mixed steps do not work with this model; prefill and decode run as separate "
@@ -346,6 +405,7 @@ class GenerationEngine:
         try:
             self._answer_evicted()
             self._batch.retire_ended()
+            self._batch.reserve_decode_blocks()
             work = self._batch.next_prefill(self._take_admissions)
             if work is not None and self._batch.mixes(work):
                 self._batch.prefill_and_decode(work)  # one forward for both
@@ -360,8 +420,17 @@ class GenerationEngine:
                 )
             self._outbox.flush()
         finally:
+            self._requeue_preempted()
             self._batch.note_step(time.perf_counter() - self._step_started_s)
             self._step_started_s = None
+
+    def _requeue_preempted(self) -> None:
+        """Requests the batch gave back (preempted, or no blocks for them yet) wait again."""
+        preempted, self._batch.preempted = self._batch.preempted, []
+        if preempted:
+            with self._cond:
+                for request in reversed(preempted):
+                    self._scheduler.requeue(request)
 
     def _answer_evicted(self) -> None:
         """503 for the requests a more urgent one pushed out of the full queue."""
@@ -402,6 +471,6 @@ class GenerationEngine:
             self._fail_group(leader, lambda: EngineStoppedError(message))
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]
-            self._slots.release(slot)
+            self._batch.release(request)
             self._outbox.fail(request, RequestInterruptedError(message))
         self._outbox.flush()

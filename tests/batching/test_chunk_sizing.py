@@ -20,7 +20,9 @@ class ScriptedRunner:
     10 ms + 20 us per chunk token + 80 ns per chunk token per position it attends up to."""
 
     class _Cache:
-        num_slots, max_seq_len = 4, 1024
+        max_seq_len = 1024
+
+    max_rows = 4
 
     class _Device:
         type = "cpu"
@@ -31,7 +33,10 @@ class ScriptedRunner:
     def decode_step(self, *args: Any) -> None:
         self.now_s += 0.010
 
-    def mixed_step(self, tokens, lengths, riders, slot, chunks, starts) -> None:  # type: ignore[no-untyped-def]
+    def scratch_tables(self, rows: int, tokens: int) -> list[list[int]]:
+        return [[1]] * rows
+
+    def mixed_step(self, tokens, lengths, tables, riders, row, chunks, starts) -> None:  # type: ignore[no-untyped-def]
         chunk, end = len(chunks[0]), starts[0] + len(chunks[0])
         self.now_s += 0.010 + chunk * 2e-5 + chunk * end * 8e-8
 
@@ -95,7 +100,7 @@ class GraphedRunner(ScriptedRunner):
     def decode_step(self, *args: Any) -> None:
         self.now_s += 0.002
 
-    def mixed_step(self, tokens, lengths, riders, slot, chunks, starts) -> None:  # type: ignore[no-untyped-def]
+    def mixed_step(self, tokens, lengths, tables, riders, row, chunks, starts) -> None:  # type: ignore[no-untyped-def]
         self.now_s += 0.012 + len(chunks[0]) * 5e-6
 
 
@@ -117,7 +122,7 @@ def test_with_mixed_steps_off_auto_times_a_prefill_and_a_decode(
     runner = ScriptedRunner()
     called: list[str] = []
 
-    def prefill(slot: int, chunks: list[list[int]], starts: list[int]) -> None:
+    def prefill(tables: list[list[int]], chunks: list[list[int]], starts: list[int]) -> None:
         called.append("prefill")
         runner.now_s += 0.001 + len(chunks[0]) * 2e-5  # a decode step plus this: 1.1 + ...
 
