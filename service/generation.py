@@ -10,6 +10,7 @@ from typing import Any, cast
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
 from batching.generation.grammar import grammar_tokenizer, json_schema_grammar
+from batching.generation.memory import kv_cache_blocks, model_context
 from batching.generation.sampling import SamplingParams
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel
@@ -66,6 +67,12 @@ class GenerationService:
         cls, loaded: LoadedModel, settings: Settings, metrics: GenerateMetrics
     ) -> GenerationService:
         grammars = make_grammar_tokenizer(loaded)
+        blocks = kv_cache_blocks(
+            loaded.model,
+            settings.generate_kv_block_size,
+            kv_cache_bytes=settings.generate_kv_cache_bytes,
+            gpu_memory_utilization=settings.generate_gpu_memory_utilization,
+        )
         engine = GenerationEngine(
             loaded.model,
             # HF's decode() is typed for batches too (str | list[str]); given one id list it
@@ -73,7 +80,9 @@ class GenerationService:
             cast(Tokenizer, loaded.tokenizer),
             eos_token_ids=eos_token_ids(loaded),
             num_slots=settings.generate_slots,
-            max_seq_len=settings.generate_max_seq_len,
+            max_seq_len=settings.generate_max_seq_len or model_context(loaded.model),
+            kv_block_size=settings.generate_kv_block_size,
+            kv_cache_blocks=blocks,
             max_queue=settings.generate_max_queue,
             timeout_s=settings.request_timeout_s,
             observer=metrics,
