@@ -35,7 +35,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: service/
 
 from service.models import LoadedModel, load_generate_model, load_predict_model
-from service.predictor import Classification, Predictor
+from service.predict.predictor import Classification, Predictor
 from service.settings import Settings
 
 

@@ -18,16 +18,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import health
 from service.audit import AuditLog, AuditMiddleware
 from service.body_limit import BodySizeLimitMiddleware
 from service.errors import install_error_handlers
+from service.generate import routes as generate
 from service.limits import RateLimiter, rate_limit_key
 from service.metrics import LATENCY_BUCKETS_S, ServiceMetrics
 from service.openai import embeddings as openai_embeddings
 from service.openai import routes as openai_routes
+from service.openai import tokenize
+from service.predict import routes as predict
 from service.request_id import RequestIdMiddleware
 from service.revision_header import ModelRevisionMiddleware
-from service.routes import generate, health, predict, tokenize
 from service.runtime import Runtime
 from service.settings import Settings
 

@@ -13,7 +13,8 @@ from fastapi import Depends, Request
 
 from service.audit import audit_model, audit_priority
 from service.errors import RETRY_AFTER, ApiError
-from service.predict_service import PredictService
+from service.generate.service import GenerationService
+from service.predict.service import PredictService
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -81,6 +82,19 @@ async def get_predict_service(request: Request, runtime: RuntimeDep) -> PredictS
 
 
 PredictServiceDep = Annotated[PredictService, Depends(get_predict_service)]
+
+
+async def get_generation_service(request: Request, runtime: RuntimeDep) -> GenerationService:
+    if runtime.ready and runtime.generate is None:
+        raise ApiError(404, "not_found", "generation is disabled: GENERATE_MODEL is not set")
+    accepting_work(runtime)
+    if runtime.generate is None:
+        raise ApiError(503, "unavailable", "the generation model is not loaded", RETRY_AFTER)
+    audit_model(request, runtime.generate.loaded.name, runtime.generate.loaded.revision)
+    return runtime.generate
+
+
+GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
 
 
 def resolve_priority(request: Request, settings: Settings, requested: int | None) -> int:

@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 import torch
 
 from batching.dynamic.collector import BatchCollector
-from service.embedding_drift import EmbeddingDrift
-from service.generation import GenerationService
+from service.generate.service import GenerationService
 from service.metrics import ServiceMetrics
 from service.models import LoadedModel, load_generate_model, load_predict_model
-from service.predict_cache import PredictionCache
-from service.predict_service import Computed, PredictService
-from service.predictor import EncodedText, Prediction, Predictor
+from service.predict.cache import PredictionCache
+from service.predict.embedding_drift import EmbeddingDrift
+from service.predict.predictor import EncodedText, Prediction, Predictor
+from service.predict.service import Computed, PredictService
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,11 @@
-"""Request and response shapes of the HTTP API (pydantic lives here, never in batching/)."""
+"""Shapes shared by every route: priority, stop strings, the error body (pydantic lives in
+service/, never in batching/)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
 from batching.priority import PRIORITY_MAX, PRIORITY_MIN
 
@@ -22,69 +23,6 @@ Priority = Annotated[
         "you may ask for less urgency than your key's, never for more",
     ),
 ]
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: NonEmptyText = Field(description="Text to classify or embed")
-    priority: Priority = None
-
-
-class PredictBatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    texts: list[NonEmptyText] = Field(min_length=1, description="Texts, answered in order")
-    priority: Priority = None
-
-
-class PredictResponse(BaseModel):
-    label: str | None = None
-    score: float | None = None
-    scores: dict[str, float] | None = None
-    embedding: list[float] | None = None
-    model: str
-    model_revision: str
-    processing_time_ms: float
-    request_id: str
-    cached: bool | None = Field(
-        None, description="Served from the response cache (only with PREDICT_CACHE_SIZE > 0)"
-    )
-
-
-class PredictBatchResponse(BaseModel):
-    results: list[PredictResponse]
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: NonEmptyText
-    max_new_tokens: int | None = Field(None, ge=1, description="Defaults to the server's limit")
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 means greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[StopString] = Field(default_factory=list, max_length=8)
-    json_schema: dict[str, Any] | None = Field(
-        None, description="The output is JSON valid against this schema (constrained decoding)"
-    )
-    priority: Priority = None
-    stream: bool = False
-
-
-class GenerateTimings(BaseModel):
-    queue_ms: float
-    ttft_ms: float
-    total_ms: float
-
-
-class GenerateResponse(BaseModel):
-    text: str
-    finish_reason: Literal["eos", "stop", "length"]
-    prompt_tokens: int
-    cached_tokens: int = Field(description="Prompt tokens whose K/V came from the prefix cache")
-    completion_tokens: int
-    model: str
-    request_id: str
-    timings: GenerateTimings
 
 
 class ErrorDetail(BaseModel):

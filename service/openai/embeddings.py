@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.deps import PredictServiceDep, SettingsDep
 from service.openai.errors import OpenAIError
 from service.openai.router import v1_router
-from service.predict_service import PredictService
-from service.predictor import Embedding, ModelInput
-from service.routes.predict import answer_inputs, audit_answers
+from service.predict.answers import answer_inputs, audit_answers
+from service.predict.predictor import Embedding, ModelInput
+from service.predict.service import PredictService
 from service.schemas import Priority
 from service.settings import Settings
 

@@ -11,7 +11,7 @@ from jinja2 import TemplateError
 from batching.errors import InvalidInputError
 from batching.generation.grammar import check_grammar
 from batching.generation.sampling import SamplingParams
-from service.generation import GenerationService, sampling_params
+from service.generate.service import GenerationService, sampling_params
 from service.openai.errors import OpenAIError
 from service.openai.schemas import ChatMessage, SamplingRequest
 

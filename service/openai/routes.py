@@ -17,9 +17,10 @@ from fastapi.responses import StreamingResponse
 from batching.errors import EngineError
 from batching.generation.handle import GenerationResult
 from service.audit import audit_generations
-from service.deps import RuntimeDep, resolve_priority
+from service.deps import GenerationServiceDep, RuntimeDep, resolve_priority
 from service.errors import as_api_error
-from service.generation import GenerationService
+from service.generate.service import GenerationService
+from service.generate.streaming import SSE_HEADERS, first_delta, wait_all_or_cancel_on_disconnect
 from service.openai.errors import OpenAIError
 from service.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from service.openai.requests import (
@@ -56,8 +57,6 @@ from service.openai.streams import (
     usage,
 )
 from service.request_id import request_id_of
-from service.routes.generate import GenerationServiceDep
-from service.streaming import SSE_HEADERS, first_delta, wait_all_or_cancel_on_disconnect
 
 router = v1_router()
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}

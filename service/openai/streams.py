@@ -11,10 +11,10 @@ from typing import Any, Protocol
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from batching.generation.logprobs import TokenLogprob
 from service.errors import ApiError, as_api_error
+from service.generate.streaming import sse_event, stream_deltas
 from service.openai.errors import openai_error_body
 from service.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from service.openai.schemas import FinishReason, PromptTokensDetails, Usage
-from service.streaming import sse_event, stream_deltas
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from batching.dynamic.collector import BatchCollector
 from batching.generation.engine import GenerationEngine
 from batching.generation.sampling import SamplingParams
 from service.errors import ApiError
-from service.predict_service import submit_all
-from service.streaming import first_delta
+from service.generate.streaming import first_delta
+from service.predict.service import submit_all
 from tests.batching.conftest import (
     EOS_ID,
     WAIT_S,

@@ -8,10 +8,10 @@ import torch
 from metrics_text import sample_value
 from prometheus_client import CollectorRegistry, generate_latest
 
-from service.embedding_drift import EmbeddingDrift
 from service.metrics import PredictMetrics
 from service.models import load_predict_model
-from service.predictor import Predictor
+from service.predict.embedding_drift import EmbeddingDrift
+from service.predict.predictor import Predictor
 from service.settings import Settings
 
 COOKING = [

@@ -14,8 +14,8 @@ from batching.errors import (
     RequestInterruptedError,
 )
 from service.errors import ApiError, as_api_error
+from service.generate.streaming import error_event
 from service.openai.errors import openai_error_body
-from service.streaming import error_event
 
 SECRET = "RuntimeError('CUDA error at /srv/app/kernels.cu:42')"
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from batching.generation.model_runner import ModelRunner
 from service.app import create_app
 from service.metrics import ServiceMetrics
-from service.predictor import Predictor
+from service.predict.predictor import Predictor
 from service.runtime import Runtime
 from service.settings import Settings
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from service.models import load_predict_model
-from service.predictor import Classification, Embedding, Predictor
+from service.predict.predictor import Classification, Embedding, Predictor
 from service.settings import Settings
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.predict_cache import CacheKey, CacheUse, PredictionCache
+from service.predict.cache import CacheKey, CacheUse, PredictionCache
 
 
 class FakeClock:

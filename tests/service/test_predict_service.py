@@ -13,9 +13,9 @@ from batching.dynamic.collector import BatchCollector
 from batching.errors import InvalidInputError
 from service.errors import ApiError
 from service.metrics import PredictMetrics
-from service.predict_cache import PredictionCache
-from service.predict_service import Computed, PredictService
-from service.predictor import Embedding, EncodedText, Prediction
+from service.predict.cache import PredictionCache
+from service.predict.predictor import Embedding, EncodedText, Prediction
+from service.predict.service import Computed, PredictService
 
 WAIT_S = 5.0
 

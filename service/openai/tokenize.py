@@ -9,12 +9,11 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from batching.errors import InvalidInputError
-from service.deps import ApiKeyDep
+from service.deps import ApiKeyDep, GenerationServiceDep
 from service.errors import as_api_error
 from service.limits import RateLimitDep
 from service.openai.requests import chat_prompt_ids, checked_prompt_text
 from service.openai.schemas import ChatMessage
-from service.routes.generate import GenerationServiceDep
 
 router = APIRouter(tags=["tokenize"], dependencies=[ApiKeyDep, RateLimitDep])
 TokenId = Annotated[int, Field(ge=0)]

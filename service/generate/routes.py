@@ -4,20 +4,17 @@ one JSON document or as a Server-Sent Events stream."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
-from service.audit import audit_generations, audit_model
-from service.deps import ApiKeyDep, RuntimeDep, accepting_work, resolve_priority
-from service.errors import RETRY_AFTER, ApiError
-from service.generation import GenerationService, sampling_params
-from service.limits import RateLimitDep
-from service.request_id import request_id_of
-from service.schemas import GenerateRequest, GenerateResponse, GenerateTimings
-from service.streaming import (
+from service.audit import audit_generations
+from service.deps import ApiKeyDep, GenerationServiceDep, resolve_priority
+from service.errors import ApiError
+from service.generate.schemas import GenerateRequest, GenerateResponse, GenerateTimings
+from service.generate.service import GenerationService, sampling_params
+from service.generate.streaming import (
     SSE_HEADERS,
     error_event,
     first_delta,
@@ -26,21 +23,10 @@ from service.streaming import (
     submit,
     wait_or_cancel_on_disconnect,
 )
+from service.limits import RateLimitDep
+from service.request_id import request_id_of
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKeyDep, RateLimitDep])
-
-
-async def get_generation_service(request: Request, runtime: RuntimeDep) -> GenerationService:
-    if runtime.ready and runtime.generate is None:
-        raise ApiError(404, "not_found", "generation is disabled: GENERATE_MODEL is not set")
-    accepting_work(runtime)
-    if runtime.generate is None:
-        raise ApiError(503, "unavailable", "the generation model is not loaded", RETRY_AFTER)
-    audit_model(request, runtime.generate.loaded.name, runtime.generate.loaded.revision)
-    return runtime.generate
-
-
-GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
 
 
 def checked_max_new_tokens(requested: int | None, service: GenerationService) -> int:

@@ -18,8 +18,8 @@ from batching.errors import EngineError
 from service.errors import as_api_error
 from service.metrics import PredictMetrics
 from service.models import LoadedModel
-from service.predict_cache import CacheKey, CacheUse, PredictionCache
-from service.predictor import EncodedText, ModelInput, Prediction, Predictor
+from service.predict.cache import CacheKey, CacheUse, PredictionCache
+from service.predict.predictor import EncodedText, ModelInput, Prediction, Predictor
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")

@@ -13,7 +13,7 @@ from batching.errors import EngineError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from batching.generation.sampling import SamplingParams
 from service.errors import ApiError, as_api_error
-from service.generation import GenerationService
+from service.generate.service import GenerationService
 
 T = TypeVar("T")
 

@@ -2,37 +2,33 @@
 
 With PREDICT_CACHE_SIZE > 0 each result says whether it came from the response cache
 (`cached`), and the response's `X-Cache` header sums it up: `hit` (all cached), `miss` (none),
-`partial` (a /predict/batch call with some of each). See service/predict_cache.py for
+`partial` (a /predict/batch call with some of each). See service/predict/cache.py for
 `Cache-Control: no-cache / no-store`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from fastapi import APIRouter, Request, Response
 
-from service.audit import audit_predictions
 from service.deps import (
     ApiKeyDep,
     PredictServiceDep,
     SettingsDep,
-    configured_key,
-    resolve_priority,
 )
 from service.errors import ApiError
 from service.limits import RateLimitDep
-from service.predict_cache import CacheUse
-from service.predict_service import Answer, PredictService
-from service.predictor import Classification, ModelInput
-from service.request_id import request_id_of
-from service.schemas import (
+from service.predict.answers import answer_inputs, audit_answers
+from service.predict.predictor import Classification
+from service.predict.schemas import (
     PredictBatchRequest,
     PredictBatchResponse,
     PredictRequest,
     PredictResponse,
 )
+from service.predict.service import Answer, PredictService
+from service.request_id import request_id_of
 from service.settings import Settings
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKeyDep, RateLimitDep])
@@ -55,42 +51,6 @@ def check_text_lengths(texts: list[str], settings: Settings) -> None:
                 f"{where}: {len(text)} characters, more than the limit of "
                 f"{settings.max_input_chars}",
             )
-
-
-def cache_tenant(request: Request, settings: Settings) -> str:
-    if settings.predict_cache_shared:
-        return ""
-    return configured_key(request, settings.api_key_set) or ""
-
-
-async def answer_inputs(
-    service: PredictService,
-    inputs: Sequence[ModelInput],
-    priority: int | None,
-    request: Request,
-    response: Response,
-    settings: Settings,
-) -> list[Answer]:
-    """The model's answers for validated inputs (also /v1/embeddings'), at the caller's
-    priority and in its share of the cache: Cache-Control read, X-Cache set."""
-    answers = await service.answer(
-        inputs,
-        request_id_of(request),
-        CacheUse.from_cache_control(request.headers.get("cache-control")),
-        resolve_priority(request, settings, priority),
-        cache_tenant(request, settings),
-    )
-    if service.cache is not None:
-        hits = sum(answer.cached for answer in answers)
-        response.headers["X-Cache"] = (
-            "hit" if hits == len(answers) else "miss" if hits == 0 else "partial"
-        )
-    return answers
-
-
-def audit_answers(request: Request, answers: list[Answer]) -> None:
-    predictions = [answer.prediction for answer in answers]
-    audit_predictions(request, predictions, sum(answer.tokens for answer in answers))
 
 
 def to_response(

@@ -1,0 +1,1 @@
+"""/generate: the generation service (engine + tokenizer), its one submit path, its route."""

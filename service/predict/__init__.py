@@ -1,0 +1,1 @@
+"""/predict: the predictor (one forward pass), the response cache, the batcher front, routes."""
