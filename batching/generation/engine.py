@@ -395,9 +395,15 @@ class GenerationEngine:
                 self._cond.wait()
             if self._stopping:
                 for leader in self._scheduler.take_all():
-                    self._fail_group(leader, lambda: EngineStoppedError("the engine is stopping"))
+                    if leader.started:  # preempted: it finishes in the drain, as if running
+                        self._scheduler.requeue(leader)
+                    else:
+                        self._fail_group(
+                            leader, lambda: EngineStoppedError("the engine is stopping")
+                        )
+            waiting = len(self._scheduler)
         self._outbox.flush()
-        return not self._stopping or self._slots.in_use > 0
+        return not self._stopping or self._slots.in_use > 0 or waiting > 0
 
     def _step(self) -> None:
         """retire -> prefill -> decode -> deliver (RunningBatch does each; see its docstring)."""
@@ -415,9 +421,12 @@ class GenerationEngine:
                     self._outbox.flush()  # first tokens go out before this step's decode
                 self._batch.decode()
             if self._stopping and time.perf_counter() > self._drain_deadline_s:
-                self._batch.fail_all(
-                    lambda: RequestInterruptedError("the engine stopped before this request ended")
-                )
+                stopped = "the engine stopped before this request ended"
+                self._batch.fail_all(lambda: RequestInterruptedError(stopped))
+                with self._cond:
+                    preempted = self._scheduler.take_all()
+                for leader in preempted:
+                    self._fail_group(leader, lambda: RequestInterruptedError(stopped))
             self._outbox.flush()
         finally:
             self._requeue_preempted()
@@ -462,13 +471,14 @@ class GenerationEngine:
 
     def _shut(self, message: str) -> None:
         """The loop ended (stopped or died): waiting requests get EngineStoppedError, the ones
-        in slots (computed in part) RequestInterruptedError."""
+        in rows or preempted (computed in part) RequestInterruptedError."""
         with self._cond:  # one section: no submit can evict into _evicted after this
             self._accepting = False
             waiting = self._scheduler.take_all()
         self._answer_evicted()
         for leader in waiting:
-            self._fail_group(leader, lambda: EngineStoppedError(message))
+            error = RequestInterruptedError if leader.started else EngineStoppedError
+            self._fail_group(leader, functools.partial(error, message))
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]
             self._batch.release(request)

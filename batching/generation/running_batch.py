@@ -172,13 +172,9 @@ class RunningBatch:
         as the pool has blocks for it (the rest goes back to the queue)."""
         for slot, request in enumerate(self._slots.owners):
             if request.prefilling:
-                take = max(
-                    _chunk_size(request, self.budget(request.prefilled)), self._catch_up(request)
-                )
-                chunk = request.prefill_ids[request.prefilled : request.prefilled + take]
-                if not self._grow_for_prefill(request, len(chunk)):
-                    return None  # it waits for blocks; running rows end or make room
-                return PrefillWork(slot, [request], [request.prefilled], [chunk])
+                return self._next_chunk(slot, request)
+        if not self.blocks.can_allocate(1 + sum(1 for r in self._slots.owners if r.decoding)):
+            return None  # no block to spare: admitting now would only send it back
         placed = self._placement.place(admit(self.budget()))
         if not placed:
             return None
@@ -197,6 +193,14 @@ class RunningBatch:
             return None
         first_slot = self._slots.owners.index(placed[0])  # leaders are contiguous from here
         return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
+
+    def _next_chunk(self, slot: int, request: Request) -> PrefillWork | None:
+        """The next chunk of the prompt in `slot`, if the pool has blocks for it."""
+        take = max(_chunk_size(request, self.budget(request.prefilled)), self._catch_up(request))
+        chunk = request.prefill_ids[request.prefilled : request.prefilled + take]
+        if not self._grow_for_prefill(request, len(chunk)):
+            return None  # it waits for blocks; running rows end or make room
+        return PrefillWork(slot, [request], [request.prefilled], [chunk])
 
     # ---- KV blocks: grow as tokens are written, preempt when the pool runs short ----
 
