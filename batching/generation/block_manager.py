@@ -14,8 +14,9 @@ partial last block is copied, since each choice writes its own next tokens into 
 
 The prefix cache: once a prompt is prefilled, each of its *whole* blocks is registered under a
 hash chained from the start, hash(hash of block i-1, tokens of block i), so a block can only
-ever match as part of the very same prefix (a `salt`, e.g. a tenant, can start the chain so
-different tenants never share). Every match is also checked token for token and against its
+ever match as part of the very same prefix. Each prefix lives in a namespace (the service can
+use one per API key): the namespace seeds the chain and is checked on the first block, so a
+prompt only ever matches blocks its own namespace registered. Every match is also checked token for token and against its
 parent block, so a hash collision is a miss, never a wrong hit. A freed block that is
 registered keeps its K/V and its place in the index: it is "cached", free to be handed out,
 and evicted least recently freed first when a fresh block is needed and no never-cached one
@@ -42,6 +43,7 @@ class _CachedKey:
     key: int  # the chain hash the block is indexed by
     tokens: tuple[int, ...]
     parent: int | None  # the block before it in its prefix (None: the first block)
+    namespace: str  # whose prefix: checked on first blocks (parents carry it on)
 
 
 class BlockManager:
@@ -139,13 +141,14 @@ class BlockManager:
 
     # ---- the prefix cache ----
 
-    def match(self, tokens: Sequence[int], max_tokens: int, salt: Hashable = None) -> list[int]:
-        """The longest chain of cached blocks that starts `tokens`, covering at most
-        `max_tokens` positions (whole blocks only), each shared (the caller now holds them)."""
+    def match(self, tokens: Sequence[int], max_tokens: int, namespace: str = "") -> list[int]:
+        """The longest chain of cached blocks of `namespace` that starts `tokens`, covering at
+        most `max_tokens` positions (whole blocks only), each shared (the caller now holds
+        them)."""
         if not self.prefix_caching:
             return []
         chain: list[int] = []
-        previous: Hashable = salt
+        previous: Hashable = namespace  # the chain's seed: another namespace's hashes differ
         for index in range(min(max_tokens, len(tokens)) // self.block_size):
             block_tokens = self._block_tokens(tokens, index)
             previous = key = hash((previous, block_tokens))
@@ -156,18 +159,20 @@ class BlockManager:
                 break
             if entry.tokens != block_tokens or entry.parent != parent:
                 break
+            if parent is None and entry.namespace != namespace:  # a colliding seed hash
+                break
             chain.append(block)
         if chain:
             self.share(chain)
         return chain
 
-    def register(self, tokens: Sequence[int], table: Sequence[int], salt: Hashable = None) -> None:
+    def register(self, tokens: Sequence[int], table: Sequence[int], namespace: str = "") -> None:
         """`table`'s blocks hold the K/V of `tokens` from position 0: index each whole block
         that is not indexed yet (only once its K/V is written, so a failed or cancelled prefill
         never leaves half a prefix behind)."""
         if not self.prefix_caching:
             return
-        previous: Hashable = salt
+        previous: Hashable = namespace
         parent: int | None = None
         for index in range(min(len(tokens) // self.block_size, len(table))):
             block = table[index]
@@ -177,7 +182,7 @@ class BlockManager:
             if entry is None:
                 if key in self._index:  # the same prefix, computed twice: keep the older
                     return
-                self._cached[block] = _CachedKey(key, block_tokens, parent)
+                self._cached[block] = _CachedKey(key, block_tokens, parent, namespace)
                 self._index[key] = block
             elif entry.key != key:
                 return  # a block of another prefix (cannot happen for a sequence's own blocks)

@@ -79,7 +79,7 @@ class Placement:
             return  # (prompt logprobs need every position's logits: nothing can be skipped)
         tokens = request.prefill_ids
         # At least the last token is prefilled: its logits give the next token.
-        request.blocks = self._blocks.match(tokens, len(tokens) - 1, request.cache_salt)
+        request.blocks = self._blocks.match(tokens, len(tokens) - 1, request.cache_namespace)
         hit = len(request.blocks) * self._blocks.block_size
         if hit:
             self._slots.advance(row, hit)

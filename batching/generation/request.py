@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,8 +30,10 @@ class Request:
         prompt_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> None:
         self.handle = handle
+        self.cache_namespace = cache_namespace  # whose prefix-cache entries it may use
         self.prompt_ids = prompt_ids
         self.params = params
         self.priority = priority  # lower is admitted sooner (batching/priority.py)
@@ -50,7 +52,6 @@ class Request:
         self.prefilled = 0  # of prefill_ids, those whose K/V is written (cached prefix included)
         self.cached_tokens = 0  # of the prompt, found in the prefix cache at admission
         self.blocks: list[int] = []  # its block table: K/V of position p in blocks[p // size]
-        self.cache_salt: Hashable = None  # starts its prefix-cache hash chain (a tenant, say)
         self.preemptions = 0
         self.prefill_chunks = 0  # prefill forwards this prompt took
         self.leader: Request | None = None  # set for choices 2..n of one prompt (follow())

@@ -247,7 +247,7 @@ class RunningBatch:
         written = (victim.prefill_ids if not victim.decoding else victim.written_ids)[
             : self._slots.lengths[row]
         ]
-        self.blocks.register(written, victim.blocks, victim.cache_salt)
+        self.blocks.register(written, victim.blocks, victim.cache_namespace)
         logger.info(
             "preempted request %s (%d tokens written) to free KV blocks",
             victim.handle.request_id,
@@ -325,7 +325,7 @@ class RunningBatch:
                 self._observer.on_prefill_chunks(leader.prefill_chunks)
             if leader.started:
                 continue  # resumed: it decodes on from the next step
-            self.blocks.register(leader.prompt_ids, leader.blocks, leader.cache_salt)
+            self.blocks.register(leader.prompt_ids, leader.blocks, leader.cache_namespace)
             self._fork(leader)
             for request in (leader, *leader.followers):
                 self._first_output(request, sampled.get(id(request)), now_s)

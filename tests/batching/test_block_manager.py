@@ -64,11 +64,12 @@ def test_a_match_never_covers_more_than_max_tokens() -> None:
     assert blocks.match(whole, max_tokens=BLOCK - 1) == []
 
 
-def test_another_salt_never_matches() -> None:
+def test_a_prefix_of_another_namespace_never_matches() -> None:
     blocks = manager()
-    blocks.register(prompt(1, 2), blocks.allocate(2), salt="tenant-a")
-    assert blocks.match(prompt(1, 2), 100, salt="tenant-b") == []
-    assert len(blocks.match(prompt(1, 2), 100, salt="tenant-a")) == 2
+    blocks.register(prompt(1, 2), blocks.allocate(2), namespace="key-a")
+    assert blocks.match(prompt(1, 2), 100, namespace="key-b") == []
+    assert blocks.match(prompt(1, 2), 100) == []  # the shared namespace ""
+    assert len(blocks.match(prompt(1, 2), 100, namespace="key-a")) == 2
 
 
 def test_a_hash_collision_is_a_miss_not_a_wrong_hit() -> None:
