@@ -16,8 +16,9 @@ The prefix cache: once a prompt is prefilled, each of its *whole* blocks is regi
 hash chained from the start, hash(hash of block i-1, tokens of block i), so a block can only
 ever match as part of the very same prefix. Each prefix lives in a namespace (the service can
 use one per API key): the namespace seeds the chain and is checked on the first block, so a
-prompt only ever matches blocks its own namespace registered. Every match is also checked token for token and against its
-parent block, so a hash collision is a miss, never a wrong hit. A freed block that is
+prompt only ever matches blocks its own namespace registered. Every match is also checked
+token for token and against its parent block, so a hash collision is a miss, never a wrong
+hit. A freed block that is
 registered keeps its K/V and its place in the index: it is "cached", free to be handed out,
 and evicted least recently freed first when a fresh block is needed and no never-cached one
 is left. So cached prefixes live in free memory and need no budget of their own.
