@@ -75,16 +75,15 @@ RUN --mount=type=secret,id=hf_token,uid=10001,required=false \
 COPY service/ /srv/service/
 COPY batching/ /srv/batching/
 
-# NGINX, in another container, is the app's only client: trust its X-Forwarded-For so the
-# app's per-client rate limit sees real client addresses. The app port is not published
-# outside the compose network.
+# X-Forwarded-For is trusted only from the proxy named by FORWARDED_ALLOW_IPS: compose sets
+# NGINX's fixed address, Kubernetes the ingress (README "Security"). By default nobody's.
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     QUANTIZATION=nf4 \
     DEVICE=cuda \
     HOST=0.0.0.0 \
     PORT=8000 \
-    FORWARDED_ALLOW_IPS=*
+    FORWARDED_ALLOW_IPS=127.0.0.1
 EXPOSE 8000
 
 # Ready = models loaded and warmed up; the first start includes loading weights onto the GPU.

@@ -72,6 +72,11 @@ class DrainingServer(uvicorn.Server):
         while busy() and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         log.info("drain finished with %d still in flight; shutting down", runtime.in_flight)
+        if runtime.in_flight and runtime.generate is not None:
+            # Generations still running are cut here, by the engine, not by uvicorn closing
+            # their connections: each stream then ends with an error event (/generate) or an
+            # OpenAI error chunk and [DONE] (/v1), which a client can tell from a network fault.
+            await runtime.generate.stop(0.0)
         self.should_exit = True
 
 

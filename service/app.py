@@ -109,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs" if is_open else None,
         openapi_url="/openapi.json" if is_open else None,
         redoc_url=None,
+        # No 307 to the slash-less path: its Location would echo the client's Host header.
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     app.include_router(health.router)

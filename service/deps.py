@@ -6,6 +6,7 @@ They are `async def` on purpose: none of them blocks, and FastAPI would send eac
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -45,6 +46,16 @@ def configured_key(request: Request, keys: frozenset[str]) -> str | None:
     # compare_digest against every key: the time taken does not reveal how much matched.
     matches = [hmac.compare_digest(token.encode(), key.encode()) for key in keys]
     return token if token and any(matches) else None
+
+
+def prefix_cache_namespace(request: Request, settings: Settings) -> str:
+    """Whose prefix-cache entries a request may use: its API key's (hashed), so that
+    cached_tokens never tells one key whether its guess of another key's prompt is right;
+    "" (one shared cache) for an open API or with GENERATE_PREFIX_CACHE_SHARED=true."""
+    if settings.generate_prefix_cache_shared:
+        return ""
+    key = configured_key(request, settings.api_key_set)
+    return "key:" + hashlib.sha256(key.encode()).hexdigest() if key else ""
 
 
 async def require_api_key(request: Request, settings: SettingsDep) -> None:

@@ -61,13 +61,20 @@ def error_response(
 HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+def _http_error(exc: StarletteHTTPException) -> ApiError:
+    if exc.status_code == 400:  # FastAPI's "error parsing the body": not JSON, not UTF-8
+        return ApiError(422, "invalid_request", "body: malformed JSON or not UTF-8")
+    error_type = HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
+    # Keep what the status needs (a 405's Allow header).
+    return ApiError(exc.status_code, error_type, str(exc.detail), dict(exc.headers or {}))
+
+
 def as_api_error(exc: BaseException, request_id: str = "") -> ApiError:
     """What a client sees of any failure: as an HTTP error or as a stream's last event."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, StarletteHTTPException):
-        error_type = HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
-        return ApiError(exc.status_code, error_type, str(exc.detail))
+        return _http_error(exc)
     if isinstance(exc, PromptTooLongError):
         return ApiError(422, "context_length_exceeded", str(exc))
     if isinstance(exc, InvalidInputError):

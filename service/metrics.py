@@ -12,6 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from batching.generation.observer import FinishLabel
+from service.vllm_metrics import VllmMetrics
+
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5)
 TOKEN_COUNT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -119,9 +122,10 @@ class PredictMetrics:
 
 
 class GenerateMetrics:
-    """The `generate_*` family and kv_cache_usage_ratio."""
+    """The `generate_*` family and kv_cache_usage_ratio; the `vllm:*` family beside them."""
 
     def __init__(self, registry: CollectorRegistry, max_slots: int) -> None:
+        self.vllm = VllmMetrics(registry)
         self.slots_total = Gauge("generate_slots_total", "KV-cache slots", registry=registry)
         self.slots_in_use = Gauge(
             "generate_slots_in_use", "Slots holding a running sequence", registry=registry
@@ -232,6 +236,7 @@ class GenerateMetrics:
 
     def on_first_token(self, ttft_s: float, priority: int) -> None:
         self.ttft.labels(priority=str(priority)).observe(ttft_s)
+        self.vllm.on_first_token(ttft_s)
 
     def on_rejected(self, reason: str, priority: int) -> None:
         self.rejected.labels(reason=reason, priority=str(priority)).inc()
@@ -250,7 +255,10 @@ class GenerateMetrics:
     def on_preemption(self) -> None:
         self.preemptions.inc()
 
-    def on_finish(self, reason: str, prompt_tokens: int, output_tokens: int, e2e_s: float) -> None:
+    def on_finish(
+        self, reason: FinishLabel, prompt_tokens: int, output_tokens: int, e2e_s: float
+    ) -> None:
+        self.vllm.on_finish(reason, prompt_tokens, output_tokens, e2e_s)
         self.finished.labels(reason=reason).inc()
         self.prompt_tokens_total.inc(prompt_tokens)
         self.output_tokens_total.inc(output_tokens)

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         description="Most prompt tokens prefilled per step while streams decode; auto = "
         "measured at warm-up",
     )
+    generate_max_stall_steps: float = Field(
+        4.0,
+        ge=1.0,
+        description="Longest step while streams decode and requests wait, in decode steps of "
+        "a full batch (auto chunk limits are measured against it)",
+    )
     # a step's prefill runs inside the decode forward (one mixed batch) while streams decode
     generate_mixed_steps: bool = True
     generate_max_choices: int = Field(
@@ -94,6 +100,29 @@ class Settings(BaseSettings):
     )
     generate_gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="CUDA: share of device memory for weights, peak and KV"
+    )
+    generate_prefix_cache_shared: bool = Field(
+        False,
+        description="One prefix cache for every API key (else one per key: cached_tokens never "
+        "tells a key about another's prompts)",
+    )
+    generate_special_tokens_in_prompts: bool = Field(
+        False,
+        description="Special-token text in prompts and chat contents (</s>, <|im_start|>) "
+        "becomes control tokens (trusted clients only); else it is plain text",
+    )
+    grammar_max_bytes: int = Field(
+        65_536, ge=256, description="Largest grammar (a JSON schema's, nearly its size) compiled"
+    )
+    grammar_compile_timeout_s: float = Field(
+        10.0, gt=0, description="Longest compile of one grammar (then 400/422 naming the schema)"
+    )
+    grammar_compile_memory_mb: int = Field(
+        1024, ge=128, description="Address space of a grammar-compile worker process"
+    )
+    grammar_compile_workers: int = Field(2, ge=1, description="Grammar compiles run at once")
+    grammar_cache_size: int = Field(
+        128, ge=0, description="Compiled (and refused) grammars kept, by schema"
     )
 
     request_timeout_s: float = Field(30.0, gt=0)

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,10 +35,14 @@ from batching.errors import (
     RequestInterruptedError,
 )
 from batching.generation.block_manager import BlockManager
-from batching.generation.chunk_sizing import ChunkLimits, measure_chunk_limits
+from batching.generation.chunk_sizing import (
+    DEFAULT_MAX_STALL_STEPS,
+    ChunkLimits,
+    measure_chunk_limits,
+)
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
-from batching.generation.handle import GenerationHandle
+from batching.generation.handle import GenerationHandle, fail_now
 from batching.generation.model_runner import ModelRunner, build_paged_cache
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
@@ -59,6 +64,19 @@ DEFAULT_KV_BLOCK_SIZE = 16  # token positions per KV block (vLLM's default)
 STOP_JOIN_GRACE_S = 5.0  # stop() waits this long beyond the drain timeout for the thread
 
 
+@dataclass(frozen=True)
+class KVCacheBlocks:
+    """How much KV memory the engine has and uses, in blocks of `block_size` tokens."""
+
+    block_size: int
+    blocks_total: int
+    blocks_used: int
+
+    @property
+    def usage_ratio(self) -> float:
+        return self.blocks_used / self.blocks_total
+
+
 class GenerationEngine:
     """Continuous batching over a pool of KV blocks, on one engine thread.
 
@@ -78,7 +96,9 @@ class GenerationEngine:
         max_seq_len: int,
         max_queue: int,
         timeout_s: float,
-        prefill_chunk_tokens: int | Literal["auto"] = DEFAULT_PREFILL_CHUNK_TOKENS,
+        # "auto": measured at warm-up against max_stall_steps; a number: for every case
+        prefill_chunk_tokens: int | Literal["auto"] | ChunkLimits = DEFAULT_PREFILL_CHUNK_TOKENS,
+        max_stall_steps: float = DEFAULT_MAX_STALL_STEPS,  # GENERATE_MAX_STALL_STEPS
         mixed_steps: bool = True,  # prefill inside the decode forward (mixed_attention.py)
         prefix_cache_tokens: int = 0,
         kv_block_size: int = DEFAULT_KV_BLOCK_SIZE,
@@ -124,16 +144,15 @@ class GenerationEngine:
             special_tokens=tuple(special_tokens),  # their text never reaches a client
             grammar_tokenizer=grammar_tokenizer,
             eos_token_ids=frozenset(eos_token_ids),
-            chunk_limits=ChunkLimits.fixed(
-                DEFAULT_PREFILL_CHUNK_TOKENS
-                if prefill_chunk_tokens == "auto"
-                else prefill_chunk_tokens
-            ),
+            chunk_limits=_initial_limits(prefill_chunk_tokens),
             mixed_steps=mixed_steps,
             blocks=self._blocks,
             timeout_s=timeout_s,
         )
+        if max_stall_steps < 1:
+            raise ValueError("max_stall_steps must be >= 1 (a decode step at least)")
         self._measure_chunk = prefill_chunk_tokens == "auto"  # by warm_up()
+        self._max_stall_steps = max_stall_steps
         self._cond = threading.Condition()  # guards the scheduler and the flags below
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -168,6 +187,17 @@ class GenerationEngine:
     @property
     def waiting_requests(self) -> int:
         return len(self._scheduler)
+
+    @property
+    def kv_cache_blocks(self) -> KVCacheBlocks:
+        """KV memory in blocks: the one place /metrics reads KV use and size from
+        (kv_cache_usage_ratio, vllm:kv_cache_usage_perc, vllm:cache_config_info). A block
+        shared by several sequences counts once; free cached prefix blocks count as free."""
+        return KVCacheBlocks(
+            block_size=self._blocks.block_size,
+            blocks_total=self._blocks.num_blocks,
+            blocks_used=self._blocks.used_blocks,
+        )
 
     @property
     def kv_cache_usage_ratio(self) -> float:
@@ -263,7 +293,10 @@ class GenerationEngine:
             self._check_mixed_steps(prompt)
             if self._measure_chunk:
                 limits = measure_chunk_limits(
-                    self._runner, DEFAULT_PREFILL_CHUNK_TOKENS, mixed=self._batch.mixed_steps
+                    self._runner,
+                    DEFAULT_PREFILL_CHUNK_TOKENS,
+                    mixed=self._batch.mixed_steps,
+                    max_stall_steps=self._max_stall_steps,
                 )
                 self._batch.chunk_limits = limits
                 logger.info("prefill chunk limits measured: %s", limits.as_dict())
@@ -322,6 +355,7 @@ class GenerationEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> GenerationHandle:
         """Queue one generation; iterate the returned handle for its deltas.
 
@@ -330,7 +364,11 @@ class GenerationEngine:
         grammar that cannot be used), QueueFullError (max_queue requests already wait).
         """
         (handle,) = await self.submit_choices(
-            prompt_ids, [params], request_id=request_id, priority=priority
+            prompt_ids,
+            [params],
+            request_id=request_id,
+            priority=priority,
+            cache_namespace=cache_namespace,
         )
         return handle
 
@@ -341,17 +379,25 @@ class GenerationEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_namespace: str = "",
     ) -> list[GenerationHandle]:
         """Queue len(choices) generations of one prompt (OpenAI's `n`): they share one
         prefill, then each samples with its own params. One handle per choice; raises as
-        submit() does, and InvalidInputError if they could never get their slots at once."""
+        submit() does, and InvalidInputError if they could never get their slots at once.
+        `cache_namespace`: the prefix-cache entries it may use and adds to (prefix_cache.py)."""
         if not (self._accepting and self.is_alive):
             raise EngineStoppedError("the generation engine is not running")
         self._rules.check(prompt_ids, choices, priority)
         name = request_id or f"gen-{next(self._request_ids)}"
         loop = asyncio.get_running_loop()
         requests = [
-            Request(GenerationHandle(name, loop, self._wake), list(prompt_ids), params, priority)
+            Request(
+                GenerationHandle(name, loop, self._wake),
+                list(prompt_ids),
+                params,
+                priority,
+                cache_namespace,
+            )
             for params in choices
         ]
         for follower in requests[1:]:
@@ -361,14 +407,31 @@ class GenerationEngine:
                 raise EngineStoppedError("the generation engine is stopping")
             # The leader stands in the queue for them all.
             try:
-                evicted = self._scheduler.add(requests[0], time.perf_counter())
+                evicted = self._scheduler.add(
+                    requests[0], time.perf_counter(), free_slots=self._slots.free
+                )
             except QueueFullError:
                 self._observer.on_rejected("queue_full", priority)
                 raise
             if evicted is not None:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
+        # The engine thread answers timed-out requests between steps; this timer answers them
+        # on time even while one step runs long.
+        loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
         return [r.handle for r in requests]
+
+    def _expire_if_waiting(self, leader: Request) -> None:
+        """On the event loop: a request still queued at its timeout gets QueueTimeoutError."""
+        with self._cond:
+            if not self._scheduler.remove(leader):
+                return  # admitted, answered, or taken by the engine thread already
+        now_s = time.perf_counter()
+        self._observer.on_rejected("timeout", leader.priority)
+        for request in leader.group:
+            error = QueueTimeoutError(now_s - leader.arrival_s, self._scheduler.timeout_s)
+            self._observer.on_finish("error", request.prompt_tokens, 0, now_s - leader.arrival_s)
+            fail_now(request.handle, error)
 
     def _wake(self) -> None:
         with self._cond:
@@ -412,7 +475,7 @@ class GenerationEngine:
             self._answer_evicted()
             self._batch.retire_ended()
             self._batch.reserve_decode_blocks()
-            work = self._batch.next_prefill(self._take_admissions)
+            work = self._batch.next_prefill(self._take_admissions, self._count_waiting)
             if work is not None and self._batch.mixes(work):
                 self._batch.prefill_and_decode(work)  # one forward for both
             else:
@@ -465,6 +528,10 @@ class GenerationEngine:
             self._fail_group(leader, functools.partial(QueueTimeoutError, waited_s, limit_s))
         return admitted
 
+    def _count_waiting(self) -> int:
+        with self._cond:
+            return len(self._scheduler)
+
     def _fail_group(self, leader: Request, make_error: Callable[[], Exception]) -> None:
         for request in leader.group:
             self._outbox.fail(request, make_error())
@@ -484,3 +551,12 @@ class GenerationEngine:
             self._batch.release(request)
             self._outbox.fail(request, RequestInterruptedError(message))
         self._outbox.flush()
+
+
+def _initial_limits(prefill_chunk_tokens: int | Literal["auto"] | ChunkLimits) -> ChunkLimits:
+    """The limits until warm-up measures them ("auto"), or for good (a number, or limits)."""
+    if isinstance(prefill_chunk_tokens, ChunkLimits):
+        return prefill_chunk_tokens
+    if prefill_chunk_tokens == "auto":
+        return ChunkLimits.fixed(DEFAULT_PREFILL_CHUNK_TOKENS)
+    return ChunkLimits.fixed(prefill_chunk_tokens)

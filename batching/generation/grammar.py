@@ -1,10 +1,11 @@
 """Structured output: a grammar decides which tokens a row may produce next (llguidance).
 
-A request with a grammar (compiled from a JSON schema, for instance) gets its own matcher when
-it is admitted. Before each of its tokens is sampled, the matcher's bitmask of allowed tokens
-is applied to that row's logits (disallowed tokens get -inf); the sampled token then advances
-the matcher, and the request finishes ("stop") when the grammar is complete. Rows without a
-grammar are never touched, so they pay nothing.
+A request's grammar is compiled once, before it reaches the engine, under limits
+(grammar_compiler.py); each of its choices gets its own matcher, a cheap copy of the compiled
+one, when it is admitted. Before each of its tokens is sampled, the matcher's bitmask of
+allowed tokens is applied to that row's logits (disallowed tokens get -inf); the sampled token
+then advances the matcher, and the request finishes ("stop") when the grammar is complete.
+Rows without a grammar are never touched, so they pay nothing.
 """
 
 from __future__ import annotations
@@ -42,18 +43,26 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
         raise InvalidInputError(f"invalid JSON schema: {exc}") from exc
 
 
-def check_grammar(grammar: str, tokenizer: Any) -> None:
-    """InvalidInputError naming the problem, if the grammar cannot be used."""
-    error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-    if error:
-        raise InvalidInputError(f"invalid grammar: {error}")
+class CompiledGrammar:
+    """A grammar that built within its limits, ready to hand out matchers. Never mutated:
+    every choice of every request that uses it gets its own copy (microseconds)."""
+
+    def __init__(self, tokenizer: Any, grammar: str, limits: Any = None) -> None:
+        """Build it in the calling thread (llguidance drops the GIL meanwhile). This is the
+        grammar compile: the engine thread never calls it (see grammar_compiler.py)."""
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=limits)
+        if self._matcher.is_error():
+            raise InvalidInputError(f"invalid grammar: {self._matcher.get_error()}")
+
+    def new_matcher(self) -> GrammarMatcher:
+        return GrammarMatcher(self._matcher.deep_copy())
 
 
 class GrammarMatcher:
     """One request's position in its grammar."""
 
-    def __init__(self, tokenizer: Any, grammar: str) -> None:
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
         self._check()
 
     @property
@@ -64,6 +73,10 @@ class GrammarMatcher:
     def allowed(self, vocab_size: int) -> torch.Tensor:
         """Bool [V]: which tokens may come next."""
         words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
+        if self._matcher.is_error():
+            # A step limit was hit or nothing can extend the output: allow every token so the
+            # step goes on for the neighbours; consume() then fails this row alone.
+            return torch.ones(vocab_size, dtype=torch.bool)
         return ((words[:, None] >> _BITS) & 1).bool().flatten()[:vocab_size]
 
     def consume(self, token_id: int) -> None:

@@ -157,6 +157,11 @@ class GenerationHandle:
                     logger.exception("an end callback of %s failed", self.request_id)
 
 
+def fail_now(handle: GenerationHandle, error: BaseException) -> None:
+    """End a handle with an error from its own loop (a request the engine never took)."""
+    handle.put_nowait(_Failed(error))
+
+
 def deliver_all(items: list[tuple[GenerationHandle, StreamItem]]) -> None:
     """Runs on the event loop: hand each item to its handle, in order."""
     for handle, item in items:

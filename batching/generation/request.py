@@ -145,7 +145,7 @@ class Request:
             tokenizer, self.prompt_ids, self.params.stop, special_tokens
         )
         if self.params.grammar is not None:
-            self.matcher = GrammarMatcher(grammar_tokenizer, self.params.grammar)
+            self.matcher = self.params.grammar.new_matcher()  # compiled before submit
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]  # the first prompt token has no context
 

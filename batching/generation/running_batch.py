@@ -3,9 +3,9 @@
 `RunningBatch` is used by the engine thread only. Per step the engine asks it to:
 
 1. `retire_ended()`: free the slots of rows that finished, failed or were cancelled;
-2. `next_prefill(admit)`: pick this step's prefill work, at most `budget` prompt tokens: the
-   next chunk of a prompt that is being prefilled over several steps, or else the requests
-   `admit` takes from the queue, placed in free slots (a cached prefix is copied in first);
+2. `next_prefill(admit, waiting)`: pick this step's prefill work: the next chunk of a prompt
+   that is being prefilled over several steps, or else the requests `admit` takes from the
+   queue within `admission_budget()`, placed in free slots (a cached prefix is copied in first);
 3. `prefill(work)`: run it, and for rows whose whole prompt is now in the cache, save its
    blocks to the prefix cache and sample the first token;
 4. `decode()`: one token for every row that is past its prefill.
@@ -17,16 +17,18 @@ forward and then a decode forward. Rows that complete their prompt in it sample 
 token from it and decode from the next step on.
 
 Chunked prefill: while other rows decode, a step prefills at most what `chunk_limits` allow
-(a fixed number, or per position measured at warm-up: chunk_sizing.py), so a long
-prompt costs the running streams one short pause per step instead of one long freeze. A prompt
-longer than that is prefilled in chunks over several steps, one chunk per step, and its first
-token is sampled after its last chunk. A prompt that would not be through at that pace before
-REQUEST_TIMEOUT_S gets bigger chunks (`_catch_up`). At most one prompt is being chunked at a
-time (it was
-admitted alone, see Scheduler.admit). While it is, its row rides along in decode steps as a
-padding row (it writes no K/V of its own and its length does not size the step's attention),
-and its logits are ignored (its random stream is untouched), which keeps the decode batch a
-view over packed slots; in a mixed step its chunk is the prefill part of the same forward.
+(a fixed number, or measured at warm-up against the stall bound: chunk_sizing.py). Waiting
+requests are admitted together up to `admit_tokens`, so a burst of short prompts starts at
+prefill speed; a prompt longer than that is admitted alone and prefilled in chunks over
+several steps, one chunk per step (the smooth limit while nobody else waits, the stall bound's
+while someone does), so it costs the running streams one short pause per step instead of one
+long freeze; its first token is sampled after its last chunk. A prompt that would not be
+through at that pace before REQUEST_TIMEOUT_S gets bigger chunks (`_catch_up`). At most one
+prompt is being chunked at a time (it was admitted alone, see Scheduler.admit). While it is,
+its row rides along in decode steps as a padding row (it writes no K/V of its own and its
+length does not size the step's attention), and its logits are ignored (its random stream is
+untouched), which keeps the decode batch a view over packed slots; in a mixed step its chunk
+is the prefill part of the same forward.
 With nothing decoding there is nobody to stall: the budget is then at least
 IDLE_PREFILL_TOKENS.
 """
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batching.errors import EngineError, QueueTimeoutError
+from batching.errors import EngineError, InvalidInputError, QueueTimeoutError
 from batching.generation.block_manager import BlockManager
 from batching.generation.choosing import choose_tokens, record_prompt_logprobs
 from batching.generation.chunk_sizing import ChunkLimits
@@ -93,7 +95,7 @@ class RunningBatch:
         blocks: BlockManager,
         timeout_s: float,
     ) -> None:
-        if min(chunk_limits.chunks) < 1:
+        if min(*chunk_limits.chunks, *chunk_limits.busy_chunks, chunk_limits.admit_tokens) < 1:
             raise ValueError("chunk limits must be >= 1")
         self._runner = runner
         self._slots = slots
@@ -118,11 +120,19 @@ class RunningBatch:
             blocks=blocks,
         )
 
-    def budget(self, start: int = 0) -> int:
-        """Prompt tokens this step may prefill from position `start` on (padded): bounds the
-        running streams' pause."""
+    def budget(self, start: int = 0, others_wait: bool = False) -> int:
+        """Prompt tokens of one prompt this step may prefill from position `start` on: bounds
+        the running streams' pause, within the stall bound while others wait for a slot
+        (throughput), and tighter while nobody does (smoothness); see chunk_sizing.py."""
         if any(r.decoding for r in self._slots.owners):
-            return self.chunk_limits.chunk_at(start)
+            return self.chunk_limits.chunk_at(start, busy=others_wait)
+        return max(self.chunk_limits.largest, IDLE_PREFILL_TOKENS)
+
+    def admission_budget(self) -> int:
+        """Padded prompt tokens of waiting requests admitted together in this step: a burst
+        of short prompts starts decoding at once, within the stall bound."""
+        if any(r.decoding for r in self._slots.owners):
+            return self.chunk_limits.admit_tokens
         return max(self.chunk_limits.largest, IDLE_PREFILL_TOKENS)
 
     def note_step(self, seconds: float) -> None:
@@ -167,22 +177,33 @@ class RunningBatch:
 
     # ---- 2. pick this step's prefill ----
 
-    def next_prefill(self, admit: Callable[[int], list[Request]]) -> PrefillWork | None:
+    def next_prefill(
+        self, admit: Callable[[int], list[Request]], waiting: Callable[[], int]
+    ) -> PrefillWork | None:
         """The next chunk of the prompt being chunked; else what admit(budget) gives, as far
-        as the pool has blocks for it (the rest goes back to the queue)."""
+        as the pool has blocks for it (the rest goes back to the queue).
+        `waiting()`: how many requests wait in the queue (they wait for that prompt too)."""
         for slot, request in enumerate(self._slots.owners):
             if request.prefilling:
-                return self._next_chunk(slot, request)
+                chunk = self._next_chunk(request, waiting)
+                if not self._grow_for_prefill(request, len(chunk)):
+                    return None  # it waits for blocks; running rows end or make room
+                return PrefillWork(slot, [request], [request.prefilled], [chunk])
         if not self.blocks.can_allocate(1 + sum(1 for r in self._slots.owners if r.decoding)):
             return None  # no block to spare: admitting now would only send it back
-        placed = self._placement.place(admit(self.budget()))
+        admission_budget = self.admission_budget()
+        placed = self._placement.place(admit(admission_budget))
         if not placed:
             return None
         chunks = [r.prefill_ids[r.prefilled :] for r in placed]
-        if len(placed) == 1:  # admitted alone when its prompt is longer than the budget
-            first = placed[0]
-            take = max(_chunk_size(first, self.budget(first.prefilled)), self._catch_up(first))
-            chunks[0] = chunks[0][:take]
+        first = placed[0]
+        if len(placed) == 1 and (len(chunks[0]) > admission_budget or first.prefill_alone):
+            chunks[0] = self._next_chunk(first, waiting)  # admitted alone: longer than that
+        return self._with_blocks(placed, chunks)
+
+    def _with_blocks(self, placed: list[Request], chunks: list[list[int]]) -> PrefillWork | None:
+        """The admitted prompts whose chunks the pool has blocks for; the first that does not
+        fit goes back to the queue with every one after it (first come, first served)."""
         for index, (request, chunk) in enumerate(zip(placed, chunks, strict=True)):
             if not self._grow_for_prefill(request, len(chunk)):
                 for later in placed[index:]:
@@ -194,13 +215,14 @@ class RunningBatch:
         first_slot = self._slots.owners.index(placed[0])  # leaders are contiguous from here
         return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
 
-    def _next_chunk(self, slot: int, request: Request) -> PrefillWork | None:
-        """The next chunk of the prompt in `slot`, if the pool has blocks for it."""
-        take = max(_chunk_size(request, self.budget(request.prefilled)), self._catch_up(request))
-        chunk = request.prefill_ids[request.prefilled : request.prefilled + take]
-        if not self._grow_for_prefill(request, len(chunk)):
-            return None  # it waits for blocks; running rows end or make room
-        return PrefillWork(slot, [request], [request.prefilled], [chunk])
+    def _next_chunk(self, request: Request, waiting: Callable[[], int]) -> list[int]:
+        """The next chunk of a prompt prefilled over several steps."""
+        others_wait = self._slots.free > 0 and waiting() > 0
+        take = max(
+            _chunk_size(request, self.budget(request.prefilled, others_wait)),
+            self._catch_up(request),
+        )
+        return request.prefill_ids[request.prefilled : request.prefilled + take]
 
     # ---- KV blocks: grow as tokens are written, preempt when the pool runs short ----
 
@@ -451,6 +473,10 @@ class RunningBatch:
         grammar), only this row fails: it is retired with its error, its neighbours go on."""
         try:
             delta = request.accept(token, self._eos_token_ids, now_s, logprob)
+        except InvalidInputError as exc:  # the client's grammar ran into a limit: its fault
+            logger.warning("a grammar stopped its row (request_id=%s)", request.handle.request_id)
+            request.error = exc
+            return
         except Exception as exc:
             logger.exception("accepting a token failed (request_id=%s)", request.handle.request_id)
             request.error = model_error(exc)

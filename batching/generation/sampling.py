@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from batching.errors import InvalidInputError
+from batching.generation.grammar import CompiledGrammar
 from batching.generation.logprobs import MAX_TOP_LOGPROBS
 
 # Temperatures below this are greedy: dividing logits by a tiny (or subnormal) temperature
@@ -35,7 +36,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks want fixed lengths)
     logprobs: int | None = None  # None: off; k: each token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
-    grammar: str | None = None  # llguidance grammar the output must follow (grammar.py)
+    # The grammar the output must follow, compiled once per request (grammar_compiler.py)
+    # and shared by its choices.
+    grammar: CompiledGrammar | None = None
 
     def __post_init__(self) -> None:
         least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt only

@@ -65,13 +65,14 @@ class Scheduler(Generic[WaitingT]):
     def __iter__(self) -> Iterator[WaitingT]:
         return iter(self._waiting)
 
-    def add(self, request: WaitingT, now_s: float) -> WaitingT | None:
+    def add(self, request: WaitingT, now_s: float, free_slots: int = 0) -> WaitingT | None:
         """Queue a request. With max_queue waiting, the least urgent of them and the newcomer
         is refused: QueueFullError for the newcomer, or the evicted one is returned (the
-        caller answers it 503, as if it had just been refused)."""
+        caller answers it 503, as if it had just been refused). Up to `free_slots` waiting
+        requests are about to be admitted, not queued: they do not count against max_queue."""
         evicted = None
         fresh = [r for r in self._waiting if not r.started]
-        if len(fresh) >= self.max_queue:
+        if len(fresh) >= self.max_queue + free_slots:
             least = max(fresh, key=lambda r: self._urgency(r, now_s))
             if self._urgency(request, now_s) >= self._urgency(least, now_s):
                 raise QueueFullError(self.max_queue)
@@ -131,6 +132,13 @@ class Scheduler(Generic[WaitingT]):
         for request in admitted:
             self._waiting.remove(request)
         return admitted
+
+    def remove(self, request: WaitingT) -> bool:
+        """Take one request out if it still waits (True); False if it was admitted or gone."""
+        if request in self._waiting:
+            self._waiting.remove(request)
+            return True
+        return False
 
     def take_all(self) -> list[WaitingT]:
         """Empty the queue (engine stopping or dead); the caller fails each request."""

@@ -31,7 +31,7 @@ from make_bench_models import build_bench_models, generate_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from batching.generation.engine import GenerationEngine
-from batching.generation.grammar import grammar_tokenizer, json_schema_grammar
+from batching.generation.grammar import CompiledGrammar, grammar_tokenizer, json_schema_grammar
 from batching.generation.sampling import SamplingParams
 
 DIGITS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}}
@@ -54,16 +54,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(paths["llm"])
     model = AutoModelForCausalLM.from_pretrained(paths["llm"]).eval()
     vocab = model.get_output_embeddings().out_features
+    grammars = grammar_tokenizer(tokenizer, vocab, [tokenizer.pad_token_id])
     engine = GenerationEngine(
         model, tokenizer, eos_token_ids=[], num_slots=args.streams, max_seq_len=256,
-        max_queue=args.streams, timeout_s=600.0,
-        grammar_tokenizer=grammar_tokenizer(tokenizer, vocab, [tokenizer.pad_token_id]),
+        max_queue=args.streams, timeout_s=600.0, grammar_tokenizer=grammars,
     )  # fmt: skip
     engine.warm_up()
     engine.start()
     prompts = [tokenizer.encode(p) for p in generate_prompts(tokenizer, args.streams)]
     new = args.new_tokens
-    grammar = json_schema_grammar(SCHEMA)
+    grammar = CompiledGrammar(grammars, json_schema_grammar(SCHEMA))
     half = args.streams // 2
     variants = {
         "plain": [SamplingParams(new, ignore_eos=True)] * args.streams,

@@ -141,6 +141,15 @@ class Systems:
         self.retries = retries
         self._own_groups = {os.getpgid(0), *(proc.proc.pid for proc in self.procs.values())}
 
+    def start_alone(self, name: str, spec: ServerSpec, log_dir: Path, timeout_s: float) -> None:
+        """Start one more server once the others are paused, and pause it once ready: its
+        warm-up runs alone (GENERATE_PREFILL_CHUNK_TOKENS=auto measures the machine there)."""
+        self.specs = {**self.specs, name: spec}
+        self.procs[name] = proc = start_server(spec, log_dir)
+        self._own_groups.add(proc.proc.pid)
+        proc.wait_ready(timeout_s)
+        proc.pause()
+
     def wait_ready(self) -> None:
         for name, proc in self.procs.items():
             proc.wait_ready(READY_TIMEOUT_S)

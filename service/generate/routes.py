@@ -4,13 +4,21 @@ one JSON document or as a Server-Sent Events stream."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from batching.errors import InvalidInputError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
+from batching.generation.sampling import SamplingParams
 from service.audit import audit_generations
-from service.deps import ApiKeyDep, GenerationServiceDep, resolve_priority
+from service.deps import (
+    ApiKeyDep,
+    GenerationServiceDep,
+    prefix_cache_namespace,
+    resolve_priority,
+)
 from service.errors import ApiError
 from service.generate.schemas import GenerateRequest, GenerateResponse, GenerateTimings
 from service.generate.service import GenerationService, sampling_params
@@ -49,6 +57,17 @@ def checked_prompt_ids(prompt: str, service: GenerationService) -> list[int]:
             f"prompt: {len(prompt)} characters, more than the limit of {limit}",
         )
     return service.encode(prompt)
+
+
+async def compiled_json_schema(
+    service: GenerationService, params: SamplingParams, json_schema: dict[str, Any] | None
+) -> SamplingParams:
+    """params with json_schema's grammar (compiled off the event loop and the engine thread,
+    under GRAMMAR_* limits); a refused schema is a 422 naming json_schema."""
+    try:
+        return await service.with_grammar(params, json_schema)
+    except InvalidInputError as exc:
+        raise ApiError(422, "invalid_request", f"json_schema: {exc}") from exc
 
 
 def to_response(result: GenerationResult, model: str, request_id: str) -> GenerateResponse:
@@ -116,11 +135,16 @@ async def generate(
         top_k=body.top_k,
         seed=body.seed,
         stop=body.stop,
-        json_schema=body.json_schema,
     )
+    params = await compiled_json_schema(service, params, body.json_schema)
     priority = resolve_priority(request, service.settings, body.priority)
     handle = await submit(
-        service, checked_prompt_ids(body.prompt, service), params, request_id, priority
+        service,
+        checked_prompt_ids(body.prompt, service),
+        params,
+        request_id,
+        priority,
+        prefix_cache_namespace(request, service.settings),
     )
     audit_generations(request, [handle])
     model, cancel = service.loaded.name, service.cancel_on_disconnect

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from service.schemas import NonEmptyText, Priority, StopString
 
@@ -22,7 +22,7 @@ class GenerateRequest(BaseModel):
         None, description="The output is JSON valid against this schema (constrained decoding)"
     )
     priority: Priority = None
-    stream: bool = False
+    stream: StrictBool = False
 
 
 class GenerateTimings(BaseModel):

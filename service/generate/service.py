@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from copy import copy
+from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
+from batching.errors import InvalidInputError
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
-from batching.generation.grammar import grammar_tokenizer, json_schema_grammar
+from batching.generation.grammar import CompiledGrammar, json_schema_grammar
+from batching.generation.grammar_compiler import GrammarCompiler, GrammarLimits
 from batching.generation.memory import kv_cache_blocks, model_context
 from batching.generation.sampling import SamplingParams
+from service.generate.special_tokens import prompt_ids
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel
 from service.settings import Settings
@@ -42,13 +46,29 @@ def special_token_strings(loaded: LoadedModel) -> list[str]:
     return sorted(s for s in strings if s)
 
 
-def make_grammar_tokenizer(loaded: LoadedModel) -> object:
-    """llguidance's view of the tokenizer (structured output; token bytes for logprobs), or
-    None if it cannot be made (llguidance needs a fast tokenizer)."""
+def grammar_limits(settings: Settings) -> GrammarLimits:
+    return GrammarLimits(
+        max_grammar_bytes=settings.grammar_max_bytes,
+        timeout_s=settings.grammar_compile_timeout_s,
+        memory_mb=settings.grammar_compile_memory_mb,
+        workers=settings.grammar_compile_workers,
+        cache_size=settings.grammar_cache_size,
+        wait_s=settings.request_timeout_s,
+    )
+
+
+def make_grammar_compiler(loaded: LoadedModel, settings: Settings) -> GrammarCompiler | None:
+    """The grammar compiler (structured output; its tokenizer gives token bytes for logprobs),
+    or None if llguidance cannot use this tokenizer (it needs a fast one)."""
     head = loaded.model.get_output_embeddings()
     vocab_size = getattr(head, "out_features", None) or len(loaded.tokenizer)
     try:
-        return grammar_tokenizer(loaded.tokenizer, vocab_size, eos_token_ids(loaded))
+        backend = copy(loaded.tokenizer.backend_tokenizer)  # as llguidance.hf does it
+        backend.no_padding()
+        backend.no_truncation()
+        return GrammarCompiler(
+            backend.to_str(), vocab_size, eos_token_ids(loaded), grammar_limits(settings)
+        )
     except Exception:
         log.warning("structured output is off: llguidance cannot use this tokenizer", exc_info=True)
         return None
@@ -60,13 +80,13 @@ class GenerationService:
     engine: GenerationEngine
     settings: Settings
     metrics: GenerateMetrics
-    grammar_tokenizer: object = None  # None: no structured output for this model
+    grammars: GrammarCompiler | None = None  # None: no structured output for this model
 
     @classmethod
     def create(
         cls, loaded: LoadedModel, settings: Settings, metrics: GenerateMetrics
     ) -> GenerationService:
-        grammars = make_grammar_tokenizer(loaded)
+        grammars = make_grammar_compiler(loaded, settings)
         blocks = kv_cache_blocks(
             loaded.model,
             settings.generate_kv_block_size,
@@ -89,13 +109,32 @@ class GenerationService:
             special_tokens=special_token_strings(loaded),
             cuda_graphs=settings.generate_cuda_graphs,
             prefill_chunk_tokens=settings.generate_prefill_chunk_tokens,
+            max_stall_steps=settings.generate_max_stall_steps,
             mixed_steps=settings.generate_mixed_steps,
             prefix_cache_tokens=settings.generate_prefix_cache_tokens,
-            grammar_tokenizer=grammars,
+            grammar_tokenizer=grammars.tokenizer if grammars else None,
             priority_aging_s=settings.priority_aging_s,
         )
         metrics.slots_total.set(settings.generate_slots)
+        metrics.vllm.bind(settings.generate_model, engine.kv_cache_blocks)
         return cls(loaded, engine, settings, metrics, grammars)
+
+    @property
+    def grammar_tokenizer(self) -> object:
+        """llguidance's tokenizer (exact token bytes for logprobs), or None."""
+        return self.grammars.tokenizer if self.grammars else None
+
+    async def with_grammar(
+        self, params: SamplingParams, json_schema: dict[str, Any] | None, json_object: bool = False
+    ) -> SamplingParams:
+        """params with the schema's grammar compiled (once, whatever the choices; off the event
+        loop and the engine thread, under GRAMMAR_* limits): InvalidInputError if refused."""
+        if json_schema is None and not json_object:
+            return params
+        if self.grammars is None:
+            raise InvalidInputError("structured output is not available for this model")
+        compiled: CompiledGrammar = await self.grammars.compile(json_schema_grammar(json_schema))
+        return replace(params, grammar=compiled)
 
     @property
     def cancel_on_disconnect(self) -> bool:
@@ -111,17 +150,23 @@ class GenerationService:
 
     async def stop(self, drain_timeout_s: float) -> None:
         await self.engine.stop(drain_timeout_s)
+        if self.grammars is not None:
+            await self.grammars.close()
 
     def encode(self, prompt: str) -> list[int]:
         """Tokenise on the event loop: fast tokenizers take well under a millisecond per KB,
         and the engine keeps a private tokenizer copy, so the two never race."""
-        ids: list[int] = self.loaded.tokenizer.encode(prompt, add_special_tokens=True)
-        return ids
+        allow = self.settings.generate_special_tokens_in_prompts
+        return prompt_ids(self.loaded.tokenizer, prompt, True, allow)
 
     def refresh_gauges(self) -> None:
         self.metrics.slots_in_use.set(self.engine.slots_in_use)
         self.metrics.waiting.set(self.engine.waiting_requests)
-        self.metrics.kv_cache_usage.set(self.engine.kv_cache_usage_ratio)
+        blocks = self.engine.kv_cache_blocks
+        self.metrics.kv_cache_usage.set(blocks.usage_ratio)
+        self.metrics.vllm.set_state(
+            waiting=self.engine.waiting_requests, running=self.engine.slots_in_use, blocks=blocks
+        )
         self.metrics.kv_blocks_total.set(self.engine.kv_blocks_total)
         self.metrics.kv_blocks_used.set(self.engine.kv_blocks_used)
         self.metrics.kv_blocks_cached.set(self.engine.kv_blocks_cached)
@@ -135,6 +180,8 @@ class GenerationService:
             "max_new_tokens": self.settings.generate_max_new_tokens,
             "max_queue": self.settings.generate_max_queue,
             "kv_cache_bytes": self.engine.kv_cache_bytes,
+            # What vllm:cache_config_info and vllm:kv_cache_usage_perc report (blocks of tokens).
+            "kv_cache_blocks": asdict(self.engine.kv_cache_blocks),
             "kv_cache": {
                 **self.engine.memory_summary(),
                 "blocks_used": self.engine.kv_blocks_used,
@@ -144,6 +191,7 @@ class GenerationService:
             "attn_implementation": self.settings.attn_implementation,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
+            "max_stall_steps": self.settings.generate_max_stall_steps,
             "prefill_chunk_limits": self.engine.prefill_chunk_limits.as_dict(),
             "mixed_steps": self.engine.mixed_steps,
             "max_choices": self.settings.generate_max_choices,
@@ -166,10 +214,8 @@ def sampling_params(
     stop: list[str],
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
-    json_schema: dict[str, Any] | None = None,
-    json_object: bool = False,
 ) -> SamplingParams:
-    grammar = json_schema_grammar(json_schema) if json_schema is not None or json_object else None
+    """The request's sampling; its grammar, if any, comes from GenerationService.with_grammar."""
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -179,5 +225,4 @@ def sampling_params(
         stop=tuple(stop),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-        grammar=grammar,
     )

@@ -32,10 +32,15 @@ async def submit(
     params: SamplingParams,
     request_id: str,
     priority: int = 0,
+    cache_namespace: str = "",
 ) -> GenerationHandle:
     try:
         return await service.engine.submit(
-            prompt_ids, params, request_id=request_id, priority=priority
+            prompt_ids,
+            params,
+            request_id=request_id,
+            priority=priority,
+            cache_namespace=cache_namespace,
         )
     except EngineError as exc:
         raise as_api_error(exc, request_id) from exc

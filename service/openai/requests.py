@@ -9,9 +9,9 @@ from typing import Any
 from jinja2 import TemplateError
 
 from batching.errors import InvalidInputError
-from batching.generation.grammar import check_grammar
 from batching.generation.sampling import SamplingParams
 from service.generate.service import GenerationService, sampling_params
+from service.generate.special_tokens import chat_ids
 from service.openai.errors import OpenAIError
 from service.openai.schemas import ChatMessage, SamplingRequest
 
@@ -66,10 +66,13 @@ def chat_prompt_ids(messages: list[ChatMessage], service: GenerationService) -> 
     except TemplateError as exc:  # templates raise on conversations they refuse
         raise OpenAIError(f"messages: {exc}", "messages") from exc
     # The template writes any special tokens (BOS, role markers) itself: add none twice.
-    ids: list[int] = tokenizer.encode(
-        checked_prompt_text(str(text), "messages", service), add_special_tokens=False
-    )
-    return ids
+    rendered = checked_prompt_text(str(text), "messages", service)
+    contents = [message["content"] for message in conversation]
+    allow = service.settings.generate_special_tokens_in_prompts
+    try:
+        return chat_ids(tokenizer, rendered, contents, allow)
+    except InvalidInputError as exc:
+        raise OpenAIError(str(exc), "messages") from exc
 
 
 def completion_prompt_ids(
@@ -125,7 +128,6 @@ def to_sampling_params(
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0:  # keeping only the most likely token is greedy decoding
         temperature, top_p = 0.0, 1.0
-    schema, any_object = response_schema(body)
     try:
         return sampling_params(
             max_new_tokens=max_tokens,
@@ -136,20 +138,19 @@ def to_sampling_params(
             stop=body.stop_list,
             logprobs=body.top_logprobs_asked(),
             prompt_logprobs=prompt_logprobs,
-            json_schema=schema,
-            json_object=any_object,
         )
     except InvalidInputError as exc:
-        param = "response_format" if schema is not None or any_object else None
-        raise OpenAIError(str(exc), param) from exc
+        raise OpenAIError(str(exc), None) from exc
 
 
-def checked_grammar(grammar: str, service: GenerationService) -> None:
-    """A schema the grammar compiler refuses is the response_format's fault (400 naming it)."""
-    if service.grammar_tokenizer is None:
-        raise OpenAIError("structured output is not available for this model", "response_format")
+async def with_response_format(
+    body: SamplingRequest, params: SamplingParams, service: GenerationService
+) -> SamplingParams:
+    """params with response_format's grammar, compiled once for all n choices. A schema the
+    compiler refuses (invalid, or over a GRAMMAR_* limit) is a 400 naming response_format."""
+    schema, any_object = response_schema(body)
     try:
-        check_grammar(grammar, service.grammar_tokenizer)
+        return await service.with_grammar(params, schema, any_object)
     except InvalidInputError as exc:
         raise OpenAIError(str(exc), "response_format") from exc
 

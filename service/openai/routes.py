@@ -17,7 +17,12 @@ from fastapi.responses import StreamingResponse
 from batching.errors import EngineError
 from batching.generation.handle import GenerationResult
 from service.audit import audit_generations
-from service.deps import GenerationServiceDep, RuntimeDep, resolve_priority
+from service.deps import (
+    GenerationServiceDep,
+    RuntimeDep,
+    prefix_cache_namespace,
+    resolve_priority,
+)
 from service.errors import as_api_error
 from service.generate.service import GenerationService
 from service.generate.streaming import SSE_HEADERS, first_delta, wait_all_or_cancel_on_disconnect
@@ -26,12 +31,12 @@ from service.openai.logprobs import TokenTexts, chat_logprobs, completion_logpro
 from service.openai.requests import (
     chat_prompt_ids,
     checked_choices,
-    checked_grammar,
     checked_max_tokens,
     choice_params,
     completion_prompt_ids,
     reject_unsupported,
     to_sampling_params,
+    with_response_format,
 )
 from service.openai.router import v1_router
 from service.openai.schemas import (
@@ -76,15 +81,16 @@ async def start(
     max_tokens = checked_max_tokens(body, len(prompt_ids), service, echo)
     # Echo with logprobs scores the prompt too (lm-evaluation-harness's loglikelihood).
     prompt_logprobs = body.top_logprobs_asked() if echo else None
-    params = to_sampling_params(body, max_tokens, prompt_logprobs)
-    if params.grammar is not None:
-        checked_grammar(params.grammar, service)
+    params = await with_response_format(
+        body, to_sampling_params(body, max_tokens, prompt_logprobs), service
+    )
     try:
         handles = await service.engine.submit_choices(
             prompt_ids,
             choice_params(params, choices),
             request_id=request_id,
             priority=resolve_priority(request, service.settings, body.priority),
+            cache_namespace=prefix_cache_namespace(request, service.settings),
         )
     except EngineError as exc:
         error = as_api_error(exc, request_id)

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+)
 
 from batching.generation.logprobs import MAX_TOP_LOGPROBS
 from service.schemas import Priority, StopString
@@ -41,7 +49,7 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopString | list[StopString] | None = None
     n: int | None = Field(None, ge=1, description="Choices; at most GENERATE_MAX_CHOICES")
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored")
     presence_penalty: float | None = None
@@ -141,7 +149,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] = Field(description="One prompt: text or token ids")
+    prompt: str | list[str] | list[StrictInt] = Field(description="One prompt: text or token ids")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = None
     suffix: str | None = None

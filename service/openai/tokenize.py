@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from batching.errors import InvalidInputError
 from service.deps import ApiKeyDep, GenerationServiceDep
-from service.errors import as_api_error
+from service.errors import ApiError, as_api_error
+from service.generate.special_tokens import prompt_ids
 from service.limits import RateLimitDep
+from service.openai.errors import OpenAIError
 from service.openai.requests import chat_prompt_ids, checked_prompt_text
 from service.openai.schemas import ChatMessage
 
@@ -31,6 +33,10 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    special_tokens_in_text: bool = Field(
+        description="Whether special-token text in the prompt or contents became control tokens "
+        "(GENERATE_SPECIAL_TOKENS_IN_PROMPTS); else it was tokenised as plain text"
+    )
 
 
 class DetokenizeRequest(BaseModel):
@@ -47,17 +53,29 @@ class DetokenizeResponse(BaseModel):
 async def tokenize(body: TokenizeRequest, service: GenerationServiceDep) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise as_api_error(InvalidInputError("give exactly one of prompt and messages"))
-    if body.messages is not None:
-        ids = chat_prompt_ids(body.messages, service)  # the chat template, as /v1 applies it
-    else:
-        text = checked_prompt_text(body.prompt or "", "prompt", service)
-        ids = service.loaded.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
-    return TokenizeResponse(count=len(ids), max_model_len=service.engine.max_seq_len, tokens=ids)
+    allow = service.settings.generate_special_tokens_in_prompts
+    try:
+        if body.messages is not None:
+            ids = chat_prompt_ids(body.messages, service)  # the chat template, as /v1 does it
+        else:
+            text = checked_prompt_text(body.prompt or "", "prompt", service)
+            ids = prompt_ids(service.loaded.tokenizer, text, body.add_special_tokens, allow)
+    except OpenAIError as exc:  # /tokenize is not /v1: its input errors are 422, like the rest
+        raise ApiError(422, "invalid_request", exc.message) from exc
+    return TokenizeResponse(
+        count=len(ids),
+        max_model_len=service.engine.max_seq_len,
+        tokens=ids,
+        special_tokens_in_text=allow,
+    )
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, service: GenerationServiceDep) -> DetokenizeResponse:
-    vocab = len(service.loaded.tokenizer)
+    # The ids a prompt may hold (the model's vocabulary, as the engine checks), not only
+    # the tokenizer's: ids past it are padding rows and decode to nothing.
+    rows = int(getattr(service.loaded.model.config, "vocab_size", 0) or 0)
+    vocab = max(len(service.loaded.tokenizer), rows)
     if any(token >= vocab for token in body.tokens):
         raise as_api_error(InvalidInputError(f"tokens must be in [0, {vocab})"))
     return DetokenizeResponse(prompt=service.loaded.tokenizer.decode(body.tokens))

@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 
 from batching.generation import chunk_sizing
-from batching.generation.chunk_sizing import MAX_STALL, ChunkLimits, measure_chunk_limits
+from batching.generation.chunk_sizing import (
+    DEFAULT_MAX_STALL_STEPS,
+    MAX_STALL,
+    ChunkLimits,
+    measure_chunk_limits,
+)
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import WAIT_S, EngineFactory, MixedSteps
 from tests.batching.test_engine_matches_generate import reference
@@ -37,8 +42,9 @@ class ScriptedRunner:
         return [[1]] * rows
 
     def mixed_step(self, tokens, lengths, tables, riders, row, chunks, starts) -> None:  # type: ignore[no-untyped-def]
-        chunk, end = len(chunks[0]), starts[0] + len(chunks[0])
-        self.now_s += 0.010 + chunk * 2e-5 + chunk * end * 8e-8
+        self.now_s += 0.010
+        for chunk, start in zip(chunks, starts, strict=True):
+            self.now_s += len(chunk) * 2e-5 + len(chunk) * (start + len(chunk)) * 8e-8
 
 
 def test_auto_keeps_per_context_the_largest_chunk_within_the_stall_bound(
@@ -51,9 +57,27 @@ def test_auto_keeps_per_context_the_largest_chunk_within_the_stall_bound(
     # The bound is 15 ms, 5 ms for the chunk: at context 256, 64 tokens cost 1.28 + 1.31 ms
     # and 128 cost 2.56 + 2.62; at 768, 64 tokens cost 1.28 + 3.93 ms, so 32 is kept.
     assert limits.chunks == (64, 64, 32, 32)
-    assert limits.mixed_step_ms[0] == {16: 10.65, 32: 11.3, 64: 12.59, 128: 15.18}
+    # While requests wait the bound is 4 decode steps, 30 ms for the chunk: at context 1,024,
+    # 256 tokens cost 5.12 + 20.97 ms and 512 would cost 10.24 + 41.94.
+    assert limits.busy_chunks == (256, 256, 256, 256)
+    # A burst as short prompts over the 3 free rows: 512 tokens (3 x 171) cost 17.3 ms, 1,024
+    # would cost 48.6.
+    assert limits.admit_tokens == 512
+    assert limits.mixed_step_ms[0] == {16: 10.65, 32: 11.3, 64: 12.59, 128: 15.18, 256: 20.36}
     assert limits.decode_step_ms == pytest.approx(10.0)
-    assert limits.as_dict()["max_stall"] == MAX_STALL
+    assert limits.as_dict()["smooth_stall_steps"] == MAX_STALL
+    assert limits.as_dict()["max_stall_steps"] == DEFAULT_MAX_STALL_STEPS
+
+
+def test_a_stall_bound_below_the_smooth_one_bounds_every_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner = ScriptedRunner()
+    monkeypatch.setattr(chunk_sizing.time, "perf_counter", lambda: runner.now_s)
+    limits = measure_chunk_limits(runner, fallback=256, max_stall_steps=1.2)  # type: ignore[arg-type]
+    # 2 ms for the chunk: 64 tokens cost 1.28 + 1.31 ms at context 256, 32 cost 0.64 + 0.66.
+    assert limits.chunks == limits.busy_chunks == (32, 32, 16, 16)
+    assert limits.admit_tokens == 64  # 2 rows of 32: 2 x (0.64 + 0.08) ms
 
 
 def test_a_chunk_gets_the_limit_of_the_first_context_it_fits_under() -> None:
@@ -64,6 +88,9 @@ def test_a_chunk_gets_the_limit_of_the_first_context_it_fits_under() -> None:
     assert limits.chunk_at(500) == 16
     assert limits.chunk_at(2000) == 16  # beyond every context: the last limit
     assert ChunkLimits.fixed(256).chunk_at(5000) == 256
+    busy = ChunkLimits((256, 512), (64, 16), busy_chunks=(256, 64))
+    assert busy.chunk_at(0, busy=True) == 256 and busy.chunk_at(100, busy=True) == 64
+    assert busy.admit_tokens == 64  # none measured: the first limit
 
 
 def test_one_slot_keeps_the_fallback_nothing_decodes_beside_a_prefill(
@@ -101,7 +128,7 @@ class GraphedRunner(ScriptedRunner):
         self.now_s += 0.002
 
     def mixed_step(self, tokens, lengths, tables, riders, row, chunks, starts) -> None:  # type: ignore[no-untyped-def]
-        self.now_s += 0.012 + len(chunks[0]) * 5e-6
+        self.now_s += 0.012 + sum(map(len, chunks)) * 5e-6
 
 
 def test_where_no_chunk_meets_the_stall_bound_chunks_grow_while_they_cost_little(
@@ -113,6 +140,9 @@ def test_where_no_chunk_meets_the_stall_bound_chunks_grow_while_they_cost_little
     # 16 tokens: 12.08 ms, 6x the decode step; up to 1.25x that (15.1 ms): 512 tokens take
     # 14.56 ms, 1,024 would take 17.12. At context 256 the chunk cannot pass the context.
     assert limits.chunks == (256, 512, 512, 512)
+    # Both bounds are out of reach there, so admission is not throttled below that either:
+    # a burst rides as far as a single chunk does.
+    assert limits.busy_chunks == limits.chunks and limits.admit_tokens == 512
 
 
 def test_with_mixed_steps_off_auto_times_a_prefill_and_a_decode(
@@ -124,7 +154,7 @@ def test_with_mixed_steps_off_auto_times_a_prefill_and_a_decode(
 
     def prefill(tables: list[list[int]], chunks: list[list[int]], starts: list[int]) -> None:
         called.append("prefill")
-        runner.now_s += 0.001 + len(chunks[0]) * 2e-5  # a decode step plus this: 1.1 + ...
+        runner.now_s += 0.001 + sum(map(len, chunks)) * 2e-5  # a decode step plus: 1.1 + ...
 
     def no_mixed_step(*args: Any) -> None:
         raise AssertionError("mixed steps are off")
@@ -135,3 +165,87 @@ def test_with_mixed_steps_off_auto_times_a_prefill_and_a_decode(
     assert "prefill" in called
     # 10 ms decode + 1 ms + 20 us per token within 15 ms: up to 200 tokens, so 128.
     assert limits.chunks == (128, 128, 128, 128)
+
+
+class PrefillRows:
+    """The prompt tokens each mixed step of an engine prefilled, one list per step."""
+
+    def __init__(self, engine: Any) -> None:
+        self.steps: list[list[int]] = []
+        runner = engine._runner
+        original = runner.mixed_step
+
+        def recorded(tokens, lengths, tables, riders, row, chunks, starts):  # type: ignore[no-untyped-def]
+            self.steps.append([len(chunk) for chunk in chunks])
+            return original(tokens, lengths, tables, riders, row, chunks, starts)
+
+        runner.mixed_step = recorded
+
+
+# Measured limits, set by hand: 16-token chunks while nobody waits, 32 while someone does, and
+# up to 64 padded prompt tokens of waiting requests admitted together.
+LIMITS = ChunkLimits((128,), (16,), busy_chunks=(32,), admit_tokens=64)
+
+
+async def start_stream(engine: Any) -> Any:
+    """A stream that decodes while the test runs: every prefill then rides in its steps."""
+    stream = await engine.submit(tokens(5, seed=40), SamplingParams(80, ignore_eos=True))
+    await anext(stream)
+    return stream
+
+
+async def test_a_burst_of_short_prompts_is_admitted_together_while_a_long_one_is_chunked(
+    make_engine: EngineFactory, gated_llama: Any
+) -> None:
+    model, gate = gated_llama
+    engine = make_engine(
+        model=model, num_slots=12, max_seq_len=128, prefill_chunk_tokens=LIMITS,
+        kv_bucket_min=16,
+    )  # fmt: skip
+    rows = PrefillRows(engine)
+    stream = await start_stream(engine)
+    gate.close()
+    await gate.wait_until_entered()  # the engine is held in a step: the burst arrives at once
+    burst = [tokens(8, seed=41 + i) for i in range(10)]
+    handles = [await engine.submit(prompt, SamplingParams(4)) for prompt in burst]
+    gate.open()
+    for prompt, handle in zip(burst, handles, strict=True):
+        result = await asyncio.wait_for(handle.wait(), WAIT_S)
+        assert list(result.token_ids) == reference(model, prompt, 4)
+    # 64 padded tokens a step: 8 of the 10 prompts in one mixed step, the other 2 in the next.
+    assert rows.steps == [[8] * 8, [8] * 2]
+    await asyncio.wait_for(stream.wait(), WAIT_S)
+    rows.steps.clear()
+    stream = await start_stream(engine)
+    gate.close()
+    await gate.wait_until_entered()  # so the stream has most of its tokens left to decode
+    long_prompt = tokens(100, seed=60)
+    handle = await engine.submit(long_prompt, SamplingParams(4))
+    gate.open()
+    result = await asyncio.wait_for(handle.wait(), WAIT_S)
+    assert list(result.token_ids) == reference(model, long_prompt, 4)
+    assert rows.steps == [[16]] * 6 + [[4]]  # nobody waits: the smooth chunks
+    await asyncio.wait_for(stream.wait(), WAIT_S)
+
+
+async def test_a_long_prompt_others_wait_behind_gets_the_stall_bounds_chunks(
+    make_engine: EngineFactory, gated_llama: Any
+) -> None:
+    model, gate = gated_llama
+    engine = make_engine(
+        model=model, num_slots=4, max_seq_len=128, prefill_chunk_tokens=LIMITS,
+        kv_bucket_min=16,
+    )  # fmt: skip
+    rows = PrefillRows(engine)
+    stream = await start_stream(engine)
+    gate.close()
+    await gate.wait_until_entered()
+    prompts = [tokens(100, seed=61), tokens(6, seed=62), tokens(7, seed=63)]
+    handles = [await engine.submit(prompt, SamplingParams(4)) for prompt in prompts]
+    gate.open()
+    for prompt, handle in zip(prompts, handles, strict=True):
+        result = await asyncio.wait_for(handle.wait(), WAIT_S)
+        assert list(result.token_ids) == reference(model, prompt, 4)
+    # Two requests wait behind it: 32-token chunks; then both are admitted in one step.
+    assert rows.steps == [[32], [32], [32], [4], [6, 7]]
+    await asyncio.wait_for(stream.wait(), WAIT_S)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batching.errors import InvalidInputError
-from batching.generation.grammar import grammar_tokenizer, json_schema_grammar
+from batching.generation.grammar import CompiledGrammar, grammar_tokenizer, json_schema_grammar
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import EOS_ID, VOCAB_SIZE, WAIT_S
 from tests.batching.test_engine_matches_generate import reference
@@ -77,6 +77,13 @@ async def test_prompt_logprobs_equal_a_direct_forward_and_max_tokens_zero_scores
     await runner_up.wait()
 
 
+def compiled(tokenizer, schema):
+    """Compiled here, in the test's thread: the service compiles in grammar_compiler.py."""
+    return CompiledGrammar(
+        grammar_tokenizer(tokenizer, VOCAB_SIZE, [EOS_ID]), json_schema_grammar(schema)
+    )
+
+
 def json_engine(make_engine, tokenizer, **options):
     return make_engine(
         grammar_tokenizer=grammar_tokenizer(tokenizer, VOCAB_SIZE, [EOS_ID]),
@@ -90,7 +97,7 @@ async def test_every_sampled_output_under_a_json_schema_parses_and_validates(
     make_engine, tokenizer
 ) -> None:
     engine = json_engine(make_engine, tokenizer)
-    grammar = json_schema_grammar(SCHEMA)
+    grammar = compiled(tokenizer, SCHEMA)
     params = [SamplingParams(120, temperature=1.0, seed=s, grammar=grammar) for s in range(50)]
     handles = [await engine.submit(PROMPT, p) for p in params]
     results = await asyncio.wait_for(asyncio.gather(*(h.wait() for h in handles)), WAIT_S * 3)
@@ -104,7 +111,7 @@ async def test_a_constrained_row_leaves_its_unconstrained_neighbours_unchanged(
 ) -> None:
     engine = json_engine(make_engine, tokenizer)
     prompts = [[11, 12, 13], [20, 21, 22, 23], [30, 31]]
-    grammar = json_schema_grammar(SCHEMA)
+    grammar = compiled(tokenizer, SCHEMA)
     constrained = await engine.submit(PROMPT, SamplingParams(60, grammar=grammar))
     free = [await engine.submit(p, SamplingParams(10)) for p in prompts]
     for prompt, handle in zip(prompts, free, strict=True):
@@ -112,15 +119,15 @@ async def test_a_constrained_row_leaves_its_unconstrained_neighbours_unchanged(
     jsonschema.validate(json.loads((await constrained.wait()).text), SCHEMA)
 
 
-async def test_an_invalid_schema_is_refused_at_submit(make_engine, tokenizer) -> None:
-    engine = json_engine(make_engine, tokenizer)
+def test_an_invalid_schema_does_not_compile(tokenizer) -> None:
     with pytest.raises(InvalidInputError, match="nonsense"):
-        await engine.submit(
-            PROMPT, SamplingParams(4, grammar=json_schema_grammar({"type": "nonsense"}))
-        )
-    plain = make_engine()
-    with pytest.raises(InvalidInputError, match="not available"):
-        await plain.submit(PROMPT, SamplingParams(4, grammar=json_schema_grammar(SCHEMA)))
+        compiled(tokenizer, {"type": "nonsense"})
+
+
+async def test_the_engine_refuses_a_grammar_that_was_not_compiled(make_engine, tokenizer) -> None:
+    engine = json_engine(make_engine, tokenizer)
+    with pytest.raises(InvalidInputError, match="compiled"):
+        await engine.submit(PROMPT, SamplingParams(4, grammar=json_schema_grammar(SCHEMA)))  # type: ignore[arg-type]
 
 
 async def test_n_choices_share_one_prefill_and_each_samples_as_it_would_alone(

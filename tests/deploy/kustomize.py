@@ -23,6 +23,7 @@ BUILDS = (
     "overlays/shadow",
     "overlays/keda",
     "overlays/hpa",
+    "overlays/inference-gateway",
     "dcgm-exporter",
 )
 Obj = dict[str, Any]

@@ -31,14 +31,25 @@ from tests.deploy.kustomize import (
 
 # The oldest release the manifests claim (README) and the newest schemas we have.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
-# Custom resources: no schema in kubernetes-validate; test_custom_resources_* checks them.
-CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
+# Custom resources: no schema in kubernetes-validate; test_custom_resources_* checks them (and
+# test_inference_gateway.py the Gateway API and inference extension ones).
+CRD_GROUPS = (
+    "monitoring.coreos.com/",
+    "keda.sh/",
+    "gateway.networking.k8s.io/",
+    "inference.networking.k8s.io/",
+)
 SERVER_BUILDS = tuple(b for b in BUILDS if b != "dcgm-exporter")
 COLD_LOAD_S = 600
 
 
 def deployments(build: str) -> list[Obj]:
-    return of_kind(render(build), "Deployment")
+    """The model server Deployments (overlays/inference-gateway adds the endpoint picker's)."""
+    return [d for d in of_kind(render(build), "Deployment") if is_server(d)]
+
+
+def is_server(deployment: Obj) -> bool:
+    return pod_labels(deployment).get("app.kubernetes.io/component") == "server"
 
 
 def pod_labels(deployment: Obj) -> dict[str, str]:
@@ -87,6 +98,9 @@ def test_custom_resources_are_only_the_expected_kinds():
     assert kinds == {
         ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("keda.sh/v1alpha1", "ScaledObject"),
+        ("gateway.networking.k8s.io/v1", "Gateway"),
+        ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+        ("inference.networking.k8s.io/v1", "InferencePool"),
     }
 
 
@@ -115,8 +129,9 @@ def test_custom_resources_service_monitor_selects_a_service_port(build):
         }
 
 
-def test_custom_resources_scaled_object_has_its_required_fields():
-    objects = render("overlays/keda")
+@pytest.mark.parametrize("build", ["overlays/keda", "overlays/inference-gateway"])
+def test_custom_resources_scaled_object_has_its_required_fields(build):
+    objects = render(build)
     (scaled,) = of_kind(objects, "ScaledObject")
     target = named(objects, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
     assert scaled["metadata"]["namespace"] == target["metadata"]["namespace"]
@@ -203,7 +218,7 @@ def test_pdb_and_stable_service_select_the_stable_pods_only(build):
     objects = render(build)
     (pdb,) = of_kind(objects, "PodDisruptionBudget")
     stable = named(objects, "Service", "model-serving")
-    for deployment in of_kind(objects, "Deployment"):
+    for deployment in deployments(build):
         labels = pod_labels(deployment)
         is_stable = deployment["metadata"]["name"] == "model-serving"
         assert selects(pdb["spec"]["selector"]["matchLabels"], labels) is is_stable
@@ -312,7 +327,7 @@ def test_shadow_overlay_mirrors_work_requests_to_the_shadow_service():
     assert shadow["spec"]["ports"][0]["port"] == 80  # the port the mirror URL implies
 
 
-@pytest.mark.parametrize("build", ["overlays/keda", "overlays/hpa"])
+@pytest.mark.parametrize("build", ["overlays/keda", "overlays/hpa", "overlays/inference-gateway"])
 def test_autoscaled_deployment_leaves_the_replica_count_to_the_autoscaler(build):
     objects = render(build)
     assert "replicas" not in named(objects, "Deployment", "model-serving")["spec"]

@@ -62,3 +62,19 @@ def test_an_unsafe_client_request_id_is_replaced(
     assert NGINX_ID.match(seen["request_id"])
     assert response.headers["X-Request-ID"] == seen["request_id"]
     assert response.headers.get_list("X-Request-ID") == [seen["request_id"]]
+
+
+def test_nginx_own_400_is_json(nginx: Callable[..., Nginx]) -> None:
+    import socket
+
+    edge = nginx("nginx.conf", {"app:8000": f"127.0.0.1:{free_port()}"})
+    port = int(edge.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: bad host name\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"application/json" in head
+    assert b'"type":"bad_request"' in body

@@ -81,3 +81,55 @@ def test_a_drain_lasts_until_requests_stop_arriving(start_server, demo_models):
     assert set(statuses) == {503}
     assert server.proc.wait(timeout=30) == 0
     assert "drain finished with 0 still in flight" in server.log()
+
+
+def test_a_stream_cut_at_the_drain_deadline_ends_with_an_error_event_and_done(
+    start_server, demo_models
+):
+    server = start_server(
+        GENERATE_MODEL=str(demo_models["llm"]),
+        GENERATE_MAX_SEQ_LEN="2048",
+        GENERATE_MAX_NEW_TOKENS="2000",
+        DRAIN_TIMEOUT_S="0",  # the deadline is the signal: every running stream is cut
+        DRAIN_QUIET_S="0",
+        RATE_LIMIT="100000/minute",
+    )
+    long = {"max_new_tokens": 2000, "temperature": 0, "stream": True}
+
+    async def stream(client: httpx.AsyncClient, path: str, body: dict, started: asyncio.Event):
+        lines: list[str] = []
+        async with client.stream("POST", path, json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    lines.append(line.removeprefix("data: "))
+                    started.set()
+        return lines
+
+    async def run() -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            started = [asyncio.Event(), asyncio.Event()]
+            tasks = [
+                asyncio.create_task(
+                    stream(client, "/generate", long | {"prompt": "a"}, started[0])
+                ),
+                asyncio.create_task(
+                    stream(
+                        client,
+                        "/v1/completions",
+                        {"model": "m", "prompt": "b", "max_tokens": 2000, "temperature": 0,
+                         "stream": True},
+                        started[1],
+                    )
+                ),
+            ]  # fmt: skip
+            await asyncio.gather(*(e.wait() for e in started))
+            server.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    generate, completions = asyncio.run(run())
+    assert generate[-1] == "[DONE]"
+    assert json.loads(generate[-2])["error"]["type"] == "interrupted", generate[-2]
+    assert completions[-1] == "[DONE]"
+    assert "error" in json.loads(completions[-2]), completions[-2]
+    assert server.proc.wait(timeout=60) == 0

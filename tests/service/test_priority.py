@@ -23,6 +23,9 @@ def server(start_server, demo_models):
         RATE_LIMIT="100000/minute",
         GENERATE_MAX_NEW_TOKENS="900",
         GENERATE_MAX_SEQ_LEN="1024",
+        # The batch jobs queue behind a 900-token job, longer than 30 s on a busy box; the
+        # queue timeout holds while the slot is busy, so it must not be the default here.
+        REQUEST_TIMEOUT_S="600",
     )
 
 

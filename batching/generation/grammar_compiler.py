@@ -1,0 +1,270 @@
+"""Compiling a request's grammar: once, off the event loop and off the engine thread, under limits.
+
+llguidance can spend time and memory exponential in a small schema (an `allOf` of 29 string
+patterns: gigabytes; 600 `patternProperties`: minutes), and its own limits (lexer fuel, item
+counts) do not bound that analysis. So a grammar is first tried in a worker process
+(grammar_worker.py) under a memory limit (RLIMIT_AS) and a wall-clock deadline; a worker that
+runs out of either is killed and replaced, and the request gets a GrammarRejectedError. Only a
+grammar the worker built is then built again here, in a thread, where it is known to finish
+within the same bounds. The result is cached by grammar text (LRU, rejections included, so a
+client resending a bad schema costs nothing), and concurrent requests for one grammar wait for
+one compile. The request's choices all share the CompiledGrammar.
+
+    compiler = GrammarCompiler(tokenizer_json, vocab_size, eos_ids, GrammarLimits())
+    grammar = await compiler.compile(json_schema_grammar(schema))  # or GrammarRejectedError
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llguidance
+
+from batching.errors import InvalidInputError, QueueTimeoutError
+from batching.generation.grammar import CompiledGrammar
+
+logger = logging.getLogger(__name__)
+
+_ERROR_CHARS = 300  # llguidance's messages quote the grammar: a client gets a short head only
+_WORKER_START_S = 120.0  # building a 150k-token vocabulary takes about a second; be generous
+
+
+@dataclass(frozen=True)
+class ParserLimits:
+    """llguidance's own limits (LLParserLimits), applied to the worker and to every matcher:
+    the step limits bound each token's mask computation on the engine thread."""
+
+    max_items_in_row: int = 2_000
+    initial_lexer_fuel: int = 1_000_000
+    step_lexer_fuel: int = 200_000  # ~14k/ms: at most ~15 ms of lexing per token
+    step_max_items: int = 50_000  # ~20k/ms: at most ~3 ms of parsing per token
+    max_lexer_states: int = 250_000
+    max_grammar_size: int = 500_000
+    verbose_errors: bool = False  # verbose errors quote the grammar into logs and answers
+
+    def llguidance(self) -> Any:
+        return llguidance.LLParserLimits(**asdict(self))
+
+
+@dataclass(frozen=True)
+class GrammarLimits:
+    max_grammar_bytes: int = 65_536  # the grammar text (a JSON schema's, nearly its own size)
+    timeout_s: float = 10.0  # one compile in a worker, wall clock
+    memory_mb: int = 1_024  # one worker's address space
+    workers: int = 2  # compiles that may run at once
+    cache_size: int = 128  # compiled (and refused) grammars kept, by text
+    wait_s: float = 30.0  # longest wait for a free worker (then QueueTimeoutError)
+    parser: ParserLimits = field(default_factory=ParserLimits)
+
+
+class GrammarRejectedError(InvalidInputError):
+    """The grammar is invalid or over a limit; `reason` is "invalid", "too_large", "timeout"
+    or "memory". Only the client's request fails (HTTP 4xx)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Worker:
+    """One child process and its pipes."""
+
+    def __init__(
+        self, process: asyncio.subprocess.Process, on_exit: Callable[[_Worker], None]
+    ) -> None:
+        self.process = process
+        self.on_exit = on_exit
+
+    async def ask(self, line: str) -> dict[str, Any] | None:
+        """The worker's answer, or None if it died (EOF)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+        answer = await self.process.stdout.readline()
+        return json.loads(answer) if answer else None
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+        self.on_exit(self)
+
+
+class GrammarCompiler:
+    def __init__(
+        self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], limits: GrammarLimits
+    ) -> None:
+        self.limits = limits
+        self._setup = json.dumps(
+            {
+                "tokenizer": tokenizer_json,
+                "n_vocab": vocab_size,
+                "eos": eos_token_ids,
+                "memory_bytes": limits.memory_mb << 20,
+                "limits": asdict(limits.parser),
+            }
+        )
+        self._tokenizer = llguidance.LLTokenizer(
+            tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids
+        )
+        self._parser_limits = limits.parser.llguidance()
+        self._cache: OrderedDict[str, CompiledGrammar | GrammarRejectedError] = OrderedDict()
+        self._compiling: dict[str, asyncio.Future[CompiledGrammar]] = {}
+        self._idle: asyncio.Queue[_Worker | None] | None = None  # made on the loop that uses it
+        self._workers: set[_Worker] = set()  # alive, idle or busy
+
+    @property
+    def tokenizer(self) -> Any:
+        """llguidance's tokenizer (also gives each token's exact bytes, for logprobs)."""
+        return self._tokenizer
+
+    async def compile(self, grammar: str) -> CompiledGrammar:
+        """The compiled grammar, or GrammarRejectedError within about timeout_s (after waiting
+        at most wait_s for a free worker: QueueTimeoutError)."""
+        if len(grammar.encode()) > self.limits.max_grammar_bytes:
+            raise _rejected(
+                "too_large",
+                f"the grammar is {len(grammar.encode())} bytes, over the limit of "
+                f"{self.limits.max_grammar_bytes}",
+            )
+        cached = self._cache.get(grammar)
+        if cached is not None:
+            self._cache.move_to_end(grammar)
+            if isinstance(cached, GrammarRejectedError):
+                raise GrammarRejectedError(cached.reason, str(cached))
+            return cached
+        running = self._compiling.get(grammar)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[CompiledGrammar] = asyncio.get_running_loop().create_future()
+        self._compiling[grammar] = future
+        try:
+            compiled = await self._compile_now(grammar)
+        except GrammarRejectedError as exc:
+            self._remember(grammar, exc)
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters (if any) get it from their own await
+            raise
+        except BaseException as exc:  # not the grammar's fault: do not remember it
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.exception()
+            raise
+        finally:
+            del self._compiling[grammar]
+        self._remember(grammar, compiled)
+        future.set_result(compiled)
+        return compiled
+
+    async def close(self) -> None:
+        """Stop every worker, busy ones too (their compiles fail; the server is stopping)."""
+        for worker in list(self._workers):
+            await worker.kill()
+
+    # ---- internals ----
+
+    async def _compile_now(self, grammar: str) -> CompiledGrammar:
+        started = time.perf_counter()
+        await self._try_in_worker(grammar)
+        # The worker built it within the limits, so this build is bounded the same way.
+        compiled = await asyncio.to_thread(
+            CompiledGrammar, self._tokenizer, grammar, self._parser_limits
+        )
+        logger.debug("compiled a %d-byte grammar in %.3fs", len(grammar), _since(started))
+        return compiled
+
+    async def _try_in_worker(self, grammar: str) -> None:
+        idle = self._idle_workers()
+        waited = time.perf_counter()
+        try:
+            worker = await asyncio.wait_for(idle.get(), self.limits.wait_s)
+        except TimeoutError:
+            raise QueueTimeoutError(_since(waited), self.limits.wait_s) from None
+        answer: dict[str, Any] | None = None
+        timed_out = False
+        try:
+            worker = worker or await self._start_worker()
+            try:
+                answer = await asyncio.wait_for(
+                    worker.ask(json.dumps(grammar)), self.limits.timeout_s
+                )
+            except TimeoutError:
+                timed_out = True
+            if answer is None:  # over the deadline, or the worker died (out of memory)
+                await worker.kill()
+                worker = None
+        except BaseException:
+            if worker is not None:
+                await worker.kill()
+            worker = None
+            raise
+        finally:
+            idle.put_nowait(worker)  # None: the next user starts a fresh one
+        if timed_out:
+            raise _rejected(
+                "timeout", f"compiling the grammar took over {self.limits.timeout_s:g}s"
+            )
+        if answer is None:
+            raise _rejected(
+                "memory", f"compiling the grammar needed over {self.limits.memory_mb} MiB"
+            )
+        if answer["error"]:
+            error = " ".join(str(answer["error"]).replace("<non-verbose/>", "").split())
+            raise _rejected("invalid", f"invalid grammar: {error[:_ERROR_CHARS]}")
+
+    def _idle_workers(self) -> asyncio.Queue[_Worker | None]:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for _ in range(self.limits.workers):
+                self._idle.put_nowait(None)  # started on first use
+        return self._idle
+
+    async def _start_worker(self) -> _Worker:
+        root = str(Path(__file__).resolve().parents[2])  # the folder that holds batching/
+        paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
+        environment = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "batching.generation.grammar_worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,  # Rust's allocation-failure banner
+            env=environment,
+            limit=1 << 20,
+        )
+        worker = _Worker(process, self._workers.discard)
+        self._workers.add(worker)
+        try:
+            ready = await asyncio.wait_for(worker.ask(self._setup), _WORKER_START_S)
+        except BaseException:
+            await worker.kill()
+            raise
+        if not ready:
+            await worker.kill()
+            raise RuntimeError("the grammar worker did not start")
+        return worker
+
+    def _remember(self, grammar: str, outcome: CompiledGrammar | GrammarRejectedError) -> None:
+        self._cache[grammar] = outcome
+        while len(self._cache) > self.limits.cache_size:
+            self._cache.popitem(last=False)
+
+
+def _rejected(reason: str, message: str) -> GrammarRejectedError:
+    # INFO, never the grammar's text: any client can send one, and it is their error.
+    logger.info("grammar refused: %s", reason)
+    return GrammarRejectedError(reason, message)
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started

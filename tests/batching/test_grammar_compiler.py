@@ -1,0 +1,107 @@
+"""Grammar compiles under limits: refused with a reason, in bounded time, the server's process
+untouched (the work runs in a worker process that is killed and replaced)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from copy import copy
+from typing import Any
+
+import pytest
+
+from batching.generation.grammar import CompiledGrammar, json_schema_grammar
+from batching.generation.grammar_compiler import (
+    GrammarCompiler,
+    GrammarLimits,
+    GrammarRejectedError,
+)
+from tests.batching.conftest import EOS_ID, VOCAB_SIZE
+
+OBJECT = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+# Under 1 KB (774 bytes as compact JSON): llguidance's regex analysis of it takes
+# exponential time and memory.
+ALL_OF_PATTERNS = {"allOf": [{"type": "string", "pattern": f"[a-z]{{{n}}}"} for n in range(1, 30)]}
+# Valid, but minutes to compile: every key must be checked against 600 patterns.
+PATTERN_PROPERTIES = {
+    "type": "object",
+    "patternProperties": {f"^k{n}_[a-z]+$": {"type": "string"} for n in range(600)},
+}
+
+
+def make_compiler(tokenizer: Any, **limits: Any) -> GrammarCompiler:
+    backend = copy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    return GrammarCompiler(backend.to_str(), VOCAB_SIZE, [EOS_ID], GrammarLimits(**limits))
+
+
+async def rejection(compiler: GrammarCompiler, schema: dict[str, Any]) -> GrammarRejectedError:
+    with pytest.raises(GrammarRejectedError) as caught:
+        await asyncio.wait_for(compiler.compile(json_schema_grammar(schema)), 120)
+    return caught.value
+
+
+async def test_a_schema_that_explodes_in_memory_is_refused_and_the_next_one_compiles(tokenizer):
+    compiler = make_compiler(tokenizer, memory_mb=256, timeout_s=60)
+    try:
+        assert (await rejection(compiler, ALL_OF_PATTERNS)).reason == "memory"
+        assert isinstance(await compiler.compile(json_schema_grammar(OBJECT)), CompiledGrammar)
+    finally:
+        await compiler.close()
+
+
+async def test_a_schema_over_the_deadline_is_refused_and_the_worker_replaced(tokenizer):
+    compiler = make_compiler(tokenizer, timeout_s=1, workers=1)
+    try:
+        error = await rejection(compiler, PATTERN_PROPERTIES)
+        assert error.reason == "timeout" and "1s" in str(error)
+        assert isinstance(await compiler.compile(json_schema_grammar(OBJECT)), CompiledGrammar)
+    finally:
+        await compiler.close()
+
+
+async def test_a_schema_over_the_size_cap_is_refused_without_a_compile(tokenizer):
+    compiler = make_compiler(tokenizer, max_grammar_bytes=256)
+    error = await rejection(compiler, PATTERN_PROPERTIES)
+    assert error.reason == "too_large" and "256" in str(error)
+    assert not compiler._workers  # no worker was even started
+
+
+async def test_a_refused_schema_is_remembered_and_refused_again_at_once(tokenizer):
+    compiler = make_compiler(tokenizer, timeout_s=1, workers=1)
+    try:
+        await rejection(compiler, PATTERN_PROPERTIES)
+        workers_before = set(compiler._workers)
+        again = await rejection(compiler, PATTERN_PROPERTIES)
+        assert again.reason == "timeout"
+        assert compiler._workers == workers_before  # no worker was asked (or killed) again
+    finally:
+        await compiler.close()
+
+
+async def test_one_schema_asked_for_at_once_is_compiled_once_and_shared(tokenizer):
+    compiler = make_compiler(tokenizer)
+    try:
+        grammar = json_schema_grammar(OBJECT)
+        results = await asyncio.gather(*(compiler.compile(grammar) for _ in range(4)))
+        assert all(result is results[0] for result in results)
+        first, second = results[0].new_matcher(), results[0].new_matcher()
+        assert first is not second  # each choice advances its own copy
+    finally:
+        await compiler.close()
+
+
+async def test_an_invalid_schema_is_refused_and_logged_without_its_text(tokenizer, caplog):
+    compiler = make_compiler(tokenizer)
+    recursive = {"$ref": "#/$defs/loop", "$defs": {"loop": {"$ref": "#/$defs/loop"}}}
+    try:
+        with caplog.at_level(logging.DEBUG):
+            assert (await rejection(compiler, {"type": "nonsense-type"})).reason == "invalid"
+            assert (await rejection(compiler, recursive)).reason == "invalid"
+    finally:
+        await compiler.close()
+    assert all(r.levelno <= logging.INFO for r in caplog.records)
+    assert not any(
+        "nonsense-type" in r.getMessage() or "loop" in r.getMessage() for r in caplog.records
+    )
