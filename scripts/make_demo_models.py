@@ -21,8 +21,20 @@ from transformers import BertForSequenceClassification, PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1024  # a multiple of 32: bitsandbytes nf4 needs every linear output divisible by 32
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# Plain turns as before; with tools, a Hermes/Qwen-style system block lists them and the model
+# is taught to answer <tool_call>{"name": ..., "arguments": {...}}</tool_call> (the format
+# service/openai/tools/parsers.py reads as "hermes"); tool results come back as <|tool|> turns.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% if tools %}<|system|>\nYou may call these tools:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    'To call one, answer <tool_call>{"name": ..., "arguments": {...}}</tool_call>\n'
+    "{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] %}{{ message['content'] }}\n{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    '<tool_call>{"name": "{{ call.function.name }}", '
+    '"arguments": {{ call.function.arguments | tojson }}}</tool_call>\n'
+    "{% endfor %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 CORPUS = """

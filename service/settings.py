@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     predict_max_wait_ms: float = Field(
         5.0, ge=0, description="Longest wait for more texts, only while traffic makes it pay"
     )
-    predict_max_queue: int = Field(1024, ge=1)
+    predict_max_queue: int = Field(4096, ge=1)
     predict_cache_size: int = Field(
         0, ge=0, description="Results kept in the in-process response cache; 0 = off"
     )
@@ -57,12 +57,20 @@ class Settings(BaseSettings):
     )
     max_input_chars: int = Field(2000, ge=1)
     max_batch_texts: int = Field(64, ge=1)
+    embeddings_max_inputs: int = Field(
+        2048, ge=1, description="Most inputs in one /v1/embeddings call (OpenAI's limit)"
+    )
 
     generate_slots: int = Field(16, ge=1)
     generate_max_seq_len: int | None = Field(
         None, ge=8, description="Longest sequence; unset = the model's context, capped by the pool"
     )
-    generate_max_new_tokens: int = Field(128, ge=1)
+    generate_max_new_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Operator cap on new tokens per request; below it, what fits the context "
+        "after the prompt is the limit (and the default)",
+    )
     generate_max_queue: int = Field(256, ge=1)
     generate_max_prompt_chars: int = Field(8000, ge=1)
     generate_max_messages: int = Field(256, ge=1, description="Most chat messages per request")
@@ -83,6 +91,12 @@ class Settings(BaseSettings):
     )
     # a step's prefill runs inside the decode forward (one mixed batch) while streams decode
     generate_mixed_steps: bool = True
+    generate_max_prompts: int = Field(
+        64, ge=1, description="Most prompts in one /v1/completions call, each with its n choices"
+    )
+    generate_tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="How tool calls are read from the output; auto: from the template"
+    )
     generate_max_choices: int = Field(
         4, ge=1, description="Most choices (OpenAI's n) per request; each takes a slot"
     )

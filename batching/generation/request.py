@@ -170,6 +170,9 @@ class Request:
         if token_id in eos_token_ids and not self.params.ignore_eos:
             self.finish_reason = "eos"
             return GenerationDelta(self.detokenizer.finish(), ())
+        if token_id in self.params.stop_token_ids:  # like EOS: ends it, is not part of the text
+            self.finish_reason = "stop"
+            return GenerationDelta(self.detokenizer.finish(), ())
         self.output_ids.append(token_id)
         self.next_token = token_id
         logprobs = (logprob,) if logprob is not None else ()

@@ -325,7 +325,9 @@ class RunningBatch:
         ]
         try:
             tokens, logprobs = choose_tokens(
-                logits[[i for i, _ in choosers]], [r for _, r in choosers]
+                logits[[i for i, _ in choosers]],
+                [r for _, r in choosers],
+                eos_token_ids=self._eos_token_ids,
             )
         except Exception as exc:
             logger.exception("sampling after prefill failed for %d requests", len(work.requests))
@@ -416,7 +418,8 @@ class RunningBatch:
         live = [i for i in range(len(rows)) if i not in riders]
         self._observer.on_step(len(live))
         try:
-            tokens, logprobs = choose_tokens(logits, rows, riders)  # may mask logits in place
+            # may mask logits in place
+            tokens, logprobs = choose_tokens(logits, rows, riders, self._eos_token_ids)
         except Exception as exc:
             logger.exception("sampling failed for %d requests", len(rows))
             self._fail(rows, exc)

@@ -39,6 +39,9 @@ class SamplingParams:
     # The grammar the output must follow, compiled once per request (grammar_compiler.py)
     # and shared by its choices.
     grammar: CompiledGrammar | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # generation ends ("stop") after one of these tokens
 
     def __post_init__(self) -> None:
         least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt only
@@ -55,6 +58,8 @@ class SamplingParams:
             raise InvalidInputError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidInputError("stop strings must not be empty")
+        if self.min_tokens < 0:
+            raise InvalidInputError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:

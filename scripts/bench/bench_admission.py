@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import bench_load as load
 import bench_offline as offline
 import bench_servers as servers
 from bench_phases import median_run
+from harness import HttpServer
 from make_bench_models import build_bench_models, generate_prompts
 
 
@@ -99,6 +101,17 @@ async def measure(
     return results | {"one batched prefill ms": round(prefill_ms, 1)}
 
 
+def chunk_limits(server: HttpServer, url: str) -> dict[str, Any]:
+    """What the server's warm-up measured (its /info), read while it is resumed."""
+    server.resume()
+    try:
+        with urllib.request.urlopen(f"{url}/info") as response:
+            generate: dict[str, Any] = json.load(response)["generate"]
+    finally:
+        server.pause()
+    return generate["prefill_chunk_limits"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = str(build_bench_models(args.models_dir)["llm"])
@@ -109,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-admission-"))
     systems = servers.Systems({}, log_dir, args.max_background_cpu, retries=2)
     try:
+        limits = {}
         for name, spec in specs.items():
             systems.start_alone(name, spec, log_dir, servers.READY_TIMEOUT_S * 3)
+            limits[name] = chunk_limits(systems.procs[name], spec.url)
         results = asyncio.run(measure(args, systems, model, prompts))
+        results["chunk limits (/info)"] = limits
     finally:
         systems.close()
     for label, result in results.items():

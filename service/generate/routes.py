@@ -1,73 +1,33 @@
-"""POST /generate: validate, tokenise, hand the prompt to the GenerationEngine, answer as
-one JSON document or as a Server-Sent Events stream."""
+"""POST /generate: decode the request, enter the engine through the one submit path
+(submit.py), answer as one JSON document or as a Server-Sent Events stream."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from batching.errors import InvalidInputError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
 from batching.generation.sampling import SamplingParams
-from service.audit import audit_generations
-from service.deps import (
-    ApiKeyDep,
-    GenerationServiceDep,
-    prefix_cache_namespace,
-    resolve_priority,
-)
+from service.deps import ApiKeyDep, GenerationServiceDep
 from service.errors import ApiError
+from service.generate.grammars import JsonOutput
+from service.generate.limits import checked_text
 from service.generate.schemas import GenerateRequest, GenerateResponse, GenerateTimings
-from service.generate.service import GenerationService, sampling_params
 from service.generate.streaming import (
     SSE_HEADERS,
     error_event,
     first_delta,
     sse_event,
     stream_deltas,
-    submit,
     wait_or_cancel_on_disconnect,
 )
+from service.generate.submit import GenerationCall, submit_generation
 from service.limits import RateLimitDep
 from service.request_id import request_id_of
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKeyDep, RateLimitDep])
-
-
-def checked_max_new_tokens(requested: int | None, service: GenerationService) -> int:
-    limit = service.settings.generate_max_new_tokens
-    if requested is None:
-        return limit
-    if requested > limit:
-        raise ApiError(
-            422, "invalid_request", f"max_new_tokens: {requested} is above the limit of {limit}"
-        )
-    return requested
-
-
-def checked_prompt_ids(prompt: str, service: GenerationService) -> list[int]:
-    limit = service.settings.generate_max_prompt_chars
-    if len(prompt) > limit:
-        raise ApiError(
-            422,
-            "invalid_request",
-            f"prompt: {len(prompt)} characters, more than the limit of {limit}",
-        )
-    return service.encode(prompt)
-
-
-async def compiled_json_schema(
-    service: GenerationService, params: SamplingParams, json_schema: dict[str, Any] | None
-) -> SamplingParams:
-    """params with json_schema's grammar (compiled off the event loop and the engine thread,
-    under GRAMMAR_* limits); a refused schema is a 422 naming json_schema."""
-    try:
-        return await service.with_grammar(params, json_schema)
-    except InvalidInputError as exc:
-        raise ApiError(422, "invalid_request", f"json_schema: {exc}") from exc
 
 
 def to_response(result: GenerationResult, model: str, request_id: str) -> GenerateResponse:
@@ -128,25 +88,22 @@ async def generate(
     body: GenerateRequest, request: Request, service: GenerationServiceDep
 ) -> GenerateResponse | StreamingResponse:
     request_id = request_id_of(request)
-    params = sampling_params(
-        max_new_tokens=checked_max_new_tokens(body.max_new_tokens, service),
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=body.stop,
+    schema = body.json_schema
+    call = GenerationCall(
+        prompts=[service.encode(checked_text(body.prompt, "prompt", service.settings))],
+        sampling=SamplingParams(
+            max_new_tokens=1,  # set by the path
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=tuple(body.stop),
+        ),
+        max_new_tokens=body.max_new_tokens,
+        json_output=None if schema is None else JsonOutput(schema, "json_schema"),
+        priority=body.priority,
     )
-    params = await compiled_json_schema(service, params, body.json_schema)
-    priority = resolve_priority(request, service.settings, body.priority)
-    handle = await submit(
-        service,
-        checked_prompt_ids(body.prompt, service),
-        params,
-        request_id,
-        priority,
-        prefix_cache_namespace(request, service.settings),
-    )
-    audit_generations(request, [handle])
+    ((handle,),) = await submit_generation(service, request, call)
     model, cancel = service.loaded.name, service.cancel_on_disconnect
     if not body.stream:
         result = await wait_or_cancel_on_disconnect(handle, request, cancel)

@@ -1,20 +1,17 @@
-"""The generation side of the service: the engine, its tokenizer, and request translation."""
+"""The generation side of the service: the engine, its tokenizer, its grammar compiler."""
 
 from __future__ import annotations
 
 import logging
 import time
 from copy import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-from batching.errors import InvalidInputError
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
-from batching.generation.grammar import CompiledGrammar, json_schema_grammar
 from batching.generation.grammar_compiler import GrammarCompiler, GrammarLimits
 from batching.generation.memory import kv_cache_blocks, model_context
-from batching.generation.sampling import SamplingParams
 from service.generate.special_tokens import prompt_ids
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel
@@ -57,11 +54,16 @@ def grammar_limits(settings: Settings) -> GrammarLimits:
     )
 
 
+def logits_size(loaded: LoadedModel) -> int:
+    """How many token ids the model scores (its head may be wider than the tokenizer)."""
+    head = loaded.model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or len(loaded.tokenizer))
+
+
 def make_grammar_compiler(loaded: LoadedModel, settings: Settings) -> GrammarCompiler | None:
     """The grammar compiler (structured output; its tokenizer gives token bytes for logprobs),
     or None if llguidance cannot use this tokenizer (it needs a fast one)."""
-    head = loaded.model.get_output_embeddings()
-    vocab_size = getattr(head, "out_features", None) or len(loaded.tokenizer)
+    vocab_size = logits_size(loaded)
     try:
         backend = copy(loaded.tokenizer.backend_tokenizer)  # as llguidance.hf does it
         backend.no_padding()
@@ -120,21 +122,13 @@ class GenerationService:
         return cls(loaded, engine, settings, metrics, grammars)
 
     @property
+    def vocab_size(self) -> int:
+        return logits_size(self.loaded)
+
+    @property
     def grammar_tokenizer(self) -> object:
         """llguidance's tokenizer (exact token bytes for logprobs), or None."""
         return self.grammars.tokenizer if self.grammars else None
-
-    async def with_grammar(
-        self, params: SamplingParams, json_schema: dict[str, Any] | None, json_object: bool = False
-    ) -> SamplingParams:
-        """params with the schema's grammar compiled (once, whatever the choices; off the event
-        loop and the engine thread, under GRAMMAR_* limits): InvalidInputError if refused."""
-        if json_schema is None and not json_object:
-            return params
-        if self.grammars is None:
-            raise InvalidInputError("structured output is not available for this model")
-        compiled: CompiledGrammar = await self.grammars.compile(json_schema_grammar(json_schema))
-        return replace(params, grammar=compiled)
 
     @property
     def cancel_on_disconnect(self) -> bool:
@@ -202,27 +196,3 @@ class GenerationService:
                 "bytes": self.engine.prefix_cache_bytes,
             },
         }
-
-
-def sampling_params(
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-    stop: list[str],
-    logprobs: int | None = None,
-    prompt_logprobs: int | None = None,
-) -> SamplingParams:
-    """The request's sampling; its grammar, if any, comes from GenerationService.with_grammar."""
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        stop=tuple(stop),
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-    )

@@ -1,4 +1,4 @@
-"""Plumbing shared by /generate and /v1: submit, first-token peek, disconnects, SSE framing."""
+"""Plumbing shared by /generate and /v1 after submit: first-token peek, disconnects, SSE framing."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from fastapi import Request
 
 from batching.errors import EngineError
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
-from batching.generation.sampling import SamplingParams
 from service.errors import ApiError, as_api_error
-from service.generate.service import GenerationService
 
 T = TypeVar("T")
 
@@ -24,26 +22,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connecti
 def sse_event(payload: Any) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
-
-
-async def submit(
-    service: GenerationService,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    request_id: str,
-    priority: int = 0,
-    cache_namespace: str = "",
-) -> GenerationHandle:
-    try:
-        return await service.engine.submit(
-            prompt_ids,
-            params,
-            request_id=request_id,
-            priority=priority,
-            cache_namespace=cache_namespace,
-        )
-    except EngineError as exc:
-        raise as_api_error(exc, request_id) from exc
 
 
 def let_go(handle: GenerationHandle, cancel: bool) -> None:

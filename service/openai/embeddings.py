@@ -64,7 +64,8 @@ class EmbeddingResponse(BaseModel):
 
 
 def model_inputs(body: EmbeddingRequest, settings: Settings) -> list[ModelInput]:
-    """The request's inputs as texts and token-id tuples, within the /predict/batch limits."""
+    """The request's inputs as texts and token-id tuples, within EMBEDDINGS_MAX_INPUTS inputs
+    of at most MAX_INPUT_CHARS characters (or token ids) each."""
     raw = body.input
     inputs: list[ModelInput]
     if isinstance(raw, str):
@@ -76,10 +77,17 @@ def model_inputs(body: EmbeddingRequest, settings: Settings) -> list[ModelInput]
         inputs = [x if isinstance(x, str) else tuple(x) for x in items]
     if not inputs:
         raise OpenAIError("input: an empty list; give at least one input", "input")
-    if len(inputs) > settings.max_batch_texts:
+    # Queued whole or not at all: more than the queue can ever hold could never be served.
+    limit = min(settings.embeddings_max_inputs, settings.predict_max_queue)
+    if len(inputs) > limit:
+        name = (
+            "EMBEDDINGS_MAX_INPUTS"
+            if limit == settings.embeddings_max_inputs
+            else "PREDICT_MAX_QUEUE"
+        )
         raise OpenAIError(
-            f"input: {len(inputs)} items, more than the limit of {settings.max_batch_texts} "
-            "(MAX_BATCH_TEXTS); send them in smaller requests",
+            f"input: {len(inputs)} items, more than the limit of {limit} ({name}); "
+            "send them in smaller requests",
             "input",
         )
     for i, model_input in enumerate(inputs):

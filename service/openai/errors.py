@@ -45,8 +45,8 @@ def openai_error_body(exc: ApiError) -> tuple[int, dict[str, Any]]:
     error_type = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     if isinstance(exc, OpenAIError):
         param, code = exc.param, exc.code
-    else:
-        param, code = None, CODES.get(exc.error_type, exc.error_type)
+    else:  # a FieldError (generate/limits.py) names its field too
+        param, code = getattr(exc, "param", None), CODES.get(exc.error_type, exc.error_type)
     detail = {"message": exc.message, "type": error_type, "param": param, "code": code}
     return status, {"error": detail}
 

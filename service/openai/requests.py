@@ -1,72 +1,58 @@
-"""OpenAI request -> engine input: prompt token ids (chat template or raw prompt) and
-SamplingParams with OpenAI's defaults, refusing what this server cannot honour."""
+"""decode_request for /v1: an OpenAI request -> a GenerationCall (generate/submit.py): prompt
+token ids (chat template, with the tools, or raw prompts), SamplingParams with OpenAI's
+defaults, the JSON the output must be; refusing what this server cannot honour."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+import json
+from typing import Any, cast
 
 from jinja2 import TemplateError
 
 from batching.errors import InvalidInputError
 from batching.generation.sampling import SamplingParams
-from service.generate.service import GenerationService, sampling_params
+from service.generate.grammars import JsonOutput
+from service.generate.limits import FieldError, checked_conversation_size, checked_text
+from service.generate.service import GenerationService
 from service.generate.special_tokens import chat_ids
+from service.generate.submit import GenerationCall
 from service.openai.errors import OpenAIError
-from service.openai.schemas import ChatMessage, SamplingRequest
+from service.openai.schemas import ChatMessage, CompletionRequest, SamplingRequest
 
 
 def reject_unsupported(body: SamplingRequest) -> None:
-    for param, asked in body.unsupported().items():
-        if asked:
-            hint = " (one choice per request)" if param == "n" else ""
-            value = getattr(body, param)
-            raise OpenAIError(f"{param}={value!r} is not supported by this server{hint}", param)
-
-
-def checked_prompt_text(text: str, param: str, service: GenerationService) -> str:
-    limit = service.settings.generate_max_prompt_chars
-    if len(text) > limit:
-        raise OpenAIError(f"{param}: {len(text)} characters, more than the limit of {limit}", param)
-    return text
+    for param, value in body.unsupported().items():
+        raise OpenAIError(f"{param}={value!r} is not supported by this server", param)
 
 
 def checked_conversation(
-    messages: list[ChatMessage], service: GenerationService
-) -> list[dict[str, str]]:
-    """The messages as template input, refused before the template runs if there are too many
-    or too much text: a chat template is a Jinja program whose cost grows with its input."""
-    settings = service.settings
-    if len(messages) > settings.generate_max_messages:
-        raise OpenAIError(
-            f"messages: {len(messages)} messages, more than the limit of "
-            f"{settings.generate_max_messages}",
-            "messages",
-        )
+    messages: list[ChatMessage], tools: list[dict[Any, Any]] | None, service: GenerationService
+) -> list[dict[str, Any]]:
+    """The messages as template input, within the limits (tool definitions count as text)."""
     conversation = [message.for_template() for message in messages]
     chars = sum(len(message["content"]) for message in conversation)
-    if chars > settings.generate_max_prompt_chars:
-        raise OpenAIError(
-            f"messages: {chars} characters of content, more than the limit of "
-            f"{settings.generate_max_prompt_chars}",
-            "messages",
-        )
+    chars += len(json.dumps(tools)) if tools else 0
+    checked_conversation_size(len(messages), chars, service.settings)
     return conversation
 
 
-def chat_prompt_ids(messages: list[ChatMessage], service: GenerationService) -> list[int]:
+def chat_prompt_ids(
+    messages: list[ChatMessage],
+    service: GenerationService,
+    tools: list[dict[Any, Any]] | None = None,
+) -> list[int]:
     tokenizer = service.loaded.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError("the served model has no chat template: use /v1/completions", None)
-    conversation = checked_conversation(messages, service)
+    conversation = checked_conversation(messages, tools, service)
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
+            conversation, tools=cast(Any, tools), add_generation_prompt=True, tokenize=False
         )
     except TemplateError as exc:  # templates raise on conversations they refuse
         raise OpenAIError(f"messages: {exc}", "messages") from exc
     # The template writes any special tokens (BOS, role markers) itself: add none twice.
-    rendered = checked_prompt_text(str(text), "messages", service)
+    rendered = checked_text(str(text), "messages", service.settings)
     contents = [message["content"] for message in conversation]
     allow = service.settings.generate_special_tokens_in_prompts
     try:
@@ -75,89 +61,89 @@ def chat_prompt_ids(messages: list[ChatMessage], service: GenerationService) -> 
         raise OpenAIError(str(exc), "messages") from exc
 
 
-def completion_prompt_ids(
-    prompt: str | list[str] | list[int], service: GenerationService
-) -> list[int]:
+def completion_prompts(body: CompletionRequest, service: GenerationService) -> list[list[int]]:
+    """Each prompt's token ids: a text, a list of texts, a token list, or a list of them.
+    Token ids are the model's own (the engine checks their range)."""
+    prompt = body.prompt
     if isinstance(prompt, str):
-        return service.encode(checked_prompt_text(prompt, "prompt", service))
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return service.encode(checked_prompt_text(prompt[0], "prompt", service))
-    if prompt and all(isinstance(token, int) for token in prompt):
-        return [int(token) for token in prompt]  # token ids; the engine checks the range
-    raise OpenAIError("prompt: one prompt per request (a string or a list of token ids)", "prompt")
+        return [service.encode(checked_text(prompt, "prompt", service.settings))]
+    if not prompt:
+        raise OpenAIError("prompt: an empty list; give at least one prompt", "prompt")
+    if isinstance(prompt[0], int):
+        return [[int(token) for token in cast(list[int], prompt)]]
+    if isinstance(prompt[0], str):
+        texts = cast(list[str], prompt)
+        return [service.encode(checked_text(text, "prompt", service.settings)) for text in texts]
+    return [list(ids) for ids in cast(list[list[int]], prompt)]
 
 
-def checked_max_tokens(
-    body: SamplingRequest, prompt_tokens: int, service: GenerationService, echo: bool = False
-) -> int:
-    limit = service.settings.generate_max_new_tokens
-    param, requested = body.requested_max_tokens()
-    if requested is None:
-        # Like OpenAI: by default, as many as fit (the engine explains a prompt with no room).
-        return max(1, min(limit, service.engine.max_seq_len - prompt_tokens))
-    if requested > limit:
-        raise OpenAIError(f"{param}: {requested} is above the limit of {limit}", param)
-    if requested == 0 and not echo:
-        raise OpenAIError(f"{param}: 0 is only allowed with echo (to score the prompt)", param)
-    return requested
-
-
-def checked_choices(body: SamplingRequest, service: GenerationService) -> int:
-    limit = service.settings.generate_max_choices
-    if body.choices > limit:
-        raise OpenAIError(f"n: {body.choices} is above the limit of {limit}", "n")
-    return body.choices
-
-
-def response_schema(body: SamplingRequest) -> tuple[dict[str, Any] | None, bool]:
-    """(JSON schema, whether any JSON object will do) from a chat request's response_format."""
+def response_output(body: SamplingRequest) -> JsonOutput | None:
+    """The JSON a chat request's response_format asks for, if any."""
     form = getattr(body, "response_format", None)
     if form is None or form.type == "text":
-        return None, False
+        return None
     if form.type == "json_object":
-        return None, True
+        return JsonOutput(None, "response_format")
     if form.json_schema is None or form.json_schema.json_schema is None:
         raise OpenAIError("response_format: json_schema.schema is required", "response_format")
-    return form.json_schema.json_schema, False
+    return JsonOutput(form.json_schema.json_schema, "response_format")
 
 
-def to_sampling_params(
-    body: SamplingRequest, max_tokens: int, prompt_logprobs: int | None = None
+def logit_bias(body: SamplingRequest, service: GenerationService) -> tuple[tuple[int, float], ...]:
+    biases = tuple((int(token), bias) for token, bias in (body.logit_bias or {}).items())
+    vocab = service.vocab_size
+    for token, _ in biases:
+        if token >= vocab:
+            raise FieldError("logit_bias", f"token id {token} is not in [0, {vocab})")
+    return biases
+
+
+def sampling(
+    body: SamplingRequest, service: GenerationService, prompt_logprobs: int | None = None
 ) -> SamplingParams:
+    """OpenAI's defaults: temperature 1, top_p 1 (0 is greedy)."""
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0:  # keeping only the most likely token is greedy decoding
         temperature, top_p = 0.0, 1.0
     try:
-        return sampling_params(
-            max_new_tokens=max_tokens,
+        return SamplingParams(
+            max_new_tokens=1,  # the submit path sets the real one per prompt
             temperature=temperature,
             top_p=top_p,
             top_k=body.top_k or 0,
             seed=body.seed,
-            stop=body.stop_list,
+            stop=tuple(body.stop_list),
+            ignore_eos=bool(body.ignore_eos),
             logprobs=body.top_logprobs_asked(),
             prompt_logprobs=prompt_logprobs,
+            logit_bias=logit_bias(body, service),
+            min_tokens=body.min_tokens or 0,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
         )
     except InvalidInputError as exc:
         raise OpenAIError(str(exc), None) from exc
 
 
-async def with_response_format(
-    body: SamplingRequest, params: SamplingParams, service: GenerationService
-) -> SamplingParams:
-    """params with response_format's grammar, compiled once for all n choices. A schema the
-    compiler refuses (invalid, or over a GRAMMAR_* limit) is a 400 naming response_format."""
-    schema, any_object = response_schema(body)
-    try:
-        return await service.with_grammar(params, schema, any_object)
-    except InvalidInputError as exc:
-        raise OpenAIError(str(exc), "response_format") from exc
-
-
-def choice_params(params: SamplingParams, choices: int) -> list[SamplingParams]:
-    """One SamplingParams per choice: with a seed, choice i draws from seed + i, so the
-    choices differ from each other and each is reproducible."""
-    if params.seed is None:
-        return [params] * choices
-    return [replace(params, seed=params.seed + i) for i in range(choices)]
+def generation_call(
+    body: SamplingRequest,
+    prompts: list[list[int]],
+    service: GenerationService,
+    prompt_param: str,
+    json_output: JsonOutput | None,
+    echo: bool = False,
+) -> GenerationCall:
+    param, max_tokens = body.requested_max_tokens()
+    # Echo with logprobs scores the prompt too (lm-evaluation-harness's loglikelihood).
+    prompt_logprobs = body.top_logprobs_asked() if echo else None
+    return GenerationCall(
+        prompts=prompts,
+        sampling=sampling(body, service, prompt_logprobs),
+        max_new_tokens=max_tokens,
+        json_output=json_output,
+        choices=body.choices,
+        priority=body.priority,
+        allow_zero_tokens=echo,
+        max_tokens_param=param,
+        prompt_param=prompt_param,
+    )

@@ -14,29 +14,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from batching.errors import EngineError
 from batching.generation.handle import GenerationResult
-from service.audit import audit_generations
-from service.deps import (
-    GenerationServiceDep,
-    RuntimeDep,
-    prefix_cache_namespace,
-    resolve_priority,
-)
-from service.errors import as_api_error
+from service.deps import GenerationServiceDep, RuntimeDep
 from service.generate.service import GenerationService
 from service.generate.streaming import SSE_HEADERS, first_delta, wait_all_or_cancel_on_disconnect
-from service.openai.errors import OpenAIError
+from service.generate.submit import GenerationCall, submit_generation
 from service.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from service.openai.requests import (
     chat_prompt_ids,
-    checked_choices,
-    checked_max_tokens,
-    choice_params,
-    completion_prompt_ids,
+    completion_prompts,
+    generation_call,
     reject_unsupported,
-    to_sampling_params,
-    with_response_format,
+    response_output,
 )
 from service.openai.router import v1_router
 from service.openai.schemas import (
@@ -48,9 +37,11 @@ from service.openai.schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    FunctionCall,
     ModelCard,
     ModelList,
     SamplingRequest,
+    ToolCall,
 )
 from service.openai.streams import (
     ChatChunks,
@@ -61,6 +52,8 @@ from service.openai.streams import (
     sse_chunks,
     usage,
 )
+from service.openai.tools.parsers import ToolParser, choose_parser
+from service.openai.tools.plan import ToolPlan, new_call_id, tool_plan
 from service.request_id import request_id_of
 
 router = v1_router()
@@ -68,44 +61,18 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/even
 
 
 async def start(
-    body: SamplingRequest,
-    prompt_ids: list[int],
-    param: str,
-    request: Request,
-    service: GenerationService,
-    id_prefix: str,
-    echo: bool = False,
+    call: GenerationCall, request: Request, service: GenerationService, id_prefix: str
 ) -> Completion:
-    request_id = request_id_of(request)
-    choices = checked_choices(body, service)
-    max_tokens = checked_max_tokens(body, len(prompt_ids), service, echo)
-    # Echo with logprobs scores the prompt too (lm-evaluation-harness's loglikelihood).
-    prompt_logprobs = body.top_logprobs_asked() if echo else None
-    params = await with_response_format(
-        body, to_sampling_params(body, max_tokens, prompt_logprobs), service
-    )
-    try:
-        handles = await service.engine.submit_choices(
-            prompt_ids,
-            choice_params(params, choices),
-            request_id=request_id,
-            priority=resolve_priority(request, service.settings, body.priority),
-            cache_namespace=prefix_cache_namespace(request, service.settings),
-        )
-    except EngineError as exc:
-        error = as_api_error(exc, request_id)
-        if error.status == 422:  # context overflow, a bad token id, a bad grammar
-            code = error.error_type if error.error_type == "context_length_exceeded" else None
-            raise OpenAIError(error.message, param, code) from exc
-        raise error from exc
-    audit_generations(request, handles)
+    """Into the engine through the one submit path; /v1 only decodes and encodes."""
+    groups = await submit_generation(service, request, call)
     return Completion(
-        handles,
-        f"{id_prefix}-{request_id}",
+        [handle for handles in groups for handle in handles],
+        f"{id_prefix}-{request_id_of(request)}",
         service.loaded.name,
         int(time.time()),
         service.cancel_on_disconnect,
         TokenTexts(service.grammar_tokenizer, service.loaded.tokenizer),
+        call.choices,
     )
 
 
@@ -128,25 +95,44 @@ async def list_models(runtime: RuntimeDep) -> ModelList:
     return ModelList(data=[ModelCard(id=model, created=created) for model in served])
 
 
+def tool_parser(service: GenerationService) -> ToolParser:
+    template = getattr(service.loaded.tokenizer, "chat_template", None)
+    return choose_parser(service.settings.generate_tool_parser, str(template or ""))
+
+
+def assistant_message(result: GenerationResult, plan: ToolPlan) -> tuple[AssistantMessage, Any]:
+    """encode_response of one chat choice: its text, or the tool calls it holds."""
+    reason = finish_reason(result)
+    parsed = plan.parse(result.text)
+    if parsed is None:
+        return AssistantMessage(content=result.text), reason
+    calls = [FunctionCall(name=c.name, arguments=c.arguments) for c in parsed.calls]
+    if plan.legacy:
+        return AssistantMessage(content=parsed.content, function_call=calls[0]), "function_call"
+    tool_calls = [ToolCall(id=new_call_id(), function=call) for call in calls]
+    return AssistantMessage(content=parsed.content, tool_calls=tool_calls), "tool_calls"
+
+
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, service: GenerationServiceDep
 ) -> ChatCompletionResponse | StreamingResponse:
     reject_unsupported(body)
-    prompt_ids = chat_prompt_ids(body.messages, service)
-    run = await start(body, prompt_ids, "messages", request, service, "chatcmpl")
+    plan = tool_plan(body, tool_parser(service))
+    prompt_ids = chat_prompt_ids(body.messages, service, plan.for_template())
+    output = plan.json_output() or response_output(body)
+    call = generation_call(body, [prompt_ids], service, "messages", output)
+    run = await start(call, request, service, "chatcmpl")
     if body.stream:
-        return await streamed(run, request, ChatChunks(run.texts), body)
+        return await streamed(run, request, ChatChunks(run.texts, plan), body)
     results = await wait_all_or_cancel_on_disconnect(run.handles, request, run.cancel_on_disconnect)
-    choices = [
-        ChatChoice(
-            index=index,
-            message=AssistantMessage(content=result.text),
-            finish_reason=finish_reason(result),
-            logprobs=chat_logprobs(result.logprobs, run.texts) if body.logprobs else None,
+    choices = []
+    for index, result in enumerate(results):
+        message, reason = assistant_message(result, plan)
+        logprobs = chat_logprobs(result.logprobs, run.texts) if body.logprobs else None
+        choices.append(
+            ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs)
         )
-        for index, result in enumerate(results)
-    ]
     return ChatCompletionResponse(
         id=run.id, created=run.created, model=run.model, choices=choices, usage=usage(results)
     )
@@ -157,40 +143,48 @@ async def completions(
     body: CompletionRequest, request: Request, service: GenerationServiceDep
 ) -> CompletionResponse | StreamingResponse:
     reject_unsupported(body)
-    prompt_ids = completion_prompt_ids(body.prompt, service)
+    prompts = completion_prompts(body, service)
     echo = bool(body.echo)
-    run = await start(body, prompt_ids, "prompt", request, service, "cmpl", echo)
-    echo_text = echoed_text(body.prompt, prompt_ids, service) if echo else None
+    call = generation_call(body, prompts, service, "prompt", None, echo)
+    run = await start(call, request, service, "cmpl")
+    echoes = echoed_texts(body, prompts, service) if echo else None
     if body.stream:
         waits = echo and body.logprobs is not None
-        form = CompletionChunks(run.texts, echo_text, prompt_ids, waits)
+        form = CompletionChunks(run.texts, echoes, prompts, waits, run.choices)
         return await streamed(run, request, form, body)
     results = await wait_all_or_cancel_on_disconnect(run.handles, request, run.cancel_on_disconnect)
-    choices = [
-        CompletionChoice(
-            index=index,
-            text=(echo_text or "") + result.text,
-            finish_reason=finish_reason(result),
-            logprobs=None
-            if body.logprobs is None
-            else result_logprobs(result, run, prompt_ids, echo),
+    choices = []
+    for index, result in enumerate(results):
+        prompt = index // run.choices
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = result_logprobs(result, run, prompts[prompt], echo)
+        choices.append(
+            CompletionChoice(
+                index=index,
+                text=(echoes[prompt] if echoes else "") + result.text,
+                finish_reason=finish_reason(result),
+                logprobs=logprobs,
+            )
         )
-        for index, result in enumerate(results)
-    ]
     return CompletionResponse(
-        id=run.id, created=run.created, model=run.model, choices=choices, usage=usage(results)
+        id=run.id,
+        created=run.created,
+        model=run.model,
+        choices=choices,
+        usage=usage(results, run.choices),
     )
 
 
-def echoed_text(
-    prompt: str | list[str] | list[int], prompt_ids: list[int], service: GenerationService
-) -> str:
-    """The prompt as the client sent it; token ids are decoded."""
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    return str(service.loaded.tokenizer.decode(prompt_ids))
+def echoed_texts(
+    body: CompletionRequest, prompts: list[list[int]], service: GenerationService
+) -> list[str]:
+    """Each prompt as the client sent it; token ids are decoded."""
+    if isinstance(body.prompt, str):
+        return [body.prompt]
+    if isinstance(body.prompt[0], str):
+        return [str(text) for text in body.prompt]
+    return [str(service.loaded.tokenizer.decode(ids)) for ids in prompts]
 
 
 def result_logprobs(

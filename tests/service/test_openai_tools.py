@@ -152,7 +152,7 @@ def test_n_choices_come_back_as_n_choices_streamed_or_not(client):
 
 @pytest.mark.parametrize(
     ("prompt", "needle"),
-    [([], "one prompt per request"), ([5, 10**6], "token ids must be in")],
+    [([], "give at least one prompt"), ([5, 10**6], "token ids must be in")],
     ids=["empty", "out-of-range"],
 )
 def test_bad_prompts_are_bad_requests_and_the_server_goes_on(client, prompt, needle):
