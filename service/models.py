@@ -21,8 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from batching.generation.memory import config_context
-from batching.generation.model_support import UnsupportedModelError, refusal_reason
+from batching.generation.model_support import UnsupportedModelError, config_context, refusal_reason
 from service.model_versions import (
     ModelVersion,
     RevisionMismatchError,

@@ -1,13 +1,25 @@
 """The generation engine: token-level continuous batching over paged KV memory.
 
-Read in this order: engine.py (the loop), scheduler.py (who waits), running_batch.py (what one
-step does, preemption included), placement.py (admitted requests into rows), slots.py (batch
-rows), block_manager.py (which KV blocks each sequence holds; the prefix cache), kv_cache.py
-(where K/V is written and gathered), memory.py (how big the pool is), model_runner.py (the
-forward passes), mixed_attention.py (prefill and decode in one forward), buckets.py,
-decode_buffers.py and cuda_graphs.py (the static decode step), chunk_sizing.py (how much a step
-prefills), choosing.py, sampling.py, logprobs.py, grammar.py (grammar_compiler.py and
-grammar_worker.py compile them off the engine thread), detokenizer.py; request.py,
-handle.py, outbox.py, submission.py and observer.py carry one request's state, results, checks
-and metrics.
+Read in this order. A step is schedule -> run -> postprocess:
+
+* engine.py: the loop, and the one place a step is put together;
+* scheduler.py: who waits, and who is admitted next;
+* running_batch.py: what one step does (prefill, decode or both, preemption included);
+* slots.py: batch rows (who holds which row) and how an admitted request gets one;
+* block_manager.py: which KV blocks each sequence holds, and the prefix cache over them;
+* kv_cache.py: the KV pool: how big it is, where K/V is written and gathered;
+* model_runner.py: the forward passes;
+* static_decode.py: the decode step's buckets, static buffers and CUDA graphs;
+* mixed_attention.py: prefill and decode in one forward;
+* layer_masks.py: a mask per layer kind (full, sliding, chunked);
+* chunk_sizing.py: how much a step may prefill;
+* sampling.py: choosing tokens (SamplingParams, the sampler, logprobs, one step's choice);
+* grammar.py: grammar masks (grammar_compiler.py and grammar_worker.py compile grammars off
+  the engine thread, the worker in a process of its own);
+* detokenizer.py: token ids to final text, stop strings;
+* request.py: one request's state; submission.py: what submit() refuses at once;
+* handle.py: one request's result channel (the caller's handle and the engine's outbox);
+* observer.py: the metric hooks;
+* model_support.py: which models are served, how, and refusals; path_checks.py: warm-up checks
+  of the engine's paths against the model's own forward.
 """

@@ -40,19 +40,18 @@ from batching.generation.chunk_sizing import (
     ChunkLimits,
     measure_chunk_limits,
 )
-from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
-from batching.generation.handle import GenerationHandle, fail_now
+from batching.generation.handle import GenerationHandle, Outbox, fail_now
 from batching.generation.model_runner import ModelRunner, build_paged_cache
 from batching.generation.model_support import check_supported, mixed_steps_unavailable
 from batching.generation.observer import EngineObserver, NoopEngineObserver
-from batching.generation.outbox import Outbox
 from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
 from batching.generation.request import Request
 from batching.generation.running_batch import RunningBatch
 from batching.generation.sampling import SamplingParams
 from batching.generation.scheduler import Scheduler
 from batching.generation.slots import SlotTable
+from batching.generation.static_decode import CudaGraphsMode, CudaGraphsReport
 from batching.generation.submission import SubmissionRules
 from batching.priority import DEFAULT_AGING_S
 

@@ -1,20 +1,29 @@
-"""The caller's side of one generation: an async stream of deltas, then a result.
+"""One request's result channel: the caller's async stream of deltas and result, and the engine's
+outbox that fills it.
 
-The engine thread never touches asyncio objects directly: it hands finished work to the
-handle's event loop with `loop.call_soon_threadsafe(deliver, items)`, one call per engine step
-for all the handles of that loop.
+The engine thread never touches asyncio objects directly. It collects a step's deltas and
+endings in the `Outbox` and hands each event loop one list with
+`loop.call_soon_threadsafe(deliver_all, items)`, one call per engine step for all the handles of
+that loop (crossing threads costs a wake-up of the event loop). The metric hooks for first
+tokens and endings are called in the Outbox too, so they sit next to what they count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from batching.generation.logprobs import TokenLogprob
+from batching.generation.observer import EngineObserver
+from batching.generation.sampling import TokenLogprob
+
+if TYPE_CHECKING:  # request.py imports the handle's types from here
+    from batching.generation.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +175,46 @@ def deliver_all(items: list[tuple[GenerationHandle, StreamItem]]) -> None:
     """Runs on the event loop: hand each item to its handle, in order."""
     for handle, item in items:
         handle.put_nowait(item)
+
+
+class Outbox:
+    """Engine-thread only: collect with token/finish/fail, then flush."""
+
+    def __init__(self, observer: EngineObserver) -> None:
+        self._observer = observer
+        self._items: list[tuple[GenerationHandle, StreamItem]] = []
+
+    def token(self, request: Request, delta: GenerationDelta) -> None:
+        if request.tokens_sampled == 1 and request.first_token_s is not None:
+            self._observer.on_first_token(
+                request.first_token_s - request.arrival_s, request.priority
+            )
+        if delta.text or delta.token_ids or delta.prompt_logprobs:
+            self._items.append((request.handle, delta))
+
+    def finish(self, request: Request, now_s: float) -> None:
+        result = request.result(now_s)
+        self._items.append((request.handle, _Finished(result)))
+        self._observer.on_finish(
+            result.finish_reason,
+            result.prompt_tokens,
+            result.completion_tokens,
+            now_s - request.arrival_s,
+        )
+
+    def fail(self, request: Request, error: BaseException) -> None:
+        self._items.append((request.handle, _Failed(error)))
+        e2e_s = time.perf_counter() - request.arrival_s
+        self._observer.on_finish("error", request.prompt_tokens, len(request.output_ids), e2e_s)
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, StreamItem]]] = {}
+        for handle, item in self._items:
+            by_loop.setdefault(handle.loop, []).append((handle, item))
+        self._items = []
+        for loop, items in by_loop.items():
+            # RuntimeError: that event loop is closed, nobody is left to read these handles.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver_all, items)

@@ -21,15 +21,30 @@ Minimal interface (transformers 5.23): attention layers only call `update()`. Th
 calls `get_seq_length()` only when it is not given `position_ids`, and sizes its masks from
 the cache (`get_mask_sizes`, `get_query_offset`) only when it is not given a 4D mask. The
 runner always passes both, so those methods exist only as a safety net.
+
+How many blocks the pool gets (`kv_cache_blocks`) is sized by memory, not by rows:
+
+* An explicit byte budget (GENERATE_KV_CACHE_BYTES) wins everywhere.
+* On CUDA (vLLM's gpu_memory_utilization idea): `gpu_memory_utilization` of the device's memory,
+  minus what the process holds at the peak of one probe prefill of `probe_tokens` tokens after
+  the weights are loaded (the weights plus the activations of the largest forward the engine
+  runs), goes to the pool.
+* On a CPU: DEFAULT_CPU_KV_CACHE_BYTES. The pool is allocated zeroed, so the operating system
+  backs only the blocks that are written.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from batching.generation.block_manager import SPARE_BLOCK
+from batching.generation.model_support import cache_kv_heads
+
+DEFAULT_CPU_KV_CACHE_BYTES = 256 * 2**20
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
 class PagedKVCache:
@@ -150,3 +165,69 @@ class BlockView:
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self._kv_len - 1
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    itemsize: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token position in every layer."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
+
+
+def kv_shape(model: torch.nn.Module) -> KVShape:
+    config = model.config.get_text_config()  # type: ignore[union-attr, operator]
+    heads = config.num_attention_heads
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    return KVShape(
+        layers=config.num_hidden_layers,
+        kv_heads=cache_kv_heads(config),  # Falcon's new decoder architecture: every head
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        itemsize=embeddings.weight.element_size(),
+    )
+
+
+def kv_cache_blocks(
+    model: torch.nn.Module,
+    block_size: int,
+    *,
+    kv_cache_bytes: int | None = None,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    probe_tokens: int = 2048,
+) -> int:
+    """Blocks of `block_size` positions that fit the budget (at least 1)."""
+    budget = kv_cache_bytes
+    if budget is None:
+        device = model.get_input_embeddings().weight.device  # type: ignore[operator]
+        if device.type == "cuda":
+            budget = _cuda_budget(model, device, gpu_memory_utilization, probe_tokens)
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+    per_block = kv_shape(model).bytes_per_token * block_size
+    # One block more is allocated: the spare block padded rows write to.
+    blocks = budget // per_block - 1
+    if blocks < 1:
+        raise ValueError(
+            f"a KV budget of {budget} bytes holds no block of {block_size} tokens "
+            f"({per_block} bytes each)"
+        )
+    return blocks
+
+
+def _cuda_budget(
+    model: torch.nn.Module, device: torch.device, utilization: float, probe_tokens: int
+) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        ids = torch.zeros((1, probe_tokens), dtype=torch.int64, device=device)
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    _, total = torch.cuda.mem_get_info(device)
+    return max(0, int(total * utilization) - peak)

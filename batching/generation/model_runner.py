@@ -22,33 +22,33 @@ extra per new decode shape, 135 ms vs 17 ms per new prefill shape), so a server 
 off once at start-up: `torch.backends.cuda.enable_cudnn_sdp(False)` (flash and mem-efficient
 attention have no such cost).
 
-The decode step runs at a few bucketed shapes over static buffers (buckets.py,
-decode_buffers.py): the same code on every device, replayed from CUDA graphs where they were
-captured at warm-up (cuda_graphs.py), run eagerly otherwise. Prefill and mixed steps stay
-eager.
+The decode step runs at a few bucketed shapes over static buffers (static_decode.py): the
+same code on every device, replayed from CUDA graphs where they were captured at warm-up, run
+eagerly otherwise. Prefill and mixed steps stay eager.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
 
 import torch
 
-from batching.generation.buckets import batch_buckets, decode_kv_buckets, pad_to_bucket
-from batching.generation.cuda_graphs import (
-    CudaGraphsMode,
-    CudaGraphsReport,
-    DecodeGraphs,
-    DecodeShape,
-    unavailable_reason,
-)
-from batching.generation.decode_buffers import DecodeBuffers
-from batching.generation.kv_cache import PagedKVCache, pool_rows
+from batching.generation.kv_cache import PagedKVCache, kv_shape, pool_rows
 from batching.generation.layer_masks import LayerMasks, Masks
 from batching.generation.mixed_attention import MixedLayout, PrefillSegment, install
-from batching.generation.model_support import cache_kv_heads, check_supported
+from batching.generation.model_support import check_supported
+from batching.generation.static_decode import (
+    CudaGraphsMode,
+    CudaGraphsReport,
+    DecodeBuffers,
+    DecodeGraphs,
+    DecodeShape,
+    batch_buckets,
+    decode_kv_buckets,
+    pad_to_bucket,
+    unavailable_reason,
+)
 
 
 class ModelRunner:
@@ -359,29 +359,4 @@ def build_paged_cache(
         max_seq_len=max_seq_len,
         dtype=embeddings.weight.dtype,
         device=embeddings.weight.device,
-    )
-
-
-@dataclass(frozen=True)
-class KVShape:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    itemsize: int
-
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V of one token position in every layer."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
-
-
-def kv_shape(model: torch.nn.Module) -> KVShape:
-    config = model.config.get_text_config()  # type: ignore[union-attr, operator]
-    heads = config.num_attention_heads
-    embeddings = model.get_input_embeddings()  # type: ignore[operator]
-    return KVShape(
-        layers=config.num_hidden_layers,
-        kv_heads=cache_kv_heads(config),  # Falcon's new decoder architecture: every head
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        itemsize=embeddings.weight.element_size(),
     )

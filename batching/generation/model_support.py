@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 CHUNKED = "chunked_attention"
@@ -245,3 +247,16 @@ def mixed_steps_unavailable(model: Any) -> str | None:
 def _architecture(config: Any) -> str:
     architectures = getattr(config, "architectures", None) or []
     return str(architectures[0]) if architectures else str(getattr(config, "model_type", "?"))
+
+
+def model_context(model: torch.nn.Module) -> int:
+    """The longest sequence the model supports: its position embeddings. A sliding window
+    does not shorten it: the runner masks each layer type itself (layer_masks.py), so a
+    sliding-window model serves its full context."""
+    return config_context(model.config)
+
+
+def config_context(config: Any) -> int:
+    """model_context from the config alone (to refuse a model before its weights load)."""
+    text = config.get_text_config()
+    return int(getattr(text, "max_position_embeddings", None) or 2048)

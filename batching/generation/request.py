@@ -17,8 +17,7 @@ from batching.generation.handle import (
     GenerationResult,
     GenerationTimings,
 )
-from batching.generation.logprobs import TokenLogprob
-from batching.generation.sampling import SamplingParams, make_generator
+from batching.generation.sampling import SamplingParams, TokenLogprob, make_generator
 
 
 class Request:

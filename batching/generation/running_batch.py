@@ -45,17 +45,14 @@ import torch
 
 from batching.errors import EngineError, InvalidInputError, QueueTimeoutError
 from batching.generation.block_manager import BlockManager
-from batching.generation.choosing import choose_tokens, record_prompt_logprobs
 from batching.generation.chunk_sizing import ChunkLimits
 from batching.generation.detokenizer import Tokenizer
-from batching.generation.handle import GenerationDelta
-from batching.generation.logprobs import TokenLogprob
+from batching.generation.handle import GenerationDelta, Outbox
 from batching.generation.model_runner import ModelRunner
 from batching.generation.observer import EngineObserver
-from batching.generation.outbox import Outbox
-from batching.generation.placement import Placement, model_error
 from batching.generation.request import Request
-from batching.generation.slots import SlotTable
+from batching.generation.sampling import TokenLogprob, choose_tokens, record_prompt_logprobs
+from batching.generation.slots import Placement, SlotTable, model_error
 
 logger = logging.getLogger(__name__)
 

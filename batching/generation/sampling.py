@@ -1,26 +1,42 @@
-"""How the next token is chosen: `SamplingParams` per request, and one batched sampling call.
+"""Choosing each row's next token: SamplingParams, the batched sampler, logprobs, one step.
 
-Greedy rows (temperature 0) take the argmax. Sampled rows apply temperature, then top-k, then
-top-p (both over one sort of the row), and draw with their own `torch.Generator`: a request's
-random stream is never shared with its batch neighbours, so a seeded request yields the same
-tokens whatever else is running.
+Read top to bottom:
+
+* `SamplingParams` says what one request asks of the sampler and of the stopping rules.
+* `sample_next_tokens`: greedy rows (temperature 0) take the argmax. Sampled rows apply
+  temperature, then top-k, then top-p (both over one sort of the row), and draw with their own
+  `torch.Generator`: a request's random stream is never shared with its batch neighbours, so a
+  seeded request yields the same tokens whatever else is running.
+* Logprobs, for the requests that ask (sampled tokens and prompt tokens): they come from the
+  raw model logits of the step, log-softmaxed over the whole vocabulary, before temperature,
+  top-k, top-p or a grammar mask, as vLLM reports them by default. So a logprob says how likely
+  the *model* found the token, whatever the sampler then did. Only the rows that asked are
+  computed, so nobody else pays for them.
+* `choose_tokens`, one step's token for each row: logit bias and min_tokens, grammar masks,
+  then sampling, and the logprobs rows asked for. Rows that only ride along in a decode step
+  (still prefilling, or waiting to copy their leader's prompt) get an ignored greedy token: no
+  mask, and no random number drawn from their stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from batching.errors import InvalidInputError
-from batching.generation.grammar import CompiledGrammar
-from batching.generation.logprobs import MAX_TOP_LOGPROBS
+from batching.generation.grammar import CompiledGrammar, apply_grammars
+
+if TYPE_CHECKING:  # request.py imports SamplingParams from here
+    from batching.generation.request import Request
 
 # Temperatures below this are greedy: dividing logits by a tiny (or subnormal) temperature
 # overflows them to inf, and softmax of inf - inf is NaN, i.e. garbage tokens. Greedy decoding
 # is what such a temperature means anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -151,3 +167,111 @@ def _keep_top_p(sorted_logits: torch.Tensor, top_ps: list[float]) -> torch.Tenso
     # A token is dropped when the tokens ranked above it already reach p; the top one never is.
     mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
     return sorted_logits.masked_fill(mass_above >= ps[:, None], float("-inf"))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the `k` most likely tokens, most likely first
+
+
+def chosen_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]
+) -> list[TokenLogprob]:
+    """logits [R, V] (raw), the token chosen for each row, and how many alternatives each
+    row wants -> one TokenLogprob per row."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    index = torch.tensor(list(tokens), device=logits.device)[:, None]  # [R, 1]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()  # [R]
+    return _with_tops(logprobs, list(tokens), chosen, tops)
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, next_tokens: Sequence[int], top: int
+) -> list[TokenLogprob]:
+    """One row's logits [q, V] at q prompt positions, and the prompt token that follows each
+    position -> how likely each of those tokens was (computed in slices: V can be 150k)."""
+    results: list[TokenLogprob] = []
+    for start in range(0, len(next_tokens), PROMPT_SLICE):
+        part = torch.log_softmax(logits[start : start + PROMPT_SLICE].float(), dim=-1)
+        tokens = list(next_tokens[start : start + PROMPT_SLICE])
+        index = torch.tensor(tokens, device=logits.device)[:, None]
+        chosen = part.gather(1, index)[:, 0].tolist()
+        results += _with_tops(part, tokens, chosen, [top] * len(tokens))
+    return results
+
+
+PROMPT_SLICE = 64  # prompt positions log-softmaxed at once: [64, V] float32 at a time
+
+
+def _with_tops(
+    logprobs: torch.Tensor, tokens: list[int], chosen: list[float], tops: Sequence[int]
+) -> list[TokenLogprob]:
+    k = max(tops, default=0)
+    if k == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(tokens, chosen, strict=True)]
+    values, ids = logprobs.topk(k, dim=-1)  # [R, k] each
+    rows = zip(tokens, chosen, values.tolist(), ids.tolist(), tops, strict=True)
+    return [TokenLogprob(t, lp, tuple(zip(i[:n], v[:n], strict=True))) for t, lp, v, i, n in rows]
+
+
+_IGNORED = SamplingParams(max_new_tokens=1)  # greedy: draws no random number
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    requests: list[Request],
+    riders: frozenset[int] = frozenset(),
+    eos_token_ids: frozenset[int] = frozenset(),
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [R, V], one row per request (masked in place: pass a copy you can spare)."""
+    if not requests:
+        return [], []
+    asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None and i not in riders]
+    raw = logits[asked] if asked else None  # a copy, before any bias or grammar mask
+    adjust_logits(logits, requests, riders, eos_token_ids)
+    apply_grammars(logits, [None if i in riders else r.matcher for i, r in enumerate(requests)])
+    params = [_IGNORED if i in riders else r.params for i, r in enumerate(requests)]
+    generators = [None if i in riders else r.generator for i, r in enumerate(requests)]
+    tokens = sample_next_tokens(logits, params, generators)
+    logprobs: list[TokenLogprob | None] = [None] * len(requests)
+    if raw is not None:
+        tops = [requests[i].params.logprobs or 0 for i in asked]
+        chosen = chosen_logprobs(raw, [tokens[i] for i in asked], tops)
+        for i, logprob in zip(asked, chosen, strict=True):
+            logprobs[i] = logprob
+    return tokens, logprobs
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    requests: list[Request],
+    riders: frozenset[int],
+    eos_token_ids: frozenset[int],
+) -> None:
+    """Per row, in place: its logit_bias added, and before min_tokens its ending tokens (EOS
+    unless ignored, stop_token_ids) made impossible. logits: [R, V]. Rows asking neither
+    cost nothing."""
+    vocab = logits.shape[-1]
+    for i, request in enumerate(requests):
+        params = request.params
+        if i in riders or not (params.logit_bias or params.min_tokens):
+            continue
+        biased = [(t, b) for t, b in params.logit_bias if t < vocab]
+        if biased:
+            ids = torch.tensor([t for t, _ in biased], device=logits.device)  # [K]
+            biases = torch.tensor([b for _, b in biased], device=logits.device)  # [K]
+            logits[i, ids] += biases.to(logits.dtype)
+        if len(request.output_ids) < params.min_tokens:
+            ending = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
+            banned = [t for t in ending if t < vocab]
+            if banned:
+                logits[i, banned] = -torch.inf
+
+
+def record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:
+    """logits [q, V] at prompt positions start..: each predicts the next prompt token."""
+    following = request.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+    top = request.params.prompt_logprobs or 0
+    request.prompt_logprobs += prompt_logprobs(logits[: len(following)], following, top)

@@ -11,7 +11,8 @@ from typing import Any, cast
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
 from batching.generation.grammar_compiler import GrammarCompiler, GrammarLimits
-from batching.generation.memory import kv_cache_blocks, model_context
+from batching.generation.kv_cache import kv_cache_blocks
+from batching.generation.model_support import model_context
 from service.generate.special_tokens import prompt_ids
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel, attn_implementation_of

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from batching.generation.logprobs import TokenLogprob
+from batching.generation.sampling import TokenLogprob
 from service.openai.schemas import (
     ChatLogprobs,
     CompletionLogprobs,

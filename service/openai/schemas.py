@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from batching.generation.logprobs import MAX_TOP_LOGPROBS
+from batching.generation.sampling import MAX_TOP_LOGPROBS
 from service.openai.tools.schemas import (
     FunctionCall,
     FunctionDefinition,

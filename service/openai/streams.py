@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from batching.generation.handle import GenerationDelta, GenerationHandle, GenerationResult
-from batching.generation.logprobs import TokenLogprob
+from batching.generation.sampling import TokenLogprob
 from service.errors import ApiError, as_api_error
 from service.generate.streaming import sse_event, stream_deltas
 from service.openai.errors import openai_error_body

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batching.generation.buckets import (
+from batching.generation.static_decode import (
     batch_buckets,
     decode_kv_buckets,
     eager_kv_buckets,

@@ -15,13 +15,13 @@ import torch
 from transformers import LlamaForCausalLM
 
 from batching.generation import model_runner
-from batching.generation.cuda_graphs import DecodeShape
 from batching.generation.model_runner import ModelRunner
 from batching.generation.sampling import SamplingParams
+from batching.generation.static_decode import DecodeShape
 from tests.batching.conftest import TEST_DEVICE, EngineFactory, paged_runner, row_tables
 from tests.batching.test_engine_matches_generate import reference
 
-GRAPHS_LOGGER = "batching.generation.cuda_graphs"
+GRAPHS_LOGGER = "batching.generation.static_decode"
 on_cpu_only = pytest.mark.skipif(TEST_DEVICE.type == "cuda", reason="about machines without CUDA")
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM
 
-from batching.generation.decode_buffers import DecodeBuffers
 from batching.generation.layer_masks import LayerMasks
 from batching.generation.model_runner import ModelRunner
 from batching.generation.model_support import FULL, AttentionPattern
+from batching.generation.static_decode import DecodeBuffers
 from tests.batching.conftest import TEST_DTYPE, VOCAB_SIZE, paged_runner, row_tables
 
 PROMPTS = [[5, 9, 11], [7] * 9, [12, 40, 3, 3, 90], [100], [33, 34, 35, 36, 37, 38, 39]]

@@ -14,7 +14,7 @@ from service.settings import Settings
 
 from .inprocess import wait_ready
 
-GRAPHS_LOGGER = "batching.generation.cuda_graphs"
+GRAPHS_LOGGER = "batching.generation.static_decode"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="about a machine without CUDA")
