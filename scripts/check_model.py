@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: service/, batching/
 
+from batching.generation.config import EngineConfig
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
 from batching.generation.model_support import UnsupportedModelError
@@ -71,12 +72,14 @@ def make_engine(loaded: LoadedModel, max_seq_len: int) -> GenerationEngine:
     engine = GenerationEngine(
         loaded.model,
         cast(Tokenizer, loaded.tokenizer),
-        eos_token_ids=eos_token_ids(loaded),
-        num_slots=SLOTS,
-        max_seq_len=max_seq_len,
-        max_queue=64,
-        timeout_s=600.0,
-        prefill_chunk_tokens=CHUNK_TOKENS,
+        EngineConfig(
+            eos_token_ids=tuple(eos_token_ids(loaded)),
+            num_slots=SLOTS,
+            max_seq_len=max_seq_len,
+            max_queue=64,
+            timeout_s=600.0,
+            prefill_chunk_tokens=CHUNK_TOKENS,
+        ),
     )
     engine.warm_up()  # the path checks: UnsupportedModelError if a path differs
     return engine

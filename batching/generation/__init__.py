@@ -2,6 +2,7 @@
 
 Read in this order. A step is schedule -> run -> postprocess:
 
+* config.py: EngineConfig, every setting of the engine (built from Settings by the service);
 * engine.py: the loop, and the one place a step is put together;
 * scheduler.py: who waits, and who is admitted next;
 * running_batch.py: what one step does (prefill, decode or both, preemption included);

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -36,10 +36,10 @@ from batching.errors import (
 )
 from batching.generation.block_manager import BlockManager
 from batching.generation.chunk_sizing import (
-    DEFAULT_MAX_STALL_STEPS,
     ChunkLimits,
     measure_chunk_limits,
 )
+from batching.generation.config import DEFAULT_PREFILL_CHUNK_TOKENS, EngineConfig
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle, Outbox, fail_now
 from batching.generation.model_runner import ModelRunner, build_paged_cache
@@ -51,17 +51,11 @@ from batching.generation.running_batch import RunningBatch
 from batching.generation.sampling import SamplingParams
 from batching.generation.scheduler import Scheduler
 from batching.generation.slots import SlotTable
-from batching.generation.static_decode import CudaGraphsMode, CudaGraphsReport
+from batching.generation.static_decode import CudaGraphsReport
 from batching.generation.submission import SubmissionRules
-from batching.priority import DEFAULT_AGING_S
 
 logger = logging.getLogger(__name__)
 
-# Prompt tokens prefilled per step while other rows decode (GENERATE_PREFILL_CHUNK_TOKENS).
-# A prefill runs before that step's decode, so every running stream waits for it: this bounds
-# that pause, while a burst of short prompts still shares one forward. See BENCHMARKS.md.
-DEFAULT_PREFILL_CHUNK_TOKENS = 256
-DEFAULT_KV_BLOCK_SIZE = 16  # token positions per KV block (vLLM's default)
 STOP_JOIN_GRACE_S = 5.0  # stop() waits this long beyond the drain timeout for the thread
 
 
@@ -79,66 +73,51 @@ class KVCacheBlocks:
 
 
 class GenerationEngine:
-    """Continuous batching over a pool of KV blocks, on one engine thread.
-
-    `num_slots` rows are decoded together at most; `kv_cache_blocks` blocks of `kv_block_size`
-    positions hold the K/V of every sequence (None: enough for num_slots sequences of
-    max_seq_len, the memory a slot per row used to take). max_seq_len is capped by the pool.
-    `prefix_cache_tokens` > 0 turns the prefix cache on (its blocks live in free pool memory).
-    """
+    """Continuous batching over a pool of KV blocks, on one engine thread, as `config` says
+    (config.py); `self.config` is what it runs with (max_seq_len capped by the pool)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         tokenizer: Tokenizer,
+        config: EngineConfig,
         *,
-        eos_token_ids: Sequence[int],
-        num_slots: int,
-        max_seq_len: int,
-        max_queue: int,
-        timeout_s: float,
-        # "auto": measured at warm-up against max_stall_steps; a number: for every case
-        prefill_chunk_tokens: int | Literal["auto"] | ChunkLimits = DEFAULT_PREFILL_CHUNK_TOKENS,
-        max_stall_steps: float = DEFAULT_MAX_STALL_STEPS,  # GENERATE_MAX_STALL_STEPS
-        mixed_steps: bool = True,  # prefill inside the decode forward (mixed_attention.py)
-        prefix_cache_tokens: int = 0,
-        kv_block_size: int = DEFAULT_KV_BLOCK_SIZE,
-        kv_cache_blocks: int | None = None,
         observer: EngineObserver | None = None,
-        special_tokens: Sequence[str] = (),
-        cuda_graphs: CudaGraphsMode = "auto",
-        kv_bucket_min: int | None = None,  # None: see buckets.decode_kv_buckets
         grammar_tokenizer: object = None,  # grammar.grammar_tokenizer(); None: no grammars
-        priority_aging_s: float = DEFAULT_AGING_S,
     ) -> None:
         # A private copy: a fast tokenizer is one Rust object, and transformers' encode() takes
         # a mutable borrow of it (truncation/padding state), so a decode here racing an encode
         # on the event loop can fail with "RuntimeError: Already borrowed"
         # (huggingface/transformers#47085, vllm-project/vllm#40949). Only this thread uses it.
         engine_tokenizer = copy.deepcopy(tokenizer)
-        if kv_block_size < 1:
-            raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
-        blocks = kv_cache_blocks or num_slots * -(-max_seq_len // kv_block_size)
-        max_seq_len = min(max_seq_len, blocks * kv_block_size)
+        block_size = config.kv_block_size
+        blocks = config.kv_cache_blocks or config.num_slots * -(-config.max_seq_len // block_size)
+        max_seq_len = min(config.max_seq_len, blocks * block_size)
         check_supported(model, max_seq_len)  # UnsupportedModelError before any memory is taken
-        self._blocks = BlockManager(blocks, kv_block_size, prefix_caching=prefix_cache_tokens > 0)
+        prefix_caching = config.prefix_cache_tokens > 0
+        self._blocks = BlockManager(blocks, block_size, prefix_caching=prefix_caching)
         self._runner = ModelRunner(
             model,
-            build_paged_cache(model, blocks, kv_block_size, max_seq_len),
-            max_rows=num_slots,
-            cuda_graphs=cuda_graphs,
-            kv_bucket_min=kv_bucket_min,
+            build_paged_cache(model, blocks, block_size, max_seq_len),
+            max_rows=config.num_slots,
+            cuda_graphs=config.cuda_graphs,
+            kv_bucket_min=config.kv_bucket_min,
         )
+        mixed_steps = config.mixed_steps
         self._mixed_off_reason = mixed_steps_unavailable(model) if mixed_steps else None
         if self._mixed_off_reason is not None:
             logger.warning("mixed steps are off: %s", self._mixed_off_reason)
             mixed_steps = False
+        # What the engine runs with: max_seq_len capped by the pool, mixed steps where possible.
+        self.config = replace(config, max_seq_len=max_seq_len, mixed_steps=mixed_steps)
         logger.info("attention layers: %s", self._runner.masks.pattern.describe())
 
-        self._slots: SlotTable[Request] = SlotTable(num_slots, max_seq_len)
+        self._slots: SlotTable[Request] = SlotTable(config.num_slots, max_seq_len)
         vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
         self._rules = SubmissionRules(self._slots, vocab_size, grammar_tokenizer)
-        self._scheduler: Scheduler[Request] = Scheduler(max_queue, timeout_s, priority_aging_s)
+        self._scheduler: Scheduler[Request] = Scheduler(
+            config.max_queue, config.timeout_s, config.priority_aging_s
+        )
         self._evicted: list[Request] = []  # refused from a full queue for a more urgent one
         self._observer: EngineObserver = observer or NoopEngineObserver()
         self._outbox = Outbox(self._observer)
@@ -147,19 +126,14 @@ class GenerationEngine:
             self._slots,
             self._outbox,
             self._observer,
+            self.config,
             tokenizer=engine_tokenizer,
-            special_tokens=tuple(special_tokens),  # their text never reaches a client
             grammar_tokenizer=grammar_tokenizer,
-            eos_token_ids=frozenset(eos_token_ids),
-            chunk_limits=_initial_limits(prefill_chunk_tokens),
-            mixed_steps=mixed_steps,
+            chunk_limits=_initial_limits(config.prefill_chunk_tokens),
             blocks=self._blocks,
-            timeout_s=timeout_s,
         )
-        if max_stall_steps < 1:
-            raise ValueError("max_stall_steps must be >= 1 (a decode step at least)")
-        self._measure_chunk = prefill_chunk_tokens == "auto"  # by warm_up()
-        self._max_stall_steps = max_stall_steps
+        self._measure_chunk = config.prefill_chunk_tokens == "auto"  # by warm_up()
+        self._max_stall_steps = config.max_stall_steps
         self._cond = threading.Condition()  # guards the scheduler and the flags below
         self._thread: threading.Thread | None = None
         self._accepting = False

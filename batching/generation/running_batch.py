@@ -46,6 +46,7 @@ import torch
 from batching.errors import EngineError, InvalidInputError, QueueTimeoutError
 from batching.generation.block_manager import BlockManager
 from batching.generation.chunk_sizing import ChunkLimits
+from batching.generation.config import EngineConfig
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationDelta, Outbox
 from batching.generation.model_runner import ModelRunner
@@ -82,15 +83,12 @@ class RunningBatch:
         slots: SlotTable[Request],
         outbox: Outbox,
         observer: EngineObserver,
+        config: EngineConfig,
         *,
         tokenizer: Tokenizer,
-        special_tokens: tuple[str, ...],
         grammar_tokenizer: object = None,
-        eos_token_ids: frozenset[int],
         chunk_limits: ChunkLimits,
-        mixed_steps: bool,
         blocks: BlockManager,
-        timeout_s: float,
     ) -> None:
         if min(*chunk_limits.chunks, *chunk_limits.busy_chunks, chunk_limits.admit_tokens) < 1:
             raise ValueError("chunk limits must be >= 1")
@@ -98,10 +96,10 @@ class RunningBatch:
         self._slots = slots
         self._outbox = outbox
         self._observer = observer
-        self._eos_token_ids = eos_token_ids
+        self._eos_token_ids = frozenset(config.eos_token_ids)
         self.chunk_limits = chunk_limits
-        self.mixed_steps = mixed_steps
-        self._timeout_s = timeout_s
+        self.mixed_steps = config.mixed_steps  # warm_up() may turn it off
+        self._timeout_s = config.timeout_s
         self._step_s: float | None = None  # recent engine step time (moving average)
         self.blocks = blocks
         self.preempted: list[Request] = []  # back to the queue (the engine requeues them)
@@ -111,8 +109,8 @@ class RunningBatch:
             outbox,
             observer,
             self.release,
+            config,
             tokenizer=tokenizer,
-            special_tokens=special_tokens,
             grammar_tokenizer=grammar_tokenizer,
             blocks=blocks,
         )

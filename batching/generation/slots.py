@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 
 from batching.errors import EngineError, ModelExecutionError
 from batching.generation.block_manager import BlockManager
+from batching.generation.config import EngineConfig
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import Outbox
 from batching.generation.observer import EngineObserver
@@ -87,9 +88,9 @@ class Placement:
         outbox: Outbox,
         observer: EngineObserver,
         release: Callable[[Request], None],
+        config: EngineConfig,
         *,
         tokenizer: Tokenizer,
-        special_tokens: tuple[str, ...],
         grammar_tokenizer: object,
         blocks: BlockManager,
     ) -> None:
@@ -98,7 +99,7 @@ class Placement:
         self._observer = observer
         self._release = release
         self._tokenizer = tokenizer  # the engine thread's own copy
-        self._special_tokens = special_tokens
+        self._special_tokens = config.special_tokens  # their text never reaches a client
         self._grammar_tokenizer = grammar_tokenizer
         self._blocks = blocks
 

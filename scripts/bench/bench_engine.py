@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import logging
 import statistics
@@ -37,6 +36,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
 
+from engine_settings import accepted_settings, build_engine
 from tiny_models import DecoderFamily, decoder_config
 
 import batching
@@ -182,7 +182,7 @@ def engine_options(
 ) -> dict[str, Any]:
     """Options this checkout's engine accepts (an older one, for --before-dir, has fewer; the
     prefill budget was `prefill_token_budget` before chunked prefill)."""
-    accepted = inspect.signature(GenerationEngine).parameters
+    accepted = accepted_settings()
     options = {
         "cuda_graphs": cuda_graphs,
         "kv_bucket_min": kv_bucket_min,
@@ -202,7 +202,7 @@ async def run_engine(
     clock = StepClock()
 
     def make_engine() -> GenerationEngine:
-        engine = GenerationEngine(
+        engine = build_engine(
             model, _NoText(), eos_token_ids=[], num_slots=len(batch),
             max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch),
             timeout_s=600.0, observer=clock,

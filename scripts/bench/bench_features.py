@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
 
 import torch
+from engine_settings import build_engine
 from make_bench_models import build_bench_models, generate_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +56,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(paths["llm"]).eval()
     vocab = model.get_output_embeddings().out_features
     grammars = grammar_tokenizer(tokenizer, vocab, [tokenizer.pad_token_id])
-    engine = GenerationEngine(
+    engine = build_engine(
         model, tokenizer, eos_token_ids=[], num_slots=args.streams, max_seq_len=256,
         max_queue=args.streams, timeout_s=600.0, grammar_tokenizer=grammars,
     )  # fmt: skip

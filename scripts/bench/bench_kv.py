@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import os
 import random
@@ -36,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_engine's shapes and build()
 
 from bench_engine import SHAPES, _NoText, build, kv_bytes_per_token, on_fresh_thread
+from engine_settings import accepted_settings, build_engine
 
 TODAY_SLOTS, TODAY_MAX_SEQ_LEN = 16, 512  # the defaults before paged memory
 
@@ -74,13 +74,12 @@ class Recorder:
 
 
 async def serve(args: argparse.Namespace) -> dict[str, Any]:
-    from batching.generation.engine import GenerationEngine
     from batching.generation.sampling import SamplingParams
 
     model = build(args.shape, args.dtype, torch.device(args.device), Path("/tmp"))
     per_token = kv_bytes_per_token(model)
     kv_bytes = (TODAY_SLOTS + 1) * TODAY_MAX_SEQ_LEN * per_token
-    paged = "kv_cache_blocks" in inspect.signature(GenerationEngine).parameters
+    paged = "kv_cache_blocks" in accepted_settings()
     options: dict[str, Any] = {}
     if paged:
         rows = args.rows
@@ -92,7 +91,7 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     vocab = model.get_input_embeddings().num_embeddings
 
     def make() -> Any:
-        engine = GenerationEngine(
+        engine = build_engine(
             model, _NoText(), eos_token_ids=[], num_slots=rows, max_seq_len=args.max_seq_len,
             max_queue=args.requests, timeout_s=3600.0, observer=recorder, **options,
         )  # fmt: skip

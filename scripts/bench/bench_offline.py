@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 from bench_load import Sample, summarize
+from engine_settings import build_engine
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -175,7 +176,7 @@ def _build_engine(path: str, prompts: list[str], new_tokens: int) -> Any:
     model, tokenizer = load_llm(path)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     max_seq_len = max(len(ids) for ids in prompt_ids) + new_tokens
-    engine = GenerationEngine(
+    engine = build_engine(
         model, tokenizer, eos_token_ids=[], num_slots=len(prompts), max_seq_len=max_seq_len,
         max_queue=len(prompts), timeout_s=600.0,
     )  # fmt: skip

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared
 
 import bench_load as load
 import bench_servers as servers
+from engine_settings import build_engine
 from harness import HttpServer
 from make_bench_models import VOCAB_SIZE, build_bench_models
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -168,7 +169,7 @@ def engines(model_dir: str, configs: dict[str, dict[str, Any]]) -> dict[str, Gen
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     built = {}
     for name, options in configs.items():
-        engine = GenerationEngine(
+        engine = build_engine(
             model, tokenizer, eos_token_ids=[], num_slots=LONG["slots"],
             max_seq_len=LONG["max_seq_len"], max_queue=64,
             timeout_s=300.0, **options,

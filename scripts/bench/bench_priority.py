@@ -30,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: shared helpers
 
 import torch
+from engine_settings import build_engine
 from make_bench_models import build_bench_models, generate_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,7 +81,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     paths = build_bench_models(args.models_dir)
     tokenizer = AutoTokenizer.from_pretrained(paths["llm"])
     model = AutoModelForCausalLM.from_pretrained(paths["llm"]).eval()
-    engine = GenerationEngine(
+    engine = build_engine(
         model, tokenizer, eos_token_ids=[], num_slots=args.slots, max_seq_len=256,
         max_queue=args.slots + args.batch_backlog + 64, timeout_s=600.0,
     )  # fmt: skip

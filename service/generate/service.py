@@ -8,6 +8,7 @@ from copy import copy
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
+from batching.generation.config import EngineConfig
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
 from batching.generation.grammar_compiler import GrammarCompiler, GrammarLimits
@@ -96,27 +97,30 @@ class GenerationService:
             kv_cache_bytes=settings.generate_kv_cache_bytes,
             gpu_memory_utilization=settings.generate_gpu_memory_utilization,
         )
+        config = EngineConfig(
+            num_slots=settings.generate_slots,
+            max_seq_len=settings.generate_max_seq_len or model_context(loaded.model),
+            max_queue=settings.generate_max_queue,
+            timeout_s=settings.request_timeout_s,
+            eos_token_ids=tuple(eos_token_ids(loaded)),
+            special_tokens=tuple(special_token_strings(loaded)),
+            prefill_chunk_tokens=settings.generate_prefill_chunk_tokens,
+            max_stall_steps=settings.generate_max_stall_steps,
+            mixed_steps=settings.generate_mixed_steps,
+            prefix_cache_tokens=settings.generate_prefix_cache_tokens,
+            kv_block_size=settings.generate_kv_block_size,
+            kv_cache_blocks=blocks,
+            cuda_graphs=settings.generate_cuda_graphs,
+            priority_aging_s=settings.priority_aging_s,
+        )
         engine = GenerationEngine(
             loaded.model,
             # HF's decode() is typed for batches too (str | list[str]); given one id list it
             # returns one str, which is all the engine's Tokenizer protocol asks for.
             cast(Tokenizer, loaded.tokenizer),
-            eos_token_ids=eos_token_ids(loaded),
-            num_slots=settings.generate_slots,
-            max_seq_len=settings.generate_max_seq_len or model_context(loaded.model),
-            kv_block_size=settings.generate_kv_block_size,
-            kv_cache_blocks=blocks,
-            max_queue=settings.generate_max_queue,
-            timeout_s=settings.request_timeout_s,
+            config,
             observer=metrics,
-            special_tokens=special_token_strings(loaded),
-            cuda_graphs=settings.generate_cuda_graphs,
-            prefill_chunk_tokens=settings.generate_prefill_chunk_tokens,
-            max_stall_steps=settings.generate_max_stall_steps,
-            mixed_steps=settings.generate_mixed_steps,
-            prefix_cache_tokens=settings.generate_prefix_cache_tokens,
             grammar_tokenizer=grammars.tokenizer if grammars else None,
-            priority_aging_s=settings.priority_aging_s,
         )
         metrics.slots_total.set(settings.generate_slots)
         metrics.vllm.bind(settings.generate_model, engine.kv_cache_blocks)

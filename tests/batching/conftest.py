@@ -13,7 +13,8 @@ import torch
 from tiny_models import decoder_config, train_byte_bpe
 from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
-from batching.generation.engine import DEFAULT_KV_BLOCK_SIZE, GenerationEngine
+from batching.generation.config import DEFAULT_KV_BLOCK_SIZE, EngineConfig
+from batching.generation.engine import GenerationEngine
 from batching.generation.kv_cache import gather_kv
 from batching.generation.model_runner import ModelRunner, build_paged_cache
 from batching.generation.observer import FinishLabel
@@ -90,7 +91,7 @@ async def make_engine(
 
     def make(*, warm_up: bool = False, **overrides: object) -> GenerationEngine:
         options: dict[str, object] = {
-            "eos_token_ids": [EOS_ID],
+            "eos_token_ids": (EOS_ID,),
             "num_slots": 4,
             "max_seq_len": 96,
             "max_queue": 64,
@@ -99,7 +100,18 @@ async def make_engine(
         options.update(overrides)
         model = options.pop("model", tiny_llama)
         engine_tokenizer = options.pop("tokenizer", tokenizer)
-        engine = GenerationEngine(model, engine_tokenizer, **options)  # type: ignore[arg-type]
+        observer = options.pop("observer", None)
+        grammar_tokenizer = options.pop("grammar_tokenizer", None)
+        for listed in ("eos_token_ids", "special_tokens"):
+            if listed in options:
+                options[listed] = tuple(options[listed])  # type: ignore[call-overload]
+        engine = GenerationEngine(
+            model,  # type: ignore[arg-type]
+            engine_tokenizer,  # type: ignore[arg-type]
+            EngineConfig(**options),  # type: ignore[arg-type]
+            observer=observer,  # type: ignore[arg-type]
+            grammar_tokenizer=grammar_tokenizer,
+        )
         if warm_up:
             engine.warm_up()
         engine.start()

@@ -17,6 +17,7 @@ from batching.errors import (
     QueueTimeoutError,
     RequestInterruptedError,
 )
+from batching.generation.config import EngineConfig
 from batching.generation.detokenizer import PROMPT_CONTEXT_TOKENS
 from batching.generation.engine import GenerationEngine
 from batching.generation.sampling import SamplingParams
@@ -164,11 +165,7 @@ async def test_warm_up_runs_before_start_and_submit_needs_start(
     engine = GenerationEngine(
         tiny_llama,
         tokenizer,  # type: ignore[arg-type]
-        eos_token_ids=[2],
-        num_slots=3,
-        max_seq_len=32,
-        max_queue=4,
-        timeout_s=1.0,
+        EngineConfig(eos_token_ids=(2,), num_slots=3, max_seq_len=32, max_queue=4, timeout_s=1.0),
     )
     engine.warm_up()
     with pytest.raises(EngineStoppedError):

@@ -15,7 +15,8 @@ import torch
 from model_families import FAMILIES, WINDOW, Family
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from batching.generation.engine import DEFAULT_KV_BLOCK_SIZE as PREFIX_BLOCK_TOKENS
+from batching.generation.config import DEFAULT_KV_BLOCK_SIZE as PREFIX_BLOCK_TOKENS
+from batching.generation.config import EngineConfig
 from batching.generation.engine import GenerationEngine
 from batching.generation.handle import GenerationHandle
 from batching.generation.model_support import UnsupportedModelError
@@ -114,9 +115,11 @@ def test_a_refused_family_is_refused_with_its_reason(
         GenerationEngine(
             build(family),
             tokenizer,
-            eos_token_ids=[EOS_ID],
-            num_slots=2,
-            max_seq_len=family.max_seq_len,
-            max_queue=4,
-            timeout_s=5.0,
+            EngineConfig(
+                eos_token_ids=(EOS_ID,),
+                num_slots=2,
+                max_seq_len=family.max_seq_len,
+                max_queue=4,
+                timeout_s=5.0,
+            ),
         )

@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from batching.errors import ModelExecutionError, QueueTimeoutError
-from batching.generation.engine import DEFAULT_KV_BLOCK_SIZE as PREFIX_BLOCK_TOKENS
+from batching.generation.config import DEFAULT_KV_BLOCK_SIZE as PREFIX_BLOCK_TOKENS
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import (
     VOCAB_SIZE,

@@ -10,6 +10,7 @@ import pytest
 from starlette.requests import Request
 
 from batching.dynamic.collector import BatchCollector
+from batching.generation.config import EngineConfig
 from batching.generation.engine import GenerationEngine
 from batching.generation.sampling import SamplingParams
 from service.errors import ApiError
@@ -43,11 +44,9 @@ async def test_a_queued_stream_whose_client_leaves_is_dropped_before_prefill() -
     engine = GenerationEngine(
         model,
         build_tokenizer(),
-        eos_token_ids=[EOS_ID],
-        num_slots=1,
-        max_seq_len=64,
-        max_queue=4,
-        timeout_s=30.0,
+        EngineConfig(
+            eos_token_ids=(EOS_ID,), num_slots=1, max_seq_len=64, max_queue=4, timeout_s=30.0
+        ),
         observer=observer,
     )
     engine.start()
