@@ -76,6 +76,11 @@ class GrammarRejectedError(InvalidInputError):
         self.reason = reason
 
 
+class _CompileAbandonedError(Exception):
+    """The request that started a shared compile was cancelled (its client went away); the
+    others waiting for the same grammar start their own instead of failing with it."""
+
+
 class _Worker:
     """One child process and its pipes."""
 
@@ -145,7 +150,10 @@ class GrammarCompiler:
             return cached
         running = self._compiling.get(grammar)
         if running is not None:
-            return await asyncio.shield(running)
+            try:
+                return await asyncio.shield(running)
+            except _CompileAbandonedError:  # its first asker went away: compile it afresh
+                return await self.compile(grammar)
         future: asyncio.Future[CompiledGrammar] = asyncio.get_running_loop().create_future()
         self._compiling[grammar] = future
         try:
@@ -156,7 +164,7 @@ class GrammarCompiler:
             future.exception()  # retrieved: waiters (if any) get it from their own await
             raise
         except BaseException as exc:  # not the grammar's fault: do not remember it
-            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.set_exception(exc if isinstance(exc, Exception) else _CompileAbandonedError())
             future.exception()
             raise
         finally:
