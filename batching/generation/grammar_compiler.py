@@ -31,11 +31,10 @@ from typing import Any
 import llguidance
 
 from batching.errors import InvalidInputError, QueueTimeoutError
-from batching.generation.grammar import CompiledGrammar
+from batching.generation.grammar import CompiledGrammar, error_text
 
 logger = logging.getLogger(__name__)
 
-_ERROR_CHARS = 300  # llguidance's messages quote the grammar: a client gets a short head only
 _WORKER_START_S = 120.0  # building a 150k-token vocabulary takes about a second; be generous
 
 
@@ -226,8 +225,7 @@ class GrammarCompiler:
                 "memory", f"compiling the grammar needed over {self.limits.memory_mb} MiB"
             )
         if answer["error"]:
-            error = " ".join(str(answer["error"]).replace("<non-verbose/>", "").split())
-            raise _rejected("invalid", f"invalid grammar: {error[:_ERROR_CHARS]}")
+            raise _rejected("invalid", f"invalid grammar: {error_text(answer['error'])}")
 
     def _idle_workers(self) -> asyncio.Queue[_Worker | None]:
         if self._idle is None:
