@@ -186,8 +186,25 @@ class GenerateMetrics:
             registry=registry,
         )
         self.kv_cache_usage = Gauge(
-            "kv_cache_usage_ratio",
-            "KV-cache blocks holding written tokens / blocks total",
+            "kv_cache_usage_ratio", "KV blocks in use / blocks in the pool", registry=registry
+        )
+        self.kv_blocks_total = Gauge(
+            "generate_kv_blocks_total", "KV blocks in the pool", registry=registry
+        )
+        self.kv_blocks_used = Gauge(
+            "generate_kv_blocks_used", "KV blocks held by running sequences", registry=registry
+        )
+        self.kv_blocks_cached = Gauge(
+            "generate_kv_blocks_cached",
+            "KV blocks indexed by the prefix cache (held or free)",
+            registry=registry,
+        )
+        self.kv_cache_bytes = Gauge(
+            "generate_kv_cache_bytes", "Memory of the KV block pool", registry=registry
+        )
+        self.preemptions = Counter(
+            "generate_preemptions",
+            "Running sequences preempted for KV blocks (resumed by recomputation)",
             registry=registry,
         )
         self.prefix_cache_queries = Counter(
@@ -202,7 +219,7 @@ class GenerateMetrics:
         )
         self.prefix_cache_usage = Gauge(
             "generate_prefix_cache_usage_ratio",
-            "Cached prefix tokens / GENERATE_PREFIX_CACHE_TOKENS",
+            "KV blocks indexed by the prefix cache / blocks in the pool",
             registry=registry,
         )
         self.prefill_chunks = Counter(
@@ -234,6 +251,9 @@ class GenerateMetrics:
 
     def on_prefill_chunks(self, chunks: int) -> None:
         self.prefill_chunks.inc(chunks)
+
+    def on_preemption(self) -> None:
+        self.preemptions.inc()
 
     def on_finish(
         self, reason: FinishLabel, prompt_tokens: int, output_tokens: int, e2e_s: float

@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from batching.generation.memory import config_context
 from batching.generation.model_support import UnsupportedModelError, refusal_reason
 from service.model_versions import (
     ModelVersion,
@@ -196,7 +197,9 @@ def refuse_before_loading(name: str, revision: str, settings: Settings) -> None:
         config = AutoConfig.from_pretrained(name, revision=revision)
     except Exception:
         return  # the load says why, with its own error
-    reason = refusal_reason(config, settings.generate_max_seq_len)
+    # Unset: the model's context, what the engine defaults to; the pool may cap it further,
+    # and the engine checks again with the length it serves.
+    reason = refusal_reason(config, settings.generate_max_seq_len or config_context(config))
     if reason is not None:
         raise UnsupportedModelError(reason)
 

@@ -101,13 +101,17 @@ class Runtime:
             )
             warm_s = await on_fresh_thread(self.generate.warm_up)
             graphs = self.generate.engine.cuda_graphs
+            engine = self.generate.engine
             log.info(
-                "generate warm-up took %.2fs; KV cache: %d slots x %d tokens = %.1f MiB; "
-                "CUDA graphs: %s",
+                "generate warm-up took %.2fs; KV cache: %d blocks x %d tokens = %d tokens, "
+                "%.1f MiB; %d rows decoded together; max_seq_len %d; CUDA graphs: %s",
                 warm_s,
-                s.generate_slots,
-                s.generate_max_seq_len,
-                self.generate.engine.kv_cache_bytes / 2**20,
+                engine.kv_blocks_total,
+                engine.kv_block_size,
+                engine.kv_cache_tokens,
+                engine.kv_cache_bytes / 2**20,
+                engine.slots_total,
+                engine.max_seq_len,
                 "on" if graphs.enabled else f"off ({graphs.reason})",
             )
             self.generate.start()

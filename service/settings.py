@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     )
 
     generate_slots: int = Field(16, ge=1)
-    generate_max_seq_len: int = Field(512, ge=8)
+    generate_max_seq_len: int | None = Field(
+        None, ge=8, description="Longest sequence; unset = the model's context, capped by the pool"
+    )
     generate_max_new_tokens: int = Field(
         4096,
         ge=1,
@@ -103,7 +105,19 @@ class Settings(BaseSettings):
         4, ge=1, description="Most choices (OpenAI's n) per request; each takes a slot"
     )
     generate_prefix_cache_tokens: int = Field(
-        0, ge=0, description="Prompt tokens of K/V kept for reuse by later prompts; 0 = off"
+        0,
+        ge=0,
+        description="> 0 turns the prefix cache on (cached blocks live in free KV blocks, "
+        "so the number itself no longer bounds anything); 0 = off",
+    )
+    generate_kv_block_size: int = Field(16, ge=1, description="Token positions per KV block")
+    generate_kv_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="KV block pool size; unset = gpu_memory_utilization on CUDA, 256 MiB on CPU",
+    )
+    generate_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="CUDA: share of device memory for weights, peak and KV"
     )
     generate_prefix_cache_shared: bool = Field(
         False,

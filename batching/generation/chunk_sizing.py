@@ -136,7 +136,7 @@ def measure_chunk_limits(
     only: it writes K/V to them): mixed steps, or with `mixed` off what the engine then runs,
     a prefill forward followed by the decode. With one slot nothing ever decodes beside a
     prefill: `fallback` is kept."""
-    slots, seq_len = runner.cache.num_slots, runner.cache.max_seq_len
+    slots, seq_len = runner.max_rows, runner.cache.max_seq_len
     if slots < 2 or seq_len < SMALLEST_CHUNK:
         return ChunkLimits.fixed(fallback)
     bounds = (min(MAX_STALL, max_stall_steps), max_stall_steps)  # nobody waits, requests wait
@@ -231,15 +231,18 @@ def _stall(
 ) -> float:
     """A step prefilling `chunks` in the last rows while the others decode, in decode steps
     of the same rows (median of PAIRS pairs); records its fastest ms in `measured`."""
-    slots = runner.cache.num_slots
+    slots = runner.max_rows
     lengths = [min(STREAM_CONTEXT, runner.cache.max_seq_len - 1)] * slots
     tokens, first_slot = [1] * slots, slots - len(chunks)
     riders = set(range(first_slot, slots))
-    decode = functools.partial(runner.decode_step, tokens, lengths, riders)
+    tables = runner.scratch_tables(slots, runner.cache.max_seq_len)
+    decode = functools.partial(runner.decode_step, tokens, lengths, tables, riders)
     step: Callable[[], object] = (
-        functools.partial(runner.mixed_step, tokens, lengths, riders, first_slot, chunks, starts)
+        functools.partial(
+            runner.mixed_step, tokens, lengths, tables, riders, first_slot, chunks, starts
+        )
         if mixed
-        else functools.partial(_separate_steps, runner, first_slot, chunks, starts, decode)
+        else functools.partial(_separate_steps, runner, tables[first_slot:], chunks, starts, decode)
     )
     pairs = _time_pairs(runner, decode, step)
     decode_s.extend(d for d, _ in pairs)
@@ -249,12 +252,12 @@ def _stall(
 
 def _separate_steps(
     runner: ModelRunner,
-    first_slot: int,
+    tables: list[list[int]],
     chunks: list[list[int]],
     starts: list[int],
     decode: Callable[[], object],
 ) -> None:
-    runner.prefill(first_slot, chunks, starts)
+    runner.prefill(tables, chunks, starts)
     decode()
 
 

@@ -1,14 +1,16 @@
 """Token-level continuous batching: `GenerationEngine`, the loop that serves /generate.
 
-One engine thread owns the slots, the KV cache and the model; it is their only writer. Event-loop
-handlers only `submit()` (which validates and queues, under one lock) and read their handle.
-Each step (see RunningBatch in running_batch.py for the details): retire ended rows, prefill
-(the next chunk of a long prompt, or waiting requests admitted into free slots, after copying
-in their cached prefixes), run one decode forward over all rows past their prefill (while rows
-decode, the prefill and the decode are one forward: a mixed step), sample one token per row,
-push the tokens to the handles, retire finished rows (their slots serve the next request in
-the very next step). When there is nothing to do the thread sleeps on a Condition: no
-polling.
+One engine thread owns the batch rows, the KV blocks and the model; it is their only writer.
+Event-loop handlers only `submit()` (which validates and queues, under one lock) and read their
+handle. Each step (see RunningBatch in running_batch.py for the details): retire ended rows,
+give every decoding row a block for its next token (preempting the least urgent sequence when
+the pool is short: it goes back to the queue and is later resumed by recomputing what it had
+written), prefill (the next chunk of a long prompt, or waiting requests admitted into free rows,
+their cached prefix blocks shared), run one decode forward over all rows past their prefill
+(while rows decode, the prefill and the decode are one forward: a mixed step), sample one token
+per row, push the tokens to the handles, retire finished rows (their rows and blocks serve the
+next request in the very next step). When there is nothing to do the thread sleeps on a
+Condition: no polling.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from batching.errors import (
     QueueTimeoutError,
     RequestInterruptedError,
 )
+from batching.generation.block_manager import BlockManager
 from batching.generation.chunk_sizing import (
     DEFAULT_MAX_STALL_STEPS,
     ChunkLimits,
@@ -40,12 +43,11 @@ from batching.generation.chunk_sizing import (
 from batching.generation.cuda_graphs import CudaGraphsMode, CudaGraphsReport
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle, fail_now
-from batching.generation.model_runner import ModelRunner, build_slot_cache
+from batching.generation.model_runner import ModelRunner, build_paged_cache
 from batching.generation.model_support import check_supported, mixed_steps_unavailable
 from batching.generation.observer import EngineObserver, NoopEngineObserver
 from batching.generation.outbox import Outbox
 from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
-from batching.generation.prefix_store import PREFIX_BLOCK_TOKENS
 from batching.generation.request import Request
 from batching.generation.running_batch import RunningBatch
 from batching.generation.sampling import SamplingParams
@@ -60,6 +62,7 @@ logger = logging.getLogger(__name__)
 # A prefill runs before that step's decode, so every running stream waits for it: this bounds
 # that pause, while a burst of short prompts still shares one forward. See BENCHMARKS.md.
 DEFAULT_PREFILL_CHUNK_TOKENS = 256
+DEFAULT_KV_BLOCK_SIZE = 16  # token positions per KV block (vLLM's default)
 STOP_JOIN_GRACE_S = 5.0  # stop() waits this long beyond the drain timeout for the thread
 
 
@@ -77,7 +80,13 @@ class KVCacheBlocks:
 
 
 class GenerationEngine:
-    """Continuous batching over a fixed pool of KV-cache slots, on one engine thread."""
+    """Continuous batching over a pool of KV blocks, on one engine thread.
+
+    `num_slots` rows are decoded together at most; `kv_cache_blocks` blocks of `kv_block_size`
+    positions hold the K/V of every sequence (None: enough for num_slots sequences of
+    max_seq_len, the memory a slot per row used to take). max_seq_len is capped by the pool.
+    `prefix_cache_tokens` > 0 turns the prefix cache on (its blocks live in free pool memory).
+    """
 
     def __init__(
         self,
@@ -94,6 +103,8 @@ class GenerationEngine:
         max_stall_steps: float = DEFAULT_MAX_STALL_STEPS,  # GENERATE_MAX_STALL_STEPS
         mixed_steps: bool = True,  # prefill inside the decode forward (mixed_attention.py)
         prefix_cache_tokens: int = 0,
+        kv_block_size: int = DEFAULT_KV_BLOCK_SIZE,
+        kv_cache_blocks: int | None = None,
         observer: EngineObserver | None = None,
         special_tokens: Sequence[str] = (),
         cuda_graphs: CudaGraphsMode = "auto",
@@ -106,10 +117,16 @@ class GenerationEngine:
         # on the event loop can fail with "RuntimeError: Already borrowed"
         # (huggingface/transformers#47085, vllm-project/vllm#40949). Only this thread uses it.
         engine_tokenizer = copy.deepcopy(tokenizer)
+        if kv_block_size < 1:
+            raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
+        blocks = kv_cache_blocks or num_slots * -(-max_seq_len // kv_block_size)
+        max_seq_len = min(max_seq_len, blocks * kv_block_size)
         check_supported(model, max_seq_len)  # UnsupportedModelError before any memory is taken
+        self._blocks = BlockManager(blocks, kv_block_size, prefix_caching=prefix_cache_tokens > 0)
         self._runner = ModelRunner(
             model,
-            build_slot_cache(model, num_slots, max_seq_len),
+            build_paged_cache(model, blocks, kv_block_size, max_seq_len),
+            max_rows=num_slots,
             cuda_graphs=cuda_graphs,
             kv_bucket_min=kv_bucket_min,
         )
@@ -137,7 +154,7 @@ class GenerationEngine:
             eos_token_ids=frozenset(eos_token_ids),
             chunk_limits=_initial_limits(prefill_chunk_tokens),
             mixed_steps=mixed_steps,
-            prefix_cache_tokens=prefix_cache_tokens,
+            blocks=self._blocks,
             timeout_s=timeout_s,
         )
         if max_stall_steps < 1:
@@ -182,40 +199,70 @@ class GenerationEngine:
     @property
     def kv_cache_blocks(self) -> KVCacheBlocks:
         """KV memory in blocks: the one place /metrics reads KV use and size from
-        (kv_cache_usage_ratio, vllm:kv_cache_usage_perc, vllm:cache_config_info).
-
-        Slot memory counted as paged memory would be: each slot is max_seq_len tokens, cut into
-        blocks of the prefix cache's block size, and a sequence uses the blocks its written
-        tokens touch. So usage follows the tokens written (as it will with paged blocks), not
-        the prompt + max_new_tokens a slot reserves. The prefix-cache pool is not counted: it
-        is memory of its own, evictable, and has its own gauge.
-        """
-        size = PREFIX_BLOCK_TOKENS
-        per_slot = -(-self._slots.max_seq_len // size)
-        lengths = list(self._slots.lengths)  # one copy: the engine thread appends and pops
+        (kv_cache_usage_ratio, vllm:kv_cache_usage_perc, vllm:cache_config_info). A block
+        shared by several sequences counts once; free cached prefix blocks count as free."""
         return KVCacheBlocks(
-            block_size=size,
-            blocks_total=self._slots.num_slots * per_slot,
-            blocks_used=sum(-(-length // size) for length in lengths),
+            block_size=self._blocks.block_size,
+            blocks_total=self._blocks.num_blocks,
+            blocks_used=self._blocks.used_blocks,
         )
 
     @property
     def kv_cache_usage_ratio(self) -> float:
-        return self.kv_cache_blocks.usage_ratio
+        """KV blocks held by sequences / blocks in the pool (cached free blocks not counted)."""
+        return self._blocks.usage_ratio
 
     @property
     def kv_cache_bytes(self) -> int:
         return self._runner.cache.nbytes
 
     @property
+    def kv_block_size(self) -> int:
+        return self._blocks.block_size
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self._blocks.num_blocks
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self._blocks.used_blocks
+
+    @property
+    def kv_blocks_cached(self) -> int:
+        """Blocks indexed by the prefix cache (held by sequences or free)."""
+        return self._blocks.cached_blocks
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Token positions the pool holds."""
+        return self._blocks.num_blocks * self._blocks.block_size
+
+    @property
+    def preemptions_total(self) -> int:
+        return self._batch.preemptions
+
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        return self._blocks.prefix_caching
+
+    @property
     def prefix_cache_bytes(self) -> int:
-        prefixes = self._batch.prefixes
-        return 0 if prefixes is None else prefixes.nbytes
+        """Memory of the blocks the prefix cache indexes (they are pool blocks, not extra)."""
+        return self._blocks.cached_blocks * self._runner.cache.bytes_per_block
 
     @property
     def prefix_cache_usage_ratio(self) -> float:
-        prefixes = self._batch.prefixes
-        return 0.0 if prefixes is None else prefixes.usage_ratio
+        return self._blocks.cached_blocks / self._blocks.num_blocks
+
+    def memory_summary(self) -> dict[str, int]:
+        """What /info and the start-up log say about KV memory."""
+        return {
+            "block_size": self.kv_block_size,
+            "blocks": self.kv_blocks_total,
+            "bytes": self.kv_cache_bytes,
+            "tokens": self.kv_cache_tokens,
+        }
 
     @property
     def prefill_chunk_limits(self) -> ChunkLimits:
@@ -247,10 +294,11 @@ class GenerationEngine:
         with torch.inference_mode():
             self._check_paths()  # eager steps; capture_cuda_graphs checks replays against them
             for rows in sorted({1, self.slots_total}):
-                self._runner.prefill(0, [prompt] * rows)
+                tables = self._runner.scratch_tables(rows, len(prompt) + decode_steps)
+                self._runner.prefill(tables, [prompt] * rows)
                 lengths = [len(prompt)] * rows
                 for _ in range(decode_steps):
-                    self._runner.decode_step([0] * rows, lengths)
+                    self._runner.decode_step([0] * rows, lengths, tables)
                     lengths = [n + 1 for n in lengths]
             self._runner.capture_cuda_graphs()
             if self._measure_chunk:
@@ -432,9 +480,15 @@ class GenerationEngine:
                 self._cond.wait()
             if self._stopping:
                 for leader in self._scheduler.take_all():
-                    self._fail_group(leader, lambda: EngineStoppedError("the engine is stopping"))
+                    if leader.started:  # preempted: it finishes in the drain, as if running
+                        self._scheduler.requeue(leader)
+                    else:
+                        self._fail_group(
+                            leader, lambda: EngineStoppedError("the engine is stopping")
+                        )
+            waiting = len(self._scheduler)
         self._outbox.flush()
-        return not self._stopping or self._slots.in_use > 0
+        return not self._stopping or self._slots.in_use > 0 or waiting > 0
 
     def _step(self) -> None:
         """retire -> prefill -> decode -> deliver (RunningBatch does each; see its docstring)."""
@@ -442,6 +496,7 @@ class GenerationEngine:
         try:
             self._answer_evicted()
             self._batch.retire_ended()
+            self._batch.reserve_decode_blocks()
             work = self._batch.next_prefill(self._take_admissions, self._count_waiting)
             if work is not None and self._batch.mixes(work):
                 self._batch.prefill_and_decode(work)  # one forward for both
@@ -451,13 +506,25 @@ class GenerationEngine:
                     self._outbox.flush()  # first tokens go out before this step's decode
                 self._batch.decode()
             if self._stopping and time.perf_counter() > self._drain_deadline_s:
-                self._batch.fail_all(
-                    lambda: RequestInterruptedError("the engine stopped before this request ended")
-                )
+                stopped = "the engine stopped before this request ended"
+                self._batch.fail_all(lambda: RequestInterruptedError(stopped))
+                with self._cond:
+                    preempted = self._scheduler.take_all()
+                for leader in preempted:
+                    self._fail_group(leader, lambda: RequestInterruptedError(stopped))
             self._outbox.flush()
         finally:
+            self._requeue_preempted()
             self._batch.note_step(time.perf_counter() - self._step_started_s)
             self._step_started_s = None
+
+    def _requeue_preempted(self) -> None:
+        """Requests the batch gave back (preempted, or no blocks for them yet) wait again."""
+        preempted, self._batch.preempted = self._batch.preempted, []
+        if preempted:
+            with self._cond:
+                for request in reversed(preempted):
+                    self._scheduler.requeue(request)
 
     def _answer_evicted(self) -> None:
         """503 for the requests a more urgent one pushed out of the full queue."""
@@ -493,16 +560,17 @@ class GenerationEngine:
 
     def _shut(self, message: str) -> None:
         """The loop ended (stopped or died): waiting requests get EngineStoppedError, the ones
-        in slots (computed in part) RequestInterruptedError."""
+        in rows or preempted (computed in part) RequestInterruptedError."""
         with self._cond:  # one section: no submit can evict into _evicted after this
             self._accepting = False
             waiting = self._scheduler.take_all()
         self._answer_evicted()
         for leader in waiting:
-            self._fail_group(leader, lambda: EngineStoppedError(message))
+            error = RequestInterruptedError if leader.started else EngineStoppedError
+            self._fail_group(leader, functools.partial(error, message))
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]
-            self._slots.release(slot)
+            self._batch.release(request)
             self._outbox.fail(request, RequestInterruptedError(message))
         self._outbox.flush()
 

@@ -6,7 +6,9 @@ bitsandbytes-quantised too; it refuses the rest, and warm-up checks every path a
 model's own forward: path_checks.py) because the model is driven through its public forward
 with three explicit inputs:
 
-* `past_key_values`: a per-forward view of the slot cache (see kv_cache.py);
+* `past_key_values`: a per-forward view of the paged cache (see kv_cache.py): each row's
+  K/V lives in the blocks its block table lists, so rows are just the sequences this forward
+  runs, in any order;
 * `position_ids` [B, q]: each row's own positions (rows are at different lengths);
 * `attention_mask` [B, 1, q, kv]: a 4D *additive float* mask (0 = attend, dtype min = not).
   transformers returns a 4D mask as is, for every attention implementation. A bool mask would
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 
@@ -42,20 +45,22 @@ from batching.generation.cuda_graphs import (
     unavailable_reason,
 )
 from batching.generation.decode_buffers import DecodeBuffers
-from batching.generation.kv_cache import SlotKVCache
+from batching.generation.kv_cache import PagedKVCache, pool_rows
 from batching.generation.layer_masks import LayerMasks, Masks
 from batching.generation.mixed_attention import MixedLayout, PrefillSegment, install
 from batching.generation.model_support import cache_kv_heads, check_supported
 
 
 class ModelRunner:
-    """Owns the model, the slot cache and the decode buffers; token ids in, logits out."""
+    """Owns the model, the paged cache and the decode buffers; token ids and block tables in,
+    logits out. `max_rows` is the most sequences one decode step runs (GENERATE_SLOTS)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
-        cache: SlotKVCache,
+        cache: PagedKVCache,
         *,
+        max_rows: int,
         cuda_graphs: CudaGraphsMode = "auto",
         kv_bucket_min: int | None = None,
     ) -> None:
@@ -72,15 +77,17 @@ class ModelRunner:
         # given this 4D placeholder only so that it builds no mask of its own.
         self._no_mask = torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
         reason = unavailable_reason(cuda_graphs, self.device)
-        self.batch_buckets = batch_buckets(cache.num_slots)
+        self.max_rows = max_rows
+        self.batch_buckets = batch_buckets(max_rows)
         self.kv_buckets = decode_kv_buckets(
             cache.max_seq_len, graphs=reason is None, smallest=kv_bucket_min
         )
         self.decode_buffers = DecodeBuffers(
-            max_rows=cache.num_slots,
+            max_rows=max_rows,
             max_seq_len=cache.max_seq_len,
+            max_blocks=cache.max_blocks_per_seq,
             vocab_size=_output_size(model),
-            spare_slot=cache.spare_slot,
+            spare_block=cache.spare_block,
             device=self.device,
         )
         self._graphs_mode: CudaGraphsMode = cuda_graphs
@@ -89,16 +96,18 @@ class ModelRunner:
 
     def prefill(
         self,
-        first_slot: int,
+        tables: list[list[int]],
         chunks: list[list[int]],
         starts: list[int] | None = None,
         every_position: bool = False,
     ) -> torch.Tensor:
-        """Write the chunks' K/V to slots first_slot.. and return each row's next-token logits.
+        """Write the chunks' K/V to their sequences' blocks and return each row's next-token
+        logits.
 
-        Row r continues the sequence in slot first_slot + r, which holds starts[r] tokens
-        already (0 for a fresh prompt; more after a prefix-cache hit or earlier chunks of a long
-        prompt): its tokens go to positions starts[r].. and attend to everything before them.
+        Row r continues the sequence whose blocks are tables[r] (enough of them for
+        starts[r] + len(chunks[r]) positions), which holds starts[r] tokens already (0 for a
+        fresh prompt; more after a prefix-cache hit or earlier chunks of a long prompt): its
+        tokens go to positions starts[r].. and attend to everything before them.
         The chunks are left-padded to the longest (q) and run as one batch [k, q], so each
         row's last token is in the last column (`logits_to_keep=1`). Returns float32 logits
         [k, V] for each row's last token, or with `every_position` the model's logits at every
@@ -119,18 +128,38 @@ class ModelRunner:
         # its own row (no all-masked softmax row, which would be NaN).
         positions = (first + columns[None, :]).masked_fill_(~is_real, 0)  # [k, q]
         mask = self.masks.build(positions, kv_len)  # [k, 1, q, kv] per layer kind
-        own_slots = torch.arange(first_slot, first_slot + rows, device=self.device)  # [k]
-        spare = torch.full_like(input_ids, self.cache.spare_slot)  # [k, q]
-        write_slots = torch.where(is_real, own_slots[:, None], spare)  # [k, q]; pads: spare
-        view = self.cache.prefill_view(first_slot, write_slots, positions, kv_len)
+        table = self._tables(tables, kv_len)  # [k, blocks]
+        # Pad columns write to the spare block's row 0, never to a sequence's blocks.
+        write_rows = pool_rows(table, positions, self.cache.block_size).masked_fill_(~is_real, 0)
+        view = self.cache.view(write_rows.flatten(), table, kv_len)
         keep = 0 if every_position else 1  # transformers: 0 keeps every position
         logits = self._forward(input_ids, positions, mask, view, keep)  # [k, q or 1, V]
         return logits if every_position else logits[:, -1].float()
 
+    def scratch_tables(self, rows: int, tokens: int) -> list[list[int]]:
+        """Block tables for warm-up and measurement rows of `tokens` positions: blocks 1.. in
+        turn, wrapping around a small pool (rows may then share blocks; their K/V is garbage
+        anyway). Only while nothing is served: they overwrite whatever the blocks hold."""
+        count = -(-tokens // self.cache.block_size)
+        pool = self.cache.num_blocks
+        return [[(row * count + i) % pool + 1 for i in range(count)] for row in range(rows)]
+
+    def _tables(self, tables: list[list[int]], tokens: int) -> torch.Tensor:
+        """Block tables [k, blocks covering `tokens`] on the device, padded with the spare."""
+        count = -(-tokens // self.cache.block_size)
+        spare = self.cache.spare_block
+        padded = [[*t[:count], *[spare] * (count - len(t[:count]))] for t in tables]
+        return torch.tensor(padded, dtype=torch.int64, device=self.device)
+
     def decode_step(
-        self, tokens: list[int], lengths: list[int], riders: Collection[int] = ()
+        self,
+        tokens: list[int],
+        lengths: list[int],
+        tables: list[list[int]],
+        riders: Collection[int] = (),
     ) -> torch.Tensor:
-        """Feed one token to each of the rows 0..B-1 (row r holds lengths[r] tokens already).
+        """Feed one token to each of the rows 0..B-1 (row r holds lengths[r] tokens already,
+        in the blocks tables[r], which has room for one more).
 
         `riders` are rows that only keep the batch packed (a prompt still being prefilled in
         chunks): they run as padding rows, reading and writing nothing of their own, and their
@@ -145,7 +174,7 @@ class ModelRunner:
             pad_to_bucket(len(tokens), self.batch_buckets),
             pad_to_bucket(max(counted) + 1, self.kv_buckets),  # +1: this step's token
         )
-        self.decode_buffers.load(tokens, lengths, sorted(riders))
+        self.decode_buffers.load(tokens, lengths, tables, sorted(riders))
         if not self._graphs.replay(shape):
             self._decode_bucket(*shape)
         return self.decode_buffers.logits[: len(tokens)]
@@ -154,45 +183,53 @@ class ModelRunner:
         self,
         tokens: list[int],
         lengths: list[int],
+        tables: list[list[int]],
         riders: Collection[int],
-        first_slot: int,
+        first_row: int,
         chunks: list[list[int]],
         starts: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`decode_step(tokens, lengths, riders)` and `prefill(first_slot, chunks, starts)` in one
-        forward: the rows being prefilled must be among the riders. Returns float32 logits
-        [B, V] for the decode rows (riders' are garbage) and [k, V] for each chunk's last token.
+        """`decode_step(tokens, lengths, tables, riders)` and
+        `prefill(tables[first_row:first_row + k], chunks, starts)` in one forward: the rows
+        being prefilled must be among the riders. Returns float32 logits [B, V] for the decode
+        rows (riders' are garbage) and [k, V] for each chunk's last token.
 
         Exact shapes, no buckets: the chunk sizes vary anyway, so this forward is not captured.
         """
         rows = len(tokens)
-        if any(first_slot + i not in riders for i in range(len(chunks))):
+        if any(first_row + i not in riders for i in range(len(chunks))):
             raise ValueError("the rows being prefilled must ride in the decode part")
-        spare = self.cache.spare_slot
         positions = [0 if r in riders else n for r, n in enumerate(lengths)]
-        write_slots = [spare if r in riders else r for r in range(rows)]
         counted = [n for r, n in enumerate(lengths) if r not in riders] or [0]
-        spans, offset = [], rows
+        decode_kv_len = max(counted) + 1  # +1: this step's token
+        spare = self.cache.spare_block
+        decode_tables = [[spare] if r in riders else t for r, t in enumerate(tables)]
+        decode_table = self._tables(decode_tables, decode_kv_len)  # [B, blocks]
+        decode_positions = torch.tensor(positions, device=self.device)  # [B]
+        write_rows = [
+            pool_rows(decode_table, decode_positions[:, None], self.cache.block_size)[:, 0]
+        ]  # [B]; riders: the spare block
+        segments, offset = [], rows
         for row, (start, chunk) in enumerate(zip(starts, chunks, strict=True)):
-            positions.extend(range(start, start + len(chunk)))
-            write_slots.extend([first_slot + row] * len(chunk))
-            spans.append((first_slot + row, offset, len(chunk), start))
+            kv_len = start + len(chunk)
+            table = self._tables([tables[first_row + row]], kv_len)  # [1, blocks]
+            chunk_positions = self._arange[start:kv_len]  # [q]
+            write_rows.append(pool_rows(table, chunk_positions[None], self.cache.block_size)[0])
+            segments.append(
+                PrefillSegment(table, offset, len(chunk), kv_len, self._causal(start, len(chunk)))
+            )
+            positions.extend(range(start, kv_len))
             offset += len(chunk)
         packed_positions = torch.tensor(positions, device=self.device)  # [N]
-        decode_kv_len = max(counted) + 1  # +1: this step's token
         decode_mask = self.masks.build(packed_positions[:rows, None], decode_kv_len)
-        segments = tuple(
-            PrefillSegment(slot, offset, length, start + length, self._causal(start, length))
-            for slot, offset, length, start in spans
-        )
-        layout = MixedLayout(rows, decode_kv_len, decode_mask, segments)  # [B, 1, 1, kv] masks
+        layout = MixedLayout(
+            rows, decode_kv_len, decode_table, decode_mask, tuple(segments)
+        )  # decode_mask: [B, 1, 1, kv] per layer kind
         input_ids = torch.tensor([tokens + [t for c in chunks for t in c]], device=self.device)
         keep = torch.tensor(
             [*range(rows), *(s.offset + s.length - 1 for s in segments)], device=self.device
         )  # [B + k]: each decode row, and each chunk's last token
-        view = self.cache.mixed_view(
-            torch.tensor(write_slots, device=self.device), packed_positions
-        )
+        view = self.cache.view(torch.cat(write_rows), None)
         output = self.model(
             input_ids=input_ids,
             position_ids=packed_positions[None],
@@ -213,8 +250,10 @@ class ModelRunner:
         """The decode step at one bucket, over static buffers only: what a graph captures."""
         buffers = self.decode_buffers
         positions = buffers.positions[:rows]  # [Bb]
+        tables = buffers.tables[:rows]  # [Bb, M]
         mask = self.masks.build(positions[:, None], kv_len)  # [Bb, 1, 1, kv] per layer kind
-        view = self.cache.decode_view(buffers.write_slots[:rows], positions, kv_len)
+        write_rows = pool_rows(tables, positions[:, None], self.cache.block_size)[:, 0]  # [Bb]
+        view = self.cache.view(write_rows, tables, kv_len)
         input_ids = buffers.tokens[:rows, None]  # [Bb, 1]
         logits = self._forward(input_ids, positions[:, None], mask, view)  # [Bb, 1, V]
         buffers.logits[:rows].copy_(logits[:, -1])
@@ -223,7 +262,7 @@ class ModelRunner:
         """Capture every decode bucket where CUDA graphs can be used and check replays against
         the eager step; on any failure, log why and keep decoding eagerly.
 
-        Call at warm-up, before serving: the probe rows write K/V into free slots.
+        Call at warm-up, before serving: the probe rows write K/V into blocks nobody holds.
         """
         reason = unavailable_reason(self._graphs_mode, self.device)
         if reason is not None:
@@ -247,7 +286,7 @@ class ModelRunner:
         """Capture all buckets, then compare the largest and smallest graphs' replays with the
         eager step on probe rows. Returns why graphs cannot be used, or None."""
         shapes = [(b, kv) for b in self.batch_buckets for kv in self.kv_buckets]
-        self.decode_buffers.load([], [])  # all rows padding: warm-up and capture write the spare
+        self.decode_buffers.load([], [], [])  # all rows padding: capture writes the spare block
         try:
             self._graphs.capture(self._decode_bucket, shapes)
             failure = self._replay_mismatch([max(shapes), min(shapes)])
@@ -261,7 +300,7 @@ class ModelRunner:
         """Run probe rows eagerly and by replay; describe the first difference, if any."""
         tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
         for rows, kv_len in dict.fromkeys(shapes):
-            self.decode_buffers.load_probe(rows, kv_len)
+            self.decode_buffers.load_probe(rows, kv_len, self.cache.num_blocks)
             self._decode_bucket(rows, kv_len)
             eager = self.decode_buffers.logits[:rows].clone()  # [Bb, V]
             replayed = self.decode_buffers.logits[:rows]  # [Bb, V]; the same buffer, after replay
@@ -303,18 +342,46 @@ def _output_size(model: torch.nn.Module) -> int:
     return int(model.config.get_text_config().vocab_size)  # type: ignore[union-attr, operator]
 
 
-def build_slot_cache(model: torch.nn.Module, num_slots: int, max_seq_len: int) -> SlotKVCache:
-    """A slot cache shaped for `model` (reads layers, KV heads and head size from its config)."""
-    config = model.config.get_text_config()  # type: ignore[union-attr, operator]
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+def build_paged_cache(
+    model: torch.nn.Module, num_blocks: int, block_size: int, max_seq_len: int
+) -> PagedKVCache:
+    """A paged cache shaped for `model` (reads layers, KV heads and head size from its config).
+    No refusal above a sliding window: the runner masks each layer type itself (layer_masks.py),
+    so the whole context is served."""
+    shape = kv_shape(model)
     embeddings = model.get_input_embeddings()  # type: ignore[operator]
-    return SlotKVCache(
-        num_layers=config.num_hidden_layers,
-        num_slots=num_slots,
-        kv_heads=cache_kv_heads(config),
+    return PagedKVCache(
+        num_layers=shape.layers,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
         max_seq_len=max_seq_len,
-        head_dim=head_dim,
         dtype=embeddings.weight.dtype,
         device=embeddings.weight.device,
+    )
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    itemsize: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token position in every layer."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
+
+
+def kv_shape(model: torch.nn.Module) -> KVShape:
+    config = model.config.get_text_config()  # type: ignore[union-attr, operator]
+    heads = config.num_attention_heads
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    return KVShape(
+        layers=config.num_hidden_layers,
+        kv_heads=cache_kv_heads(config),  # Falcon's new decoder architecture: every head
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        itemsize=embeddings.weight.element_size(),
     )

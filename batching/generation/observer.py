@@ -38,6 +38,10 @@ class EngineObserver(Protocol):
     def on_prefill_chunks(self, chunks: int) -> None:
         """A prompt was prefilled in `chunks` chunks, more than one (generate_prefill_chunks)."""
 
+    def on_preemption(self) -> None:
+        """A running sequence gave its KV blocks back and will be resumed by recomputation
+        (generate_preemptions_total)."""
+
     def on_finish(
         self, reason: FinishLabel, prompt_tokens: int, output_tokens: int, e2e_s: float
     ) -> None:
@@ -67,6 +71,9 @@ class NoopEngineObserver:
         pass
 
     def on_prefill_chunks(self, chunks: int) -> None:
+        pass
+
+    def on_preemption(self) -> None:
         pass
 
     def on_finish(

@@ -16,7 +16,8 @@ the model builds its own masks and keeps its own cache:
   decoding row). A difference turns mixed steps off; the model is served without them.
 
 The probe is long enough to cross every sliding window and attention chunk twice where the
-slots allow (up to MAX_PROBE_TOKENS), so the per-layer-type masks are checked too.
+block pool allows (two rows side by side, up to MAX_PROBE_TOKENS), so the per-layer-type masks
+are checked too.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def make_probe(runner: ModelRunner) -> Probe:
 
 
 def probe_length(runner: ModelRunner) -> int:
-    """Twice the largest window or chunk plus some, else 24; within the slots."""
+    """Twice the largest window or chunk plus some, else 24; within the context and two
+    rows' share of the block pool."""
     pattern = runner.masks.pattern
     rules = {pattern.rule(name) for name in pattern.names}
     sizes = [
@@ -73,23 +75,33 @@ def probe_length(runner: ModelRunner) -> int:
         if rule in rules and size is not None
     ]
     wanted = 2 * max(sizes) + 2 * DECODE_STEPS if sizes else 24
-    return min(wanted, runner.cache.max_seq_len, MAX_PROBE_TOKENS)
+    # Two probe rows must fit the block pool side by side (blocks of their own, scratch_tables).
+    two_rows = max(1, runner.cache.num_blocks // 2) * runner.cache.block_size
+    return min(wanted, runner.cache.max_seq_len, MAX_PROBE_TOKENS, two_rows)
+
+
+def _probe_rows(runner: ModelRunner, length: int) -> int:
+    """2 where the batch and the block pool hold two probe rows apart, else 1."""
+    blocks_per_row = -(-length // runner.cache.block_size)
+    fits = runner.cache.num_blocks >= 2 * blocks_per_row
+    return 2 if runner.max_rows >= 2 and fits else 1
 
 
 def check_prefill_and_decode(runner: ModelRunner, probe: Probe) -> None:
     """Raise UnsupportedModelError if the engine's prefill or decode logits differ from the
-    model's own forward (or fail). Writes slots 0 and 1: call before serving."""
+    model's own forward (or fail). Writes scratch blocks (scratch_tables): call before serving."""
     tokens, length = probe.tokens, len(probe.tokens)
     decode_from = max(2, length - DECODE_STEPS)
     first = max(1, decode_from // 2)  # the first chunk; the second continues it
     short = max(1, first // 2)  # a second, shorter row (left padding, rows of two lengths)
-    rows = 2 if runner.cache.num_slots >= 2 else 1
+    rows = _probe_rows(runner, length)
+    tables = runner.scratch_tables(rows, length)
     compare = _comparer(probe)
     try:
-        logits = runner.prefill(0, [tokens[:first], tokens[:short]][:rows])
+        logits = runner.prefill(tables, [tokens[:first], tokens[:short]][:rows])
         problem = compare("a prefill", [first - 1, short - 1][:rows], logits)
         if problem is None and decode_from > first:
-            logits = runner.prefill(0, [tokens[first:decode_from]], starts=[first])
+            logits = runner.prefill(tables[:1], [tokens[first:decode_from]], starts=[first])
             problem = compare("a continued (chunked) prefill", [decode_from - 1], logits)
         for step, position in enumerate(range(decode_from, length)):
             if problem is not None:
@@ -97,7 +109,7 @@ def check_prefill_and_decode(runner: ModelRunner, probe: Probe) -> None:
             # Row 1 stays shorter than row 0: a model that takes every row to end at the
             # batch's KV length (GPT-Neo's local layers) shows here.
             positions = [position, short + step][:rows]
-            logits = runner.decode_step([tokens[p] for p in positions], positions)
+            logits = runner.decode_step([tokens[p] for p in positions], positions, tables)
             problem = compare("a decode step", positions, logits)
     except Exception as exc:
         problem = f"the engine's forward failed on this model: {exc!r}"
@@ -109,22 +121,25 @@ def check_prefill_and_decode(runner: ModelRunner, probe: Probe) -> None:
 
 def check_mixed_step(runner: ModelRunner, probe: Probe) -> str | None:
     """Why mixed steps give different logits from the model's own forward (or fail), or None.
-    Needs two slots; writes slots 0 and 1."""
+    Needs two rows; writes scratch blocks (scratch_tables)."""
     tokens = probe.tokens
+    if _probe_rows(runner, len(tokens)) < 2:
+        return "the batch or the KV block pool is too small to check a mixed step at warm-up"
+    tables = runner.scratch_tables(2, len(tokens))
     decoded = max(2, len(tokens) - 2)  # row 0 decodes at positions decoded, decoded + 1
     chunk = max(1, decoded // 2)  # row 1 prefills tokens[:chunk], then tokens[chunk:decoded]
     compare = _comparer(probe)
     try:
-        runner.prefill(0, [tokens[:decoded]])
+        runner.prefill(tables[:1], [tokens[:decoded]])
         decode, prefill = runner.mixed_step(
-            [tokens[decoded], 0], [decoded, 0], {1}, 1, [tokens[:chunk]], [0]
+            [tokens[decoded], 0], [decoded, 0], tables, {1}, 1, [tokens[:chunk]], [0]
         )
         problem = compare("a mixed step", [decoded], decode[:1]) or compare(
             "a mixed step's prefill", [chunk - 1], prefill
         )
         if problem is None and decoded > chunk:
             decode, prefill = runner.mixed_step(
-                [tokens[decoded + 1], 0], [decoded + 1, chunk], {1}, 1,
+                [tokens[decoded + 1], 0], [decoded + 1, chunk], tables, {1}, 1,
                 [tokens[chunk:decoded]], [chunk],
             )  # fmt: skip
             problem = compare("a mixed step", [decoded + 1], decode[:1]) or compare(

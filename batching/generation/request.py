@@ -46,8 +46,13 @@ class Request:
         self.output_ids: list[int] = []
         self.next_token = -1  # the last sampled token, fed to the model in the next decode
         self.finish_reason: FinishReason | None = None
-        self.prefilled = 0  # prompt tokens whose K/V is in the slot (cached prefix included)
-        self.cached_tokens = 0  # of those, copied from the prefix cache
+        # The tokens whose K/V must be written before it decodes: its prompt, or after a
+        # preemption its prompt and all but the last of its output tokens (recomputed).
+        self.prefill_ids = prompt_ids
+        self.prefilled = 0  # of prefill_ids, those whose K/V is written (cached prefix included)
+        self.cached_tokens = 0  # of the prompt, found in the prefix cache at admission
+        self.blocks: list[int] = []  # its block table: K/V of position p in blocks[p // size]
+        self.preemptions = 0
         self.prefill_chunks = 0  # prefill forwards this prompt took
         self.leader: Request | None = None  # set for choices 2..n of one prompt (follow())
         self.followers: list[Request] = []
@@ -68,13 +73,24 @@ class Request:
     @property
     def prefilling(self) -> bool:
         """Admitted, but part of its prompt is still to be prefilled (chunked prefill).
-        A follower (see `leader`) never prefills: it copies its leader's prompt K/V."""
+        A follower (see `leader`) never prefills: it shares its leader's prompt blocks."""
         return self.leader is None and self.admitted_s is not None and not self.decoding
 
     @property
     def decoding(self) -> bool:
-        """Its whole prompt is in its slot: it takes part in decode steps."""
-        return self.admitted_s is not None and self.prefilled >= self.prompt_tokens
+        """Its whole prompt is in the cache: it takes part in decode steps."""
+        return self.admitted_s is not None and self.prefilled >= len(self.prefill_ids)
+
+    @property
+    def started(self) -> bool:
+        """It has sampled a token: if preempted, it resumes where it was (never restarts)."""
+        return self.tokens_sampled > 0
+
+    @property
+    def written_ids(self) -> list[int]:
+        """The tokens whose K/V a running sequence holds once prefilled: its prompt and all
+        its output but the last token (fed in the next decode step)."""
+        return self.prompt_ids + self.output_ids[:-1]
 
     @property
     def group(self) -> tuple[Request, ...]:
@@ -87,8 +103,8 @@ class Request:
         return 1 + len(self.followers)
 
     def follow(self, leader: Request) -> None:
-        """One of n choices of the same prompt: it gets a copy of the leader's prompt K/V
-        once the leader has prefilled it, and samples its own tokens from then on."""
+        """One of n choices of the same prompt: it shares the leader's prompt blocks once the
+        leader has prefilled them, and samples its own tokens from then on."""
         self.leader = leader
         leader.followers.append(self)
 
@@ -99,8 +115,22 @@ class Request:
 
     @property
     def prefill_alone(self) -> bool:
-        """Prompt logprobs need the logits of every prompt position: prefilled on its own."""
-        return self.params.prompt_logprobs is not None
+        """Prompt logprobs need the logits of every prompt position: prefilled on its own
+        (not when it resumes after a preemption: they went out before its first token)."""
+        return self.params.prompt_logprobs is not None and not self.started
+
+    def preempt(self) -> None:
+        """Its blocks were taken back (the caller freed them): it goes back to the queue, to
+        prefill again everything it had written. One that has sampled no token yet starts
+        over (admit() again); one that has keeps its detokenizer, grammar and random stream,
+        and continues with its next token once that prefill is done."""
+        self.preemptions += 1
+        self.prefilled = 0
+        self.prefill_chunks = 0
+        if self.started:
+            self.prefill_ids = self.written_ids
+        else:
+            self.admitted_s = None
 
     def admit(
         self,

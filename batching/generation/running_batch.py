@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from batching.errors import EngineError, InvalidInputError, QueueTimeoutError
+from batching.generation.block_manager import BlockManager
 from batching.generation.choosing import choose_tokens, record_prompt_logprobs
 from batching.generation.chunk_sizing import ChunkLimits
 from batching.generation.detokenizer import Tokenizer
@@ -53,7 +54,6 @@ from batching.generation.model_runner import ModelRunner
 from batching.generation.observer import EngineObserver
 from batching.generation.outbox import Outbox
 from batching.generation.placement import Placement, model_error
-from batching.generation.prefix_store import PrefixStore
 from batching.generation.request import Request
 from batching.generation.slots import SlotTable
 
@@ -66,12 +66,16 @@ PROMPT_LOGPROBS_CHUNK_TOKENS = 256  # every position's logits: [256, V] at a tim
 
 @dataclass(frozen=True)
 class PrefillWork:
-    """Rows at slots first_slot.. that prefill `chunks` after the `starts` tokens they hold."""
+    """Rows first_slot.. that prefill `chunks` after the `starts` tokens they hold."""
 
     first_slot: int
     requests: list[Request]
     starts: list[int]
     chunks: list[list[int]]
+
+    @property
+    def tables(self) -> list[list[int]]:
+        return [r.blocks for r in self.requests]
 
 
 class RunningBatch:
@@ -88,7 +92,7 @@ class RunningBatch:
         eos_token_ids: frozenset[int],
         chunk_limits: ChunkLimits,
         mixed_steps: bool,
-        prefix_cache_tokens: int,
+        blocks: BlockManager,
         timeout_s: float,
     ) -> None:
         if min(*chunk_limits.chunks, *chunk_limits.busy_chunks, chunk_limits.admit_tokens) < 1:
@@ -102,9 +106,9 @@ class RunningBatch:
         self.mixed_steps = mixed_steps
         self._timeout_s = timeout_s
         self._step_s: float | None = None  # recent engine step time (moving average)
-        self.prefixes = (
-            PrefixStore(runner.cache, prefix_cache_tokens) if prefix_cache_tokens else None
-        )
+        self.blocks = blocks
+        self.preempted: list[Request] = []  # back to the queue (the engine requeues them)
+        self.preemptions = 0
         self._placement = Placement(
             slots,
             outbox,
@@ -113,7 +117,7 @@ class RunningBatch:
             tokenizer=tokenizer,
             special_tokens=special_tokens,
             grammar_tokenizer=grammar_tokenizer,
-            prefixes=self.prefixes,
+            blocks=blocks,
         )
 
     def budget(self, start: int = 0, others_wait: bool = False) -> int:
@@ -143,7 +147,7 @@ class RunningBatch:
             return 0
         left_s = request.arrival_s + self._timeout_s - time.perf_counter()
         steps_left = max(1.0, left_s / (CATCH_UP_MARGIN * self._step_s))
-        return math.ceil((request.prompt_tokens - request.prefilled) / steps_left)
+        return math.ceil((len(request.prefill_ids) - request.prefilled) / steps_left)
 
     # ---- 1. retire ----
 
@@ -154,7 +158,8 @@ class RunningBatch:
             request = self._slots.owners[slot]
             if request.cancelled and not request.ended:
                 request.finish_reason = "cancelled"
-            if request.prefilling and now_s - request.arrival_s > self._timeout_s:
+            late = now_s - request.arrival_s > self._timeout_s
+            if request.prefilling and not request.started and late:
                 # Still no first token after REQUEST_TIMEOUT_S: a very long chunked prefill.
                 request.error = QueueTimeoutError(now_s - request.arrival_s, self._timeout_s)
             leader = request.leader
@@ -164,7 +169,7 @@ class RunningBatch:
                 request.finish_reason = "cancelled" if leader.error is None else None
             if not request.ended:
                 continue
-            self.release(slot)
+            self.release(request)
             if request.error is not None:
                 self._outbox.fail(request, request.error)
             else:
@@ -175,21 +180,38 @@ class RunningBatch:
     def next_prefill(
         self, admit: Callable[[int], list[Request]], waiting: Callable[[], int]
     ) -> PrefillWork | None:
-        """The next chunk of the prompt being chunked; else what admit(budget) gives.
+        """The next chunk of the prompt being chunked; else what admit(budget) gives, as far
+        as the pool has blocks for it (the rest goes back to the queue).
         `waiting()`: how many requests wait in the queue (they wait for that prompt too)."""
         for slot, request in enumerate(self._slots.owners):
             if request.prefilling:
-                return PrefillWork(
-                    slot, [request], [request.prefilled], [self._next_chunk(request, waiting)]
-                )
+                chunk = self._next_chunk(request, waiting)
+                if not self._grow_for_prefill(request, len(chunk)):
+                    return None  # it waits for blocks; running rows end or make room
+                return PrefillWork(slot, [request], [request.prefilled], [chunk])
+        if not self.blocks.can_allocate(1 + sum(1 for r in self._slots.owners if r.decoding)):
+            return None  # no block to spare: admitting now would only send it back
         admission_budget = self.admission_budget()
         placed = self._placement.place(admit(admission_budget))
         if not placed:
             return None
-        chunks = [r.prompt_ids[r.prefilled :] for r in placed]
+        chunks = [r.prefill_ids[r.prefilled :] for r in placed]
         first = placed[0]
         if len(placed) == 1 and (len(chunks[0]) > admission_budget or first.prefill_alone):
             chunks[0] = self._next_chunk(first, waiting)  # admitted alone: longer than that
+        return self._with_blocks(placed, chunks)
+
+    def _with_blocks(self, placed: list[Request], chunks: list[list[int]]) -> PrefillWork | None:
+        """The admitted prompts whose chunks the pool has blocks for; the first that does not
+        fit goes back to the queue with every one after it (first come, first served)."""
+        for index, (request, chunk) in enumerate(zip(placed, chunks, strict=True)):
+            if not self._grow_for_prefill(request, len(chunk)):
+                for later in placed[index:]:
+                    self._requeue_group(later)
+                placed, chunks = placed[:index], chunks[:index]
+                break
+        if not placed:
+            return None
         first_slot = self._slots.owners.index(placed[0])  # leaders are contiguous from here
         return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
 
@@ -200,7 +222,71 @@ class RunningBatch:
             _chunk_size(request, self.budget(request.prefilled, others_wait)),
             self._catch_up(request),
         )
-        return request.prompt_ids[request.prefilled : request.prefilled + take]
+        return request.prefill_ids[request.prefilled : request.prefilled + take]
+
+    # ---- KV blocks: grow as tokens are written, preempt when the pool runs short ----
+
+    def _grow_for_prefill(self, request: Request, chunk_tokens: int) -> bool:
+        """Blocks for the chunk (and a block per follower for its copy of a partial last
+        block once the prompt is whole), leaving one free block per decoding row, so a step
+        that admits a prompt does not make the next step preempt a stream."""
+        tokens = request.prefilled + chunk_tokens
+        missing = self.blocks.blocks_for(tokens) - len(request.blocks)
+        if tokens == len(request.prefill_ids):
+            missing += len(request.followers)
+        headroom = sum(1 for r in self._slots.owners if r.decoding)
+        if not self.blocks.can_allocate(max(0, missing) + headroom):
+            return False
+        return self.blocks.grow(request.blocks, tokens)
+
+    def reserve_decode_blocks(self) -> None:
+        """Room for this step's token in every decoding row, most urgent first; when the pool
+        is short, the least urgent, most recently admitted sequence is preempted."""
+        for request in sorted(self._decoding(), key=_urgency):
+            if request not in self._slots.owners:
+                continue  # preempted for a more urgent row in this loop
+            length = self._slots.lengths[self._slots.owners.index(request)]
+            while not self.blocks.grow(request.blocks, length + 1):
+                victim = max(self._holders(), key=_urgency)
+                self.preempt(victim)
+                if victim is request:
+                    break
+
+    def _decoding(self) -> list[Request]:
+        return [r for r in self._slots.owners if r.decoding]
+
+    def _holders(self) -> list[Request]:
+        """Rows holding blocks (a follower not yet given its leader's prompt holds none)."""
+        return [r for r in self._slots.owners if r.blocks]
+
+    def preempt(self, victim: Request) -> None:
+        """Free the victim's blocks and row (and its group's, if its choices have not been
+        split off yet) and send it back to the queue; its written K/V stays in the prefix cache
+        (if on) as long as nothing needs the blocks, so its resume is cheap."""
+        self.preemptions += 1
+        self._observer.on_preemption()
+        row = self._slots.owners.index(victim)
+        written = (victim.prefill_ids if not victim.decoding else victim.written_ids)[
+            : self._slots.lengths[row]
+        ]
+        self.blocks.register(written, victim.blocks, victim.cache_namespace)
+        logger.info(
+            "preempted request %s (%d tokens written) to free KV blocks",
+            victim.handle.request_id,
+            len(written),
+        )
+        if victim.decoding:
+            _split_off(victim)  # its choices run on their own from now on
+        self._requeue_group(victim)
+
+    def _requeue_group(self, leader: Request) -> None:
+        """Take a request (and its followers, if it still stands for them) out of the batch
+        and back to the queue."""
+        for request in (leader, *leader.followers):
+            if request in self._slots.owners:
+                self.release(request)
+            request.preempt()
+        self.preempted.append(leader)
 
     # ---- 3. prefill ----
 
@@ -208,7 +294,7 @@ class RunningBatch:
         every_position = work.requests[0].prefill_alone  # then it is the only row
         try:
             logits = self._runner.prefill(
-                work.first_slot, work.chunks, work.starts, every_position
+                work.tables, work.chunks, work.starts, every_position
             )  # [k, V], or [1, q, V] with every_position
             if every_position:
                 record_prompt_logprobs(work.requests[0], work.starts[0], logits[0])
@@ -221,17 +307,19 @@ class RunningBatch:
         self.retire_ended()
 
     def _after_prefill(self, work: PrefillWork, logits: torch.Tensor) -> None:
-        """The chunks are in the cache: advance the rows; each completed prompt saves its
-        blocks and samples its first token, and so does each of its followers, from the same
-        logits row [k, V] (each with its own params and random stream)."""
+        """The chunks are in the cache: advance the rows; each completed prompt registers its
+        blocks in the prefix cache and samples its first token, and so does each of its
+        followers, from the same logits row [k, V] (each with its own params and random
+        stream). A resumed request (preempted after it sampled) samples nothing: its next
+        token is the one it had, fed in the next decode step."""
         completes = [
-            r.prefilled + len(chunk) == r.prompt_tokens
+            r.prefilled + len(chunk) == len(r.prefill_ids)
             for r, chunk in zip(work.requests, work.chunks, strict=True)
         ]
         choosers = [
             (i, r)
             for i, leader in enumerate(work.requests)
-            if completes[i]
+            if completes[i] and not leader.started
             for r in (leader, *leader.followers)
             if r.params.max_new_tokens > 0
         ]
@@ -259,20 +347,33 @@ class RunningBatch:
                 continue
             if leader.prefill_chunks > 1:
                 self._observer.on_prefill_chunks(leader.prefill_chunks)
-            self._save_prompt_blocks(leader)
+            if leader.started:
+                continue  # resumed: it decodes on from the next step
+            self.blocks.register(leader.prompt_ids, leader.blocks, leader.cache_namespace)
             self._fork(leader)
             for request in (leader, *leader.followers):
                 self._first_output(request, sampled.get(id(request)), now_s)
 
     def _fork(self, leader: Request) -> None:
-        """Copy the leader's whole prompt K/V into each follower's slot (one copy each)."""
-        for follower in leader.followers:
+        """Give each follower the leader's prompt blocks: whole blocks shared, a partial last
+        block copied (each choice writes its own next tokens into it)."""
+        size = self.blocks.block_size
+        whole = leader.prompt_tokens // size
+        for follower in list(leader.followers):
             if follower.ended or follower not in self._slots.owners:
                 continue
-            source = self._slots.owners.index(leader)
-            target = self._slots.owners.index(follower)
-            self._runner.cache.move_slot(source, target, leader.prompt_tokens)
-            self._slots.advance(target, leader.prompt_tokens)
+            blocks = self.blocks.share(leader.blocks[:whole])
+            if leader.prompt_tokens % size:
+                if not self.blocks.can_allocate(1):  # (blocks were set aside for this)
+                    self.blocks.free(blocks)
+                    _split_off(follower)
+                    self._requeue_group(follower)  # it prefills on its own later
+                    continue
+                (copy,) = self.blocks.allocate(1)
+                self._runner.cache.copy_block(leader.blocks[whole], copy)
+                blocks.append(copy)
+            follower.blocks = blocks
+            self._slots.advance(self._slots.owners.index(follower), leader.prompt_tokens)
             follower.prefilled = leader.prompt_tokens
             follower.cached_tokens = leader.cached_tokens
             follower.prompt_logprobs = list(leader.prompt_logprobs)
@@ -290,23 +391,18 @@ class RunningBatch:
         else:
             self._accept(request, *sampled, now_s)
 
-    def _save_prompt_blocks(self, request: Request) -> None:
-        """Leave the prompt's K/V behind as reusable prefix blocks (only once it is whole, so
-        a cancelled or failed prefill never leaves half a prefix in the cache)."""
-        if self.prefixes is not None:
-            slot = self._slots.owners.index(request)
-            self.prefixes.save(request.prompt_ids, slot, request.cache_namespace)
-
     # ---- 4. decode ----
 
     def decode(self) -> None:
+        self.reserve_decode_blocks()  # rows whose prompt this step's prefill completed
         rows = list(self._slots.owners)
         riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
         if len(riders) == len(rows):
             return
         try:
             tokens_in = [r.next_token if r.decoding else 0 for r in rows]
-            logits = self._runner.decode_step(tokens_in, list(self._slots.lengths), riders)
+            tables = [r.blocks for r in rows]
+            logits = self._runner.decode_step(tokens_in, list(self._slots.lengths), tables, riders)
         except Exception as exc:
             logger.exception("decode step failed for %d requests", len(rows))
             self._fail(rows, exc)
@@ -358,6 +454,7 @@ class RunningBatch:
             decode_logits, prefill_logits = self._runner.mixed_step(
                 [r.next_token if r.decoding else 0 for r in rows],
                 list(self._slots.lengths),
+                [r.blocks for r in rows],
                 riders,
                 work.first_slot,
                 work.chunks,
@@ -402,10 +499,27 @@ class RunningBatch:
             request.error = request.error or make_error()
         self.retire_ended()
 
-    def release(self, slot: int) -> None:
-        move = self._slots.release(slot)
-        if move is not None:
-            self._runner.cache.move_slot(move.source, move.target, move.length)
+    def release(self, request: Request) -> None:
+        """Free the request's row and blocks (a shared block stays while others hold it)."""
+        if request in self._slots.owners:
+            self._slots.release(self._slots.owners.index(request))
+        self.blocks.free(request.blocks)
+
+
+def _urgency(request: Request) -> tuple[int, float]:
+    """Smaller is more urgent: priority, then the earlier admitted (resumed ones keep their
+    first admission time)."""
+    return request.priority, request.admitted_s or 0.0
+
+
+def _split_off(request: Request) -> None:
+    """One of n choices (or their leader) goes on alone: no more group ties."""
+    if request.leader is not None:
+        request.leader.followers.remove(request)
+        request.leader = None
+    for follower in request.followers:
+        follower.leader = None
+    request.followers.clear()
 
 
 def _chunk_size(request: Request, budget: int) -> int:

@@ -40,6 +40,10 @@ class Waiting(Protocol):
     def priority(self) -> int:
         """Lower is served sooner."""
 
+    @property
+    def started(self) -> bool:
+        """It sampled tokens before it was preempted: it is neither evicted nor timed out."""
+
 
 WaitingT = TypeVar("WaitingT", bound=Waiting)
 
@@ -67,14 +71,21 @@ class Scheduler(Generic[WaitingT]):
         caller answers it 503, as if it had just been refused). Up to `free_slots` waiting
         requests are about to be admitted, not queued: they do not count against max_queue."""
         evicted = None
-        if len(self._waiting) >= self.max_queue + free_slots:
-            least = max(self._waiting, key=lambda r: self._urgency(r, now_s))
+        fresh = [r for r in self._waiting if not r.started]
+        if len(fresh) >= self.max_queue + free_slots:
+            least = max(fresh, key=lambda r: self._urgency(r, now_s))
             if self._urgency(request, now_s) >= self._urgency(least, now_s):
                 raise QueueFullError(self.max_queue)
             self._waiting.remove(least)
             evicted = least
         self._waiting.append(request)
         return evicted
+
+    def requeue(self, request: WaitingT) -> None:
+        """A request taken from the running batch (preempted, or admitted when the KV pool had
+        no room for it) waits again. It keeps its arrival time, so it is served before every
+        later arrival of its priority; the queue bound does not apply (it was admitted once)."""
+        self._waiting.appendleft(request)
 
     def _urgency(self, request: WaitingT, now_s: float) -> tuple[float, float]:
         return urgency(request.priority, request.arrival_s, now_s, self.aging_s)
@@ -87,7 +98,7 @@ class Scheduler(Generic[WaitingT]):
         for request in self._waiting:
             if request.cancelled:
                 cancelled.append(request)
-            elif now_s - request.arrival_s > self.timeout_s:
+            elif now_s - request.arrival_s > self.timeout_s and not request.started:
                 timed_out.append(request)
             else:
                 kept.append(request)

@@ -37,7 +37,9 @@ class SubmissionRules:
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
             raise InvalidInputError(f"token ids must be in [0, {self.vocab_size})")
         for params in choices:
-            if not self.slots.fits(len(prompt_ids), params.max_new_tokens):
+            # max_seq_len is the model's context capped by the KV pool, so a request within it
+            # can always run, alone if need be (others are preempted to make room).
+            if len(prompt_ids) + params.max_new_tokens > self.slots.max_seq_len:
                 raise PromptTooLongError(
                     len(prompt_ids), params.max_new_tokens, self.slots.max_seq_len
                 )

@@ -23,10 +23,13 @@ from transformers import MinistralConfig, MinistralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: batching/
 
-from batching.generation.model_runner import ModelRunner, build_slot_cache
+from batching.generation.model_runner import ModelRunner, build_paged_cache
 from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
 
 ROWS, CONTEXT, MAX_SEQ_LEN = 8, 512, 1024
+BLOCK = 16  # KV block size, tokens
+PER_ROW = MAX_SEQ_LEN // BLOCK  # blocks each row owns
+TABLES = [list(range(1 + r * PER_ROW, 1 + (r + 1) * PER_ROW)) for r in range(ROWS)]
 
 
 def runner(layer_types: list[str]) -> ModelRunner:
@@ -37,12 +40,13 @@ def runner(layer_types: list[str]) -> ModelRunner:
     )  # fmt: skip
     torch.manual_seed(0)
     model = MinistralForCausalLM(config).eval()
-    return ModelRunner(model, build_slot_cache(model, ROWS, MAX_SEQ_LEN), cuda_graphs="off")
+    cache = build_paged_cache(model, ROWS * PER_ROW, BLOCK, MAX_SEQ_LEN)
+    return ModelRunner(model, cache, max_rows=ROWS, cuda_graphs="off")
 
 
 def decode_ms(run: ModelRunner) -> float:
     started = time.perf_counter()
-    run.decode_step([5] * ROWS, [CONTEXT] * ROWS)
+    run.decode_step([5] * ROWS, [CONTEXT] * ROWS, TABLES)
     return (time.perf_counter() - started) * 1000
 
 
@@ -54,7 +58,7 @@ def main() -> None:
         full = runner(["full_attention"] * 6)
         mixed = runner(["sliding_attention", "full_attention"] * 3)
         for run in (full, mixed):
-            run.prefill(0, [[7] * CONTEXT] * ROWS)  # rows of 512 tokens
+            run.prefill(TABLES, [[7] * CONTEXT] * ROWS)  # rows of 512 tokens
             decode_ms(run)  # first-call costs
         pairs = [(decode_ms(full), decode_ms(mixed)) for _ in range(args.rounds)]
         ratio = statistics.median(b / a for a, b in pairs)

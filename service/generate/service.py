@@ -11,6 +11,7 @@ from typing import Any, cast
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
 from batching.generation.grammar_compiler import GrammarCompiler, GrammarLimits
+from batching.generation.memory import kv_cache_blocks, model_context
 from service.generate.special_tokens import prompt_ids
 from service.metrics import GenerateMetrics
 from service.models import LoadedModel, attn_implementation_of
@@ -88,6 +89,12 @@ class GenerationService:
         cls, loaded: LoadedModel, settings: Settings, metrics: GenerateMetrics
     ) -> GenerationService:
         grammars = make_grammar_compiler(loaded, settings)
+        blocks = kv_cache_blocks(
+            loaded.model,
+            settings.generate_kv_block_size,
+            kv_cache_bytes=settings.generate_kv_cache_bytes,
+            gpu_memory_utilization=settings.generate_gpu_memory_utilization,
+        )
         engine = GenerationEngine(
             loaded.model,
             # HF's decode() is typed for batches too (str | list[str]); given one id list it
@@ -95,7 +102,9 @@ class GenerationService:
             cast(Tokenizer, loaded.tokenizer),
             eos_token_ids=eos_token_ids(loaded),
             num_slots=settings.generate_slots,
-            max_seq_len=settings.generate_max_seq_len,
+            max_seq_len=settings.generate_max_seq_len or model_context(loaded.model),
+            kv_block_size=settings.generate_kv_block_size,
+            kv_cache_blocks=blocks,
             max_queue=settings.generate_max_queue,
             timeout_s=settings.request_timeout_s,
             observer=metrics,
@@ -152,6 +161,10 @@ class GenerationService:
         self.metrics.vllm.set_state(
             waiting=self.engine.waiting_requests, running=self.engine.slots_in_use, blocks=blocks
         )
+        self.metrics.kv_blocks_total.set(self.engine.kv_blocks_total)
+        self.metrics.kv_blocks_used.set(self.engine.kv_blocks_used)
+        self.metrics.kv_blocks_cached.set(self.engine.kv_blocks_cached)
+        self.metrics.kv_cache_bytes.set(self.engine.kv_cache_bytes)
         self.metrics.prefix_cache_usage.set(self.engine.prefix_cache_usage_ratio)
 
     def info(self) -> dict[str, Any]:
@@ -163,6 +176,12 @@ class GenerationService:
             "kv_cache_bytes": self.engine.kv_cache_bytes,
             # What vllm:cache_config_info and vllm:kv_cache_usage_perc report (blocks of tokens).
             "kv_cache_blocks": asdict(self.engine.kv_cache_blocks),
+            "kv_cache": {
+                **self.engine.memory_summary(),
+                "blocks_used": self.engine.kv_blocks_used,
+                "blocks_cached": self.engine.kv_blocks_cached,
+                "preemptions": self.engine.preemptions_total,
+            },
             "attn_implementation": attn_implementation_of(self.loaded.model),
             "attention_layers": self.engine.attention_layout,
             "mixed_steps_off_reason": self.engine.mixed_steps_off_reason,
@@ -174,6 +193,7 @@ class GenerationService:
             "max_choices": self.settings.generate_max_choices,
             "structured_output": self.grammar_tokenizer is not None,
             "prefix_cache": {
+                "enabled": self.engine.prefix_cache_enabled,
                 "tokens": self.settings.generate_prefix_cache_tokens,
                 "bytes": self.engine.prefix_cache_bytes,
             },

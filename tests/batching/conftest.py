@@ -13,7 +13,9 @@ import torch
 from tiny_models import decoder_config, train_byte_bpe
 from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
-from batching.generation.engine import GenerationEngine
+from batching.generation.engine import DEFAULT_KV_BLOCK_SIZE, GenerationEngine
+from batching.generation.kv_cache import gather_kv
+from batching.generation.model_runner import ModelRunner, build_paged_cache
 from batching.generation.observer import FinishLabel
 from tests.batching.collector_fakes import make_collector  # noqa: F401 (the collector tests' fixture)
 
@@ -165,6 +167,7 @@ class RecordingObserver:
         self.prefill_chunks: list[int] = []
         self.first_token_priorities: list[int] = []
         self.rejected: list[tuple[str, int]] = []
+        self.preemptions = 0
 
     def on_step(self, batch_size: int) -> None:
         self.steps.append(batch_size)
@@ -184,6 +187,9 @@ class RecordingObserver:
 
     def on_prefill_chunks(self, chunks: int) -> None:
         self.prefill_chunks.append(chunks)
+
+    def on_preemption(self) -> None:
+        self.preemptions += 1
 
     def on_finish(
         self, reason: FinishLabel, prompt_tokens: int, output_tokens: int, e2e_s: float
@@ -205,3 +211,26 @@ class MixedSteps:
             return original(*args, **kwargs)
 
         runner.mixed_step = counted  # type: ignore[method-assign]
+
+
+def paged_runner(
+    model: torch.nn.Module, rows: int, max_seq_len: int, **options: Any
+) -> ModelRunner:
+    """A runner whose pool gives each of `rows` rows max_seq_len positions of blocks of its
+    own (`row_tables`): what a slot per row used to be."""
+    blocks_per_row = -(-max_seq_len // DEFAULT_KV_BLOCK_SIZE)
+    cache = build_paged_cache(model, rows * blocks_per_row, DEFAULT_KV_BLOCK_SIZE, max_seq_len)
+    return ModelRunner(model, cache, max_rows=rows, **options)
+
+
+def row_tables(runner: ModelRunner) -> list[list[int]]:
+    """Row r's blocks in a paged_runner: blocks_per_row consecutive blocks from 1."""
+    per_row = runner.cache.max_blocks_per_seq
+    return [list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(runner.max_rows)]
+
+
+def row_kv(runner: ModelRunner, row: int, length: int) -> list[torch.Tensor]:
+    """Every layer's K and V of row r's positions 0..length-1: [kv_heads, length, head_dim]."""
+    table = torch.tensor([row_tables(runner)[row]], device=runner.device)
+    cache = runner.cache
+    return [gather_kv(t, table, length)[0] for t in (*cache.keys, *cache.values)]

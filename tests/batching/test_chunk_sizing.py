@@ -25,7 +25,9 @@ class ScriptedRunner:
     10 ms + 20 us per chunk token + 80 ns per chunk token per position it attends up to."""
 
     class _Cache:
-        num_slots, max_seq_len = 4, 1024
+        max_seq_len = 1024
+
+    max_rows = 4
 
     class _Device:
         type = "cpu"
@@ -36,7 +38,10 @@ class ScriptedRunner:
     def decode_step(self, *args: Any) -> None:
         self.now_s += 0.010
 
-    def mixed_step(self, tokens, lengths, riders, slot, chunks, starts) -> None:  # type: ignore[no-untyped-def]
+    def scratch_tables(self, rows: int, tokens: int) -> list[list[int]]:
+        return [[1]] * rows
+
+    def mixed_step(self, tokens, lengths, tables, riders, row, chunks, starts) -> None:  # type: ignore[no-untyped-def]
         self.now_s += 0.010
         for chunk, start in zip(chunks, starts, strict=True):
             self.now_s += len(chunk) * 2e-5 + len(chunk) * (start + len(chunk)) * 8e-8
@@ -122,7 +127,7 @@ class GraphedRunner(ScriptedRunner):
     def decode_step(self, *args: Any) -> None:
         self.now_s += 0.002
 
-    def mixed_step(self, tokens, lengths, riders, slot, chunks, starts) -> None:  # type: ignore[no-untyped-def]
+    def mixed_step(self, tokens, lengths, tables, riders, row, chunks, starts) -> None:  # type: ignore[no-untyped-def]
         self.now_s += 0.012 + sum(map(len, chunks)) * 5e-6
 
 
@@ -147,7 +152,7 @@ def test_with_mixed_steps_off_auto_times_a_prefill_and_a_decode(
     runner = ScriptedRunner()
     called: list[str] = []
 
-    def prefill(slot: int, chunks: list[list[int]], starts: list[int]) -> None:
+    def prefill(tables: list[list[int]], chunks: list[list[int]], starts: list[int]) -> None:
         called.append("prefill")
         runner.now_s += 0.001 + sum(map(len, chunks)) * 2e-5  # a decode step plus: 1.1 + ...
 
@@ -170,9 +175,9 @@ class PrefillRows:
         runner = engine._runner
         original = runner.mixed_step
 
-        def recorded(tokens, lengths, riders, slot, chunks, starts):  # type: ignore[no-untyped-def]
+        def recorded(tokens, lengths, tables, riders, row, chunks, starts):  # type: ignore[no-untyped-def]
             self.steps.append([len(chunk) for chunk in chunks])
-            return original(tokens, lengths, riders, slot, chunks, starts)
+            return original(tokens, lengths, tables, riders, row, chunks, starts)
 
         runner.mixed_step = recorded
 

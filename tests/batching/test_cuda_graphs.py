@@ -16,9 +16,9 @@ from transformers import LlamaForCausalLM
 
 from batching.generation import model_runner
 from batching.generation.cuda_graphs import DecodeShape
-from batching.generation.model_runner import ModelRunner, build_slot_cache
+from batching.generation.model_runner import ModelRunner
 from batching.generation.sampling import SamplingParams
-from tests.batching.conftest import TEST_DEVICE, EngineFactory
+from tests.batching.conftest import TEST_DEVICE, EngineFactory, paged_runner, row_tables
 from tests.batching.test_engine_matches_generate import reference
 
 GRAPHS_LOGGER = "batching.generation.cuda_graphs"
@@ -70,7 +70,7 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> Callable[..., StandInGraphs]:
 
 
 def runner_for(model: LlamaForCausalLM, graphs: StandInGraphs | None = None) -> ModelRunner:
-    runner = ModelRunner(model, build_slot_cache(model, 5, 40), kv_bucket_min=16)
+    runner = paged_runner(model, 5, 40, kv_bucket_min=16)
     if graphs is not None:
         graphs.logits = runner.decode_buffers.logits
     return runner
@@ -80,7 +80,7 @@ def runner_for(model: LlamaForCausalLM, graphs: StandInGraphs | None = None) -> 
 def test_graphs_asked_for_without_cuda_are_reported_unavailable_with_a_warning(
     tiny_llama: LlamaForCausalLM, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runner = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 32), cuda_graphs="on")
+    runner = paged_runner(tiny_llama, 2, 32, cuda_graphs="on")
     with caplog.at_level(logging.INFO, logger=GRAPHS_LOGGER):
         report = runner.capture_cuda_graphs()
     assert (report.enabled, report.reason) == (False, "no CUDA device: the model runs on cpu")
@@ -94,14 +94,14 @@ def test_graphs_asked_for_without_cuda_are_reported_unavailable_with_a_warning(
 def test_auto_on_a_cpu_is_eager_without_a_warning(
     tiny_llama: LlamaForCausalLM, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runner = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 32))
+    runner = paged_runner(tiny_llama, 2, 32)
     with caplog.at_level(logging.INFO, logger=GRAPHS_LOGGER):
         assert not runner.capture_cuda_graphs().enabled
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == GRAPHS_LOGGER)
 
 
 def test_graphs_turned_off_say_so(tiny_llama: LlamaForCausalLM) -> None:
-    runner = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 32), cuda_graphs="off")
+    runner = paged_runner(tiny_llama, 2, 32, cuda_graphs="off")
     assert runner.cuda_graphs.reason == "turned off (cuda_graphs='off')"
     assert not runner.capture_cuda_graphs().enabled
 
@@ -114,8 +114,9 @@ def test_a_good_capture_reports_its_buckets_and_serves_by_replay(
     with torch.inference_mode():
         report = runner.capture_cuda_graphs()
         replays_at_warm_up = graphs.replays
-        runner.prefill(0, [[5, 6, 7]])
-        runner.decode_step([7], [3])
+        tables = row_tables(runner)
+        runner.prefill(tables[:1], [[5, 6, 7]])
+        runner.decode_step([7], [3], tables[:1])
     assert report.enabled
     assert (report.batch_buckets, report.kv_buckets) == ((1, 2, 4, 5), (16, 32, 40))
     assert "12 decode graphs captured" in report.reason
@@ -134,8 +135,9 @@ def test_a_replay_that_differs_from_the_eager_step_falls_back_to_eager(
         report = runner.capture_cuda_graphs()
         logits = []
         for each in (runner, eager):
-            each.prefill(0, [[5, 6, 7], [8]])
-            logits.append(each.decode_step([7, 8], [3, 1]).clone())
+            tables = row_tables(each)[:2]
+            each.prefill(tables, [[5, 6, 7], [8]])
+            logits.append(each.decode_step([7, 8], [3, 1], tables).clone())
     assert not report.enabled
     assert report.reason.startswith("a replay's logits differ from the eager step's")
     assert "differ" in caplog.text
@@ -177,10 +179,10 @@ async def test_replayed_steps_give_the_tokens_of_generate(
 def test_kv_buckets_double_from_128_where_graphs_are_captured_and_step_by_16_where_not(
     stand_in: Callable[..., StandInGraphs], tiny_llama: LlamaForCausalLM
 ) -> None:
-    eager = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 512), cuda_graphs="off")
-    chosen = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 96), kv_bucket_min=16)
+    eager = paged_runner(tiny_llama, 2, 512, cuda_graphs="off")
+    chosen = paged_runner(tiny_llama, 2, 96, kv_bucket_min=16)
     stand_in()
-    graphed = ModelRunner(tiny_llama, build_slot_cache(tiny_llama, 2, 512))
+    graphed = paged_runner(tiny_llama, 2, 512)
     assert eager.kv_buckets == list(range(16, 513, 16))
     assert graphed.kv_buckets == [128, 256, 512]
     assert chosen.kv_buckets == [16, 32, 64, 96]  # a chosen smallest: the GPU's shapes anywhere

@@ -173,8 +173,9 @@ async def test_warm_up_runs_before_start_and_submit_needs_start(
     engine.warm_up()
     with pytest.raises(EngineStoppedError):
         await engine.submit(PROMPT, SamplingParams(4))
-    # K,V x layers x (3 slots + the spare one padded rows write to) x KV heads x tokens x ...
-    assert engine.kv_cache_bytes == 2 * 2 * (3 + 1) * 2 * 32 * 16 * 4
+    # K,V x layers x (3 rows x 2 blocks of 16 tokens, + the spare block padded rows write to)
+    # x block size x KV heads x head size x 4 bytes
+    assert engine.kv_cache_bytes == 2 * 2 * (3 * 2 + 1) * 16 * 2 * 16 * 4
     started = make_engine()
     with pytest.raises(RuntimeError):
         started.warm_up()

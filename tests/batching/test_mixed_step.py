@@ -1,8 +1,9 @@
 """A mixed step (decode rows and prefill chunks in one forward) computes what a prefill forward
-followed by a decode forward computes: the same logits and the same K/V in every slot.
+followed by a decode forward computes: the same logits and the same K/V in every sequence.
 
-Two runners on the same model hold the same sequences. Slot 2 holds the first 24 tokens of a
-long prompt (an earlier chunk); slot 3 is a new prompt. Rows 0 and 1 decode. One runner runs
+Two runners on the same model hold the same sequences, each row in blocks of its own. Row 2
+holds the first 24 tokens of a long prompt (an earlier chunk); row 3 is a new prompt. Rows 0
+and 1 decode. One runner runs
 `mixed_step`; the other runs the two forwards of the unmixed engine.
 """
 
@@ -13,8 +14,14 @@ import torch
 from transformers import PreTrainedModel
 
 from batching.generation.mixed_attention import PREFIX
-from batching.generation.model_runner import ModelRunner, build_slot_cache
-from tests.batching.conftest import TEST_DTYPE, build_tiny_llama
+from batching.generation.model_runner import ModelRunner
+from tests.batching.conftest import (
+    TEST_DTYPE,
+    build_tiny_llama,
+    paged_runner,
+    row_kv,
+    row_tables,
+)
 from tests.batching.test_engine_matches_generate import tiny_mistral, tiny_qwen2
 
 MAX_SEQ_LEN = 64
@@ -31,12 +38,12 @@ def build(shape: str, attn_implementation: str) -> PreTrainedModel:
 
 
 def runner(model: PreTrainedModel) -> ModelRunner:
-    return ModelRunner(model, build_slot_cache(model, 4, MAX_SEQ_LEN), kv_bucket_min=16)
+    return paged_runner(model, 4, MAX_SEQ_LEN, kv_bucket_min=16)
 
 
 def with_streams_and_a_first_chunk(model: PreTrainedModel) -> ModelRunner:
     each = runner(model)
-    each.prefill(0, [*STREAMS, LONG_PROMPT[:24]])
+    each.prefill(row_tables(each)[:3], [*STREAMS, LONG_PROMPT[:24]])
     return each
 
 
@@ -49,23 +56,23 @@ def test_a_mixed_step_equals_a_prefill_then_a_decode(shape: str, attn_implementa
         tokens = [STREAMS[0][-1], STREAMS[1][-1], 0, 0]
         lengths = [len(STREAMS[0]), len(STREAMS[1]), 24, 0]
         chunks, starts = [LONG_PROMPT[24:], SHORT_PROMPT], [24, 0]
+        tables = row_tables(mixed)
         decode_logits, prefill_logits = mixed.mixed_step(
-            tokens, lengths, {2, 3}, first_slot=2, chunks=chunks, starts=starts
+            tokens, lengths, tables, {2, 3}, first_row=2, chunks=chunks, starts=starts
         )
-        expected_prefill = separate.prefill(2, chunks, starts)
-        expected_decode = separate.decode_step(tokens, lengths, riders={2, 3})
+        expected_prefill = separate.prefill(tables[2:], chunks, starts)
+        expected_decode = separate.decode_step(tokens, lengths, tables, riders={2, 3})
     assert model.config._attn_implementation == PREFIX + attn_implementation
     assert decode_logits.shape == (4, expected_decode.shape[1])
     close = {"rtol": TOLERANCE, "atol": TOLERANCE}
     torch.testing.assert_close(decode_logits[:2], expected_decode[:2], **close)
     torch.testing.assert_close(prefill_logits, expected_prefill, **close)
     filled = [len(STREAMS[0]) + 1, len(STREAMS[1]) + 1, len(LONG_PROMPT), len(SHORT_PROMPT)]
-    for name in ("keys", "values"):
+    for row, length in enumerate(filled):
         for got, want in zip(
-            getattr(mixed.cache, name), getattr(separate.cache, name), strict=True
+            row_kv(mixed, row, length), row_kv(separate, row, length), strict=True
         ):
-            for slot, length in enumerate(filled):
-                torch.testing.assert_close(got[slot, :, :length], want[slot, :, :length], **close)
+            torch.testing.assert_close(got, want, **close)
 
 
 def test_the_model_keeps_its_own_attention_outside_mixed_steps() -> None:

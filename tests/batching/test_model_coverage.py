@@ -15,10 +15,10 @@ import torch
 from model_families import FAMILIES, WINDOW, Family
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from batching.generation.engine import DEFAULT_KV_BLOCK_SIZE as PREFIX_BLOCK_TOKENS
 from batching.generation.engine import GenerationEngine
 from batching.generation.handle import GenerationHandle
 from batching.generation.model_support import UnsupportedModelError
-from batching.generation.prefix_store import PREFIX_BLOCK_TOKENS
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import (
     EOS_ID,

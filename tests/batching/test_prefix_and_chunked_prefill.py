@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from batching.errors import ModelExecutionError, QueueTimeoutError
-from batching.generation.prefix_store import PREFIX_BLOCK_TOKENS
+from batching.generation.engine import DEFAULT_KV_BLOCK_SIZE as PREFIX_BLOCK_TOKENS
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import (
     VOCAB_SIZE,
@@ -111,24 +111,24 @@ async def test_a_seeded_sampled_request_is_the_same_with_or_without_its_prefix_c
     assert hit.token_ids == miss.token_ids == chunked.token_ids
 
 
-async def test_eviction_drops_the_least_recently_used_prefix_within_the_bound(
+async def test_eviction_drops_the_least_recently_used_prefix_when_blocks_are_needed(
     make_engine: EngineFactory,
 ) -> None:
     model = build_tiny_llama()
     observer = RecordingObserver()
-    engine = make_engine(  # room for 4 blocks: two prefixes of 2 blocks each
-        model=model, max_seq_len=MAX_SEQ_LEN, prefix_cache_tokens=4 * PREFIX_BLOCK_TOKENS,
+    engine = make_engine(  # a pool of 5 blocks: a request takes 3, a cached prefix keeps 2
+        model=model, max_seq_len=MAX_SEQ_LEN, prefix_cache_tokens=1, kv_cache_blocks=5,
         observer=observer, kv_bucket_min=16,
     )  # fmt: skip
-    pool_bytes = engine.prefix_cache_bytes
+    kv_bytes = engine.kv_cache_bytes
     a, b, c = (tokens(2 * PREFIX_BLOCK_TOKENS + 1, seed=s) for s in (10, 11, 12))
     outputs = await generate_all(engine, [a, b, a, c, b, a], new_tokens=6)
-    # a and b fill the cache; a hits and becomes the more recent; so c evicts b, not a; b
-    # then misses and evicts a, which misses at the end.
+    # a's and b's prefixes stay in free blocks; a hits and becomes the more recent; so c,
+    # needing blocks, evicts b, not a; b then misses and evicts a, which misses at the end.
     hits = [hit for _, hit in observer.prefix_queries]
     assert hits == [0, 0, 32, 0, 0, 0]
-    assert engine.prefix_cache_usage_ratio <= 1.0
-    assert engine.prefix_cache_bytes == pool_bytes  # preallocated, never grows
+    assert engine.kv_blocks_cached == 4 and engine.kv_blocks_used == 0
+    assert engine.kv_cache_bytes == kv_bytes  # preallocated, never grows
     for prompt, output in zip([a, b, a, c, b, a], outputs, strict=True):
         assert output == reference(model, prompt, 6)  # misses after eviction are correct
 
@@ -244,15 +244,16 @@ async def test_decode_steps_with_padded_rows_never_write_to_cached_prefixes(
         num_slots=8, max_seq_len=MAX_SEQ_LEN, prefix_cache_tokens=256, kv_bucket_min=16
     )
     prompt = tokens(3 * PREFIX_BLOCK_TOKENS, seed=20)
-    await (await engine.submit(prompt, SamplingParams(2))).wait()  # caches 2 blocks
-    assert engine._batch.prefixes is not None
-    pool = engine._batch.prefixes.pool
-    before = pool.storage.clone()
-    # 3 live rows pad up to the bucket of 4: the padded row writes to the spare slot.
+    await (await engine.submit(prompt, SamplingParams(2))).wait()  # caches 3 blocks
+    cached = sorted(engine._blocks._cached)
+    assert len(cached) == 3
+    storage = engine._runner.cache.storage
+    before = storage[:, :, cached].clone()
+    # 3 live rows pad up to the bucket of 4: the padded row writes to the spare block.
     handles = [await engine.submit(tokens(5, seed=s), SamplingParams(20)) for s in (21, 22, 23)]
     for handle in handles:
         await asyncio.wait_for(handle.wait(), WAIT_S)
-    assert torch.equal(pool.storage, before)
+    assert torch.equal(storage[:, :, cached], before)
 
 
 async def test_a_mixed_step_that_fails_is_run_again_as_a_prefill_and_a_decode(

@@ -19,6 +19,7 @@ class FakeRequest:
     prefill_alone: bool = False
     slots_needed: int = 1
     priority: int = 0
+    started: bool = False
 
 
 def queue(*requests: FakeRequest, max_queue: int = 10, timeout_s: float = 5.0) -> Scheduler:
@@ -121,3 +122,17 @@ def test_timeouts_and_cancellation_apply_to_every_priority() -> None:
     scheduler = queue(old, gone, kept, timeout_s=5.0)
     assert scheduler.drop_stale(now_s=10.0) == ([gone], [old])
     assert list(scheduler) == [kept]
+
+
+def test_a_requeued_started_request_is_served_first_and_never_evicted_or_timed_out() -> None:
+    """A preempted request (it had streamed tokens) waits again: before later arrivals of its
+    priority, outside the queue bound, and never answered 503 or 504 from the queue."""
+    scheduler = queue(FakeRequest("later", arrival_s=5.0), max_queue=1, timeout_s=5.0)
+    resumed = FakeRequest("resumed", arrival_s=0.0, started=True)
+    scheduler.requeue(resumed)
+    assert len(scheduler) == 2  # above max_queue: it was admitted once already
+    with pytest.raises(QueueFullError):  # the bound counts the fresh requests only
+        scheduler.add(FakeRequest("newcomer", arrival_s=6.0), now_s=6.0)
+    cancelled, timed_out = scheduler.drop_stale(now_s=9.0)  # 9 s after it arrived
+    assert (cancelled, timed_out) == ([], [])
+    assert [r.name for r in scheduler.admit(2, 100, now_s=9.0)] == ["resumed", "later"]

@@ -177,6 +177,9 @@ def test_sixty_four_streams_all_complete_within_the_slot_limit(server):
     after = httpx.get(f"{server.url}/metrics").text
     assert metric(after, "generate_slots_in_use") == 0
     assert metric(after, "kv_cache_usage_ratio") == 0
+    assert metric(after, "generate_kv_blocks_used") == 0  # every block went back
+    assert metric(after, "generate_kv_blocks_total") > 0
+    assert metric(after, "generate_preemptions_total") == 0  # the pool had room for them all
 
 
 def test_clients_that_hang_up_free_their_slots_and_count_as_cancelled(server):
@@ -215,13 +218,14 @@ def test_a_shadow_keeps_generating_after_its_client_hangs_up(start_server, demo_
     with httpx.Client(base_url=shadow.url, timeout=60) as client:
         with client.stream("POST", "/generate", json=payload) as response:
             assert response.status_code == 200  # hang up right after the headers, as NGINX does
+        finished = "generate_requests_finished_total"
+        reasons = ("eos", "length", "cancelled", "error")
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            metrics = client.get("/metrics").text
-            if metric(metrics, "generate_slots_in_use") == 0:
+        while time.monotonic() < deadline:  # until it ended (slots in use may read 0 before
+            metrics = client.get("/metrics").text  # the engine has even admitted it)
+            if sum(metric(metrics, finished, reason=r) for r in reasons) >= 1:
                 break
             time.sleep(0.05)
-    finished = "generate_requests_finished_total"
     assert metric(metrics, finished, reason="cancelled") == 0
     assert metric(metrics, finished, reason="eos") + metric(metrics, finished, reason="length") == 1
 

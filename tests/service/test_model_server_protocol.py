@@ -254,13 +254,14 @@ def test_running_waiting_and_kv_use_follow_a_load_stepped_one_forward_at_a_time(
     pool = ThreadPoolExecutor(max_workers=4)
     try:
         first = post(0)
-        gate.wait_entered(1)  # held in its prefill: it has a row, nothing is written yet
-        assert gauges(client) == (1, 0, 0)
+        gate.wait_entered(1)  # held in its prefill: it has a row, and the blocks it writes
+        running, waiting, prefill_use = gauges(client)  # (allocated right before the forward,
+        assert (running, waiting) == (1, 0) and prefill_use > 0  # as vLLM's scheduler does)
 
         gate.step()  # its prompt is written; held in the forward after its prefill
         running, waiting, first_use = gauges(client)
         assert (running, waiting) == (1, 0)
-        assert first_use > 0
+        assert first_use >= prefill_use
         info = client.get("/info").json()["generate"]["kv_cache_blocks"]
         assert first_use == info["blocks_used"] / info["blocks_total"]
         assert engine.kv_cache_blocks == type(engine.kv_cache_blocks)(**info)

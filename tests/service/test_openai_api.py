@@ -311,4 +311,7 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(client, server
     assert again.choices[0].message.content == first.choices[0].message.content
     assert metric(httpx.get(f"{server.url}/metrics").text, **hits) == before + cached
     info = httpx.get(f"{server.url}/info").json()["generate"]
-    assert info["prefix_cache"]["tokens"] == 4096 and info["prefix_cache"]["bytes"] > 0
+    assert info["prefix_cache"]["enabled"] and info["prefix_cache"]["bytes"] > 0
+    kv = info["kv_cache"]
+    assert kv["blocks_cached"] > 0 and kv["blocks_used"] == 0  # cached blocks are free memory
+    assert kv["tokens"] == kv["blocks"] * kv["block_size"] and kv["bytes"] > 0

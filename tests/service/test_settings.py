@@ -22,8 +22,12 @@ def test_env_example_and_the_readme_list_every_setting():
 
 
 def _same_value(documented: str, default: object) -> bool:
-    """`5` and `5.0`, `false` and False, `*(empty)*` and "" are the same default."""
-    documented = documented.strip().strip("`").replace("*(empty)*", "")
+    """`5` and `5.0`, `false` and False, `*(empty)*` and "" are the same default; None (found
+    at start-up) is empty in .env.example and said in words, not as a `value`, in README."""
+    documented = documented.strip()
+    if default is None:
+        return not documented.startswith("`")
+    documented = documented.strip("`").replace("*(empty)*", "")
     expected = str(default).lower() if isinstance(default, bool) else str(default)
     try:
         return float(documented) == float(expected)

@@ -1,0 +1,123 @@
+"""The GPU check in one command: the engine's equality tests on the device, then the engine
+benchmark, into one Markdown table and one JSON file.
+
+    python scripts/gpu_check.py --out gpu_check              # on an H100/H200: ~8 minutes
+    python scripts/gpu_check.py --dry-run --out /tmp/check   # CPU: tiny shape, a few steps
+
+On CUDA: the equality tests (greedy output equals generate(), mixed steps, padded rows, CUDA
+graph replays, paged KV with preemption and shared prefixes) under TEST_DEVICE=cuda with fp32
+and bf16 (the quantized test file covers nf4 and int8), then bench_engine on the
+Qwen2.5-0.5B shape (bf16, nf4) at batch 1/16/32/64 with CUDA graphs on and off, each step
+against the bandwidth bound. The attention over blocks is the reference (gathering) path on
+every device; a kernel that reads blocks in place is not part of this change.
+
+The dry run runs the same code on the CPU with a tiny shape and a few tests, so the script
+cannot rot while no GPU is at hand (tests/scripts/test_gpu_check.py runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EQUALITY_TESTS = [
+    "tests/batching/test_engine_matches_generate.py",
+    "tests/batching/test_paged_kv.py",
+    "tests/batching/test_mixed_step.py",
+    "tests/batching/test_decode_padding.py",
+    "tests/batching/test_cuda_graphs.py",
+    "tests/batching/test_prefix_and_chunked_prefill.py",
+]
+QUANTIZED_TESTS = ["tests/batching/test_quantized_engine_matches_generate.py"]
+
+
+@dataclass
+class TestRun:
+    name: str
+    device: str
+    dtype: str
+    passed: bool
+    seconds: float
+    summary: str  # pytest's last line
+
+
+def run_tests(files: list[str], device: str, dtype: str, extra: list[str]) -> TestRun:
+    env = {**os.environ, "TEST_DEVICE": device, "TEST_DTYPE": dtype}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, *extra],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    name = ", ".join(Path(f).stem.removeprefix("test_") for f in files)
+    return TestRun(
+        name, device, dtype, done.returncode == 0, time.perf_counter() - started,
+        lines[-1] if lines else done.stderr[-200:],
+    )  # fmt: skip
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, object]:
+    out = args.out / "bench"
+    if args.dry_run:
+        argv = ["--shape", "tiny", "--device", "cpu", "--dtypes", "float32"]
+        argv += ["--concurrency", "1", "2", "--new-tokens", "4", "--cuda-graphs", "off"]
+        argv += ["--skip-generate", "--prompt-tokens", "8"]
+    else:
+        argv = ["--shape", "qwen2.5-0.5b", "--device", "cuda", "--dtypes", "bfloat16", "nf4"]
+        argv += ["--concurrency", "1", "16", "32", "64", "--cuda-graphs", "on", "off"]
+        argv += ["--new-tokens", "64"]
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts/bench/bench_engine.py"), *argv, "--out", str(out)],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    [result] = out.glob("engine_*.json")
+    [table] = out.glob("engine_*.md")
+    return {"table": table.read_text(), **json.loads(result.read_text())}
+
+
+def markdown(tests: list[TestRun], bench: dict[str, object]) -> str:
+    lines = ["## Equality tests", "", "| tests | device | dtype | result | seconds |"]
+    lines.append("|---|---|---|---|---:|")
+    for run in tests:
+        verdict = "pass" if run.passed else "FAIL"
+        lines.append(
+            f"| {run.name} | {run.device} | {run.dtype} | {verdict}: {run.summary} | "
+            f"{run.seconds:.0f} |"
+        )
+    lines += ["", "## Engine benchmark", "", str(bench["table"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu_check"))
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, few steps")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        tests = [
+            run_tests(
+                ["tests/batching/test_paged_kv.py"], "cpu", "float32",
+                ["-k", "crossing_block_boundaries and 16"],
+            )
+        ]  # fmt: skip
+    else:
+        tests = [run_tests(EQUALITY_TESTS, "cuda", d, []) for d in ("float32", "bfloat16")]
+        tests.append(run_tests(QUANTIZED_TESTS, "cuda", "float32", []))
+    bench = run_bench(args)
+    (args.out / "gpu_check.md").write_text(markdown(tests, bench))
+    report = {"tests": [asdict(t) for t in tests], "bench": bench}
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    print(markdown(tests, bench))
+    return 0 if all(t.passed for t in tests) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
