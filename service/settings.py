@@ -159,7 +159,8 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: int = Field(75, ge=1)
     forwarded_allow_ips: str = Field(
         "127.0.0.1",
-        description="Proxies whose X-Forwarded-For names the client (uvicorn); '*' behind NGINX",
+        description="Proxies whose X-Forwarded-For names the client (uvicorn): NGINX's own "
+        "address, never '*' where clients reach the app directly",
     )
     api_keys: str = Field(
         "", description="Comma-separated accepted keys; empty leaves the API open"

@@ -20,6 +20,13 @@ from batching.errors import InvalidInputError
 
 GrammarTokenizer = llguidance.LLTokenizer
 _BITS = torch.arange(32, dtype=torch.int32)  # bit b of a mask word = token 32 * word + b
+_ERROR_CHARS = 300  # llguidance's messages may quote the grammar: a client gets a short head
+
+
+def error_text(error: object) -> str:
+    """llguidance's error as a client sees it: one line, its non-verbose markers dropped,
+    at most _ERROR_CHARS characters."""
+    return " ".join(str(error).replace("<non-verbose/>", "").split())[:_ERROR_CHARS]
 
 
 def grammar_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> Any:
@@ -40,7 +47,7 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
             overrides={"whitespace_flexible": False},
         )
     except ValueError as exc:
-        raise InvalidInputError(f"invalid JSON schema: {exc}") from exc
+        raise InvalidInputError(f"invalid JSON schema: {error_text(exc)}") from exc
 
 
 class CompiledGrammar:
@@ -52,7 +59,7 @@ class CompiledGrammar:
         grammar compile: the engine thread never calls it (see grammar_compiler.py)."""
         self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=limits)
         if self._matcher.is_error():
-            raise InvalidInputError(f"invalid grammar: {self._matcher.get_error()}")
+            raise InvalidInputError(f"invalid grammar: {error_text(self._matcher.get_error())}")
 
     def new_matcher(self) -> GrammarMatcher:
         return GrammarMatcher(self._matcher.deep_copy())
@@ -85,7 +92,7 @@ class GrammarMatcher:
 
     def _check(self) -> None:
         if self._matcher.is_error():
-            raise InvalidInputError(f"grammar error: {self._matcher.get_error()}")
+            raise InvalidInputError(f"grammar error: {error_text(self._matcher.get_error())}")
 
 
 def apply_grammars(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | None]) -> None:

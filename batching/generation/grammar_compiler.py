@@ -31,11 +31,10 @@ from typing import Any
 import llguidance
 
 from batching.errors import InvalidInputError, QueueTimeoutError
-from batching.generation.grammar import CompiledGrammar
+from batching.generation.grammar import CompiledGrammar, error_text
 
 logger = logging.getLogger(__name__)
 
-_ERROR_CHARS = 300  # llguidance's messages quote the grammar: a client gets a short head only
 _WORKER_START_S = 120.0  # building a 150k-token vocabulary takes about a second; be generous
 
 
@@ -74,6 +73,11 @@ class GrammarRejectedError(InvalidInputError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class _CompileAbandonedError(Exception):
+    """The request that started a shared compile was cancelled (its client went away); the
+    others waiting for the same grammar start their own instead of failing with it."""
 
 
 class _Worker:
@@ -145,7 +149,10 @@ class GrammarCompiler:
             return cached
         running = self._compiling.get(grammar)
         if running is not None:
-            return await asyncio.shield(running)
+            try:
+                return await asyncio.shield(running)
+            except _CompileAbandonedError:  # its first asker went away: compile it afresh
+                return await self.compile(grammar)
         future: asyncio.Future[CompiledGrammar] = asyncio.get_running_loop().create_future()
         self._compiling[grammar] = future
         try:
@@ -156,7 +163,7 @@ class GrammarCompiler:
             future.exception()  # retrieved: waiters (if any) get it from their own await
             raise
         except BaseException as exc:  # not the grammar's fault: do not remember it
-            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.set_exception(exc if isinstance(exc, Exception) else _CompileAbandonedError())
             future.exception()
             raise
         finally:
@@ -218,8 +225,7 @@ class GrammarCompiler:
                 "memory", f"compiling the grammar needed over {self.limits.memory_mb} MiB"
             )
         if answer["error"]:
-            error = " ".join(str(answer["error"]).replace("<non-verbose/>", "").split())
-            raise _rejected("invalid", f"invalid grammar: {error[:_ERROR_CHARS]}")
+            raise _rejected("invalid", f"invalid grammar: {error_text(answer['error'])}")
 
     def _idle_workers(self) -> asyncio.Queue[_Worker | None]:
         if self._idle is None:

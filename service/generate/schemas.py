@@ -12,7 +12,9 @@ from service.schemas import NonEmptyText, Priority, StopString
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: NonEmptyText
-    max_new_tokens: int | None = Field(None, ge=1, description="Defaults to the server's limit")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Default: all that fits the context, up to GENERATE_MAX_NEW_TOKENS"
+    )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 means greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")

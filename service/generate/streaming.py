@@ -62,6 +62,8 @@ async def unless_disconnected(
     try:
         return task.result()
     except EngineError as exc:
+        for handle in handles:  # nobody will read the other choices of a failed request
+            let_go(handle, cancel)
         raise as_api_error(exc, handles[0].request_id) from exc
 
 

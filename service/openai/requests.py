@@ -28,9 +28,11 @@ def reject_unsupported(body: SamplingRequest) -> None:
 def checked_conversation(
     messages: list[ChatMessage], tools: list[dict[Any, Any]] | None, service: GenerationService
 ) -> list[dict[str, Any]]:
-    """The messages as template input, within the limits (tool definitions count as text)."""
+    """The messages as template input, within the limits (tool definitions and the
+    assistant's tool-call arguments count as text: the template renders them too)."""
     conversation = [message.for_template() for message in messages]
     chars = sum(len(message["content"]) for message in conversation)
+    chars += sum(len(json.dumps(m["tool_calls"])) for m in conversation if "tool_calls" in m)
     chars += len(json.dumps(tools)) if tools else 0
     checked_conversation_size(len(messages), chars, service.settings)
     return conversation

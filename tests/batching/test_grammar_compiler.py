@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from batching.errors import InvalidInputError
 from batching.generation.grammar import CompiledGrammar, json_schema_grammar
 from batching.generation.grammar_compiler import (
     GrammarCompiler,
@@ -105,3 +106,33 @@ async def test_an_invalid_schema_is_refused_and_logged_without_its_text(tokenize
     assert not any(
         "nonsense-type" in r.getMessage() or "loop" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_shared_compile_whose_first_asker_leaves_still_answers_the_others(tokenizer):
+    compiler = make_compiler(tokenizer)
+    grammar = json_schema_grammar(OBJECT)
+    try:
+        first = asyncio.create_task(compiler.compile(grammar))
+        while not compiler._workers:  # the first asker's compile is under way in a worker
+            await asyncio.sleep(0)
+        second = asyncio.create_task(compiler.compile(grammar))
+        await asyncio.sleep(0)  # the second now waits for the first's compile
+        first.cancel()  # its client went away
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert isinstance(await asyncio.wait_for(second, 120), CompiledGrammar)
+    finally:
+        await compiler.close()
+
+
+async def test_an_invalid_grammar_is_told_in_one_short_line(tokenizer):
+    compiler = make_compiler(tokenizer)
+    long_pattern = {"type": "string", "pattern": "(" + "a" * 5000}  # the error quotes it
+    try:
+        refused = await rejection(compiler, long_pattern)
+        with pytest.raises(InvalidInputError) as built_here:  # the same, built in-process
+            CompiledGrammar(compiler.tokenizer, json_schema_grammar(long_pattern))
+    finally:
+        await compiler.close()
+    for message in (str(refused), str(built_here.value)):
+        assert "\n" not in message and "non-verbose" not in message and len(message) < 400

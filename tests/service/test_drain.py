@@ -15,6 +15,20 @@ DRAIN_TIMEOUT_S = 120
 STREAMS = 10
 
 
+async def stream_data(
+    client: httpx.AsyncClient, path: str, body: dict, started: asyncio.Event
+) -> list[str]:
+    """The `data:` payloads of one SSE answer; `started` is set at the first."""
+    lines: list[str] = []
+    async with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                lines.append(line.removeprefix("data: "))
+                started.set()
+    return lines
+
+
 def test_sigterm_lets_running_streams_finish_refuses_new_work_and_exits_zero(
     start_server, demo_models
 ):
@@ -28,21 +42,20 @@ def test_sigterm_lets_running_streams_finish_refuses_new_work_and_exits_zero(
         LOG_LEVEL="INFO",
     )
 
-    async def stream(client: httpx.AsyncClient, i: int, started: asyncio.Event) -> list[str]:
-        payload = {"prompt": f"story {i}", "max_new_tokens": 400, "stream": True}
-        lines: list[str] = []
-        async with client.stream("POST", "/generate", json=payload) as response:
-            assert response.status_code == 200
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    lines.append(line.removeprefix("data: "))
-                    started.set()
-        return lines
-
     async def run() -> tuple[list[list[str]], httpx.Response, httpx.Response, float]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             events = [asyncio.Event() for _ in range(STREAMS)]
-            tasks = [asyncio.create_task(stream(client, i, events[i])) for i in range(STREAMS)]
+            tasks = [
+                asyncio.create_task(
+                    stream_data(
+                        client,
+                        "/generate",
+                        {"prompt": f"story {i}", "max_new_tokens": 400, "stream": True},
+                        events[i],
+                    )
+                )
+                for i in range(STREAMS)
+            ]
             await asyncio.gather(*(e.wait() for e in events))
             signalled_at = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
@@ -98,25 +111,15 @@ def test_a_stream_cut_at_the_drain_deadline_ends_with_an_error_event_and_done(
     )
     long = {"max_new_tokens": 2000, "temperature": 0, "stream": True}
 
-    async def stream(client: httpx.AsyncClient, path: str, body: dict, started: asyncio.Event):
-        lines: list[str] = []
-        async with client.stream("POST", path, json=body) as response:
-            assert response.status_code == 200
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    lines.append(line.removeprefix("data: "))
-                    started.set()
-        return lines
-
     async def run() -> list[list[str]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             started = [asyncio.Event(), asyncio.Event()]
             tasks = [
                 asyncio.create_task(
-                    stream(client, "/generate", long | {"prompt": "a"}, started[0])
+                    stream_data(client, "/generate", long | {"prompt": "a"}, started[0])
                 ),
                 asyncio.create_task(
-                    stream(
+                    stream_data(
                         client,
                         "/v1/completions",
                         {"model": "m", "prompt": "b", "max_tokens": 2000, "temperature": 0,

@@ -153,3 +153,8 @@ def test_too_many_or_too_long_chat_messages_are_refused_before_the_template_runs
         assert "120 characters" in too_long.json()["error"]["message"]
         ok = client.post("/v1/chat/completions", json={"messages": [MESSAGE] * 4, "max_tokens": 2})
         assert ok.status_code == 200
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "z" * 200}}
+        in_arguments = [MESSAGE, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        too_long = client.post("/v1/chat/completions", json={"messages": in_arguments})
+        assert too_long.status_code == 400
+        assert "characters of content" in too_long.json()["error"]["message"]

@@ -21,6 +21,36 @@ def test_env_example_and_the_readme_list_every_setting():
     assert not [name for name in fields if f"`{name}`" not in readme]
 
 
+def _same_value(documented: str, default: object) -> bool:
+    """`5` and `5.0`, `false` and False, `*(empty)*` and "" are the same default; None (found
+    at start-up) is empty in .env.example and said in words, not as a `value`, in README."""
+    documented = documented.strip()
+    if default is None:
+        return not documented.startswith("`")
+    documented = documented.strip("`").replace("*(empty)*", "")
+    expected = str(default).lower() if isinstance(default, bool) else str(default)
+    try:
+        return float(documented) == float(expected)
+    except ValueError:
+        return documented.lower() == expected.lower()
+
+
+def test_env_example_and_the_readme_give_every_setting_its_real_default():
+    example = dict(re.findall(r"^([A-Z_]+)=(.*)$", (REPO / ".env.example").read_text(), re.M))
+    table = {}  # README configuration rows: | `A`, `B` | `1`, `2` | ...
+    for names, values in re.findall(
+        r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)*) \| ([^|]*)\|", (REPO / "README.md").read_text(), re.M
+    ):
+        table.update(zip(re.findall(r"`([A-Z_]+)`", names), values.split(","), strict=True))
+    wrong = [
+        (name.upper(), field.default, example[name.upper()], table.get(name.upper()))
+        for name, field in Settings.model_fields.items()
+        if not _same_value(example[name.upper()], field.default)
+        or not _same_value(table.get(name.upper(), "missing"), field.default)
+    ]
+    assert not wrong  # (setting, default, .env.example, README)
+
+
 def test_the_kubernetes_placeholder_key_refuses_to_start():
     example = (REPO / "deploy/kubernetes/base/api-keys.env.example").read_text()
     placeholder = next(
