@@ -218,17 +218,20 @@ async def test_a_chunked_prefill_past_the_request_timeout_fails_with_504(
     make_engine: EngineFactory,
 ) -> None:
     model = build_tiny_llama()
+    # A late prompt's chunks grow to finish it within its time left (RunningBatch._catch_up),
+    # judged from the measured step time: with a timeout of many steps even on a loaded box,
+    # 100 tokens at 16 a chunk are still unfinished after the trapped third chunk.
     engine = make_engine(
         model=model, num_slots=2, max_seq_len=MAX_SEQ_LEN, prefill_chunk_tokens=16,
-        timeout_s=0.2, kv_bucket_min=16,
+        timeout_s=2.0, kv_bucket_min=16,
     )  # fmt: skip
     trap = ChunkTrap(model, nth=3)
     try:
         stream = await engine.submit(tokens(4, seed=15), SamplingParams(30, ignore_eos=True))
         await anext(stream)
-        slow = await engine.submit(tokens(80, seed=16), SamplingParams(4))
+        slow = await engine.submit(tokens(100, seed=16), SamplingParams(4))
         await trap.wait_until_entered()
-        await asyncio.sleep(0.25)  # past timeout_s while its prefill is unfinished
+        await asyncio.sleep(2.2)  # past timeout_s while its prefill is unfinished
         trap.release.set()
         with pytest.raises(QueueTimeoutError):
             await asyncio.wait_for(slow.wait(), WAIT_S)
