@@ -46,10 +46,11 @@ Three sections, in this order:
    ([B, kv_heads, groups, D]), so the kernel sees equal head counts: no K/V is repeated and
    flex's decoding kernel applies at every group size (it takes only power-of-two groups).
    On CUDA flex_attention is compiled (one kernel per batch bucket, at warm-up); elsewhere it
-   runs torch's unfused reference (scores over the whole pool), correct but slower than the
-   gather. Which path decodes is chosen at warm-up (ModelRunner.choose_paged_attention), never
-   assumed. Prefill and mixed steps gather on every path: their shapes change every step, and
-   a compiled kernel per shape would recompile while serving.
+   runs torch's unfused reference (scores over every pool position up to the highest block in
+   use), correct but slower than the gather. Which path decodes is chosen at warm-up
+   (ModelRunner.choose_paged_attention), never assumed. Prefill and mixed steps gather on
+   every path: their shapes change every step, and a compiled kernel per shape would
+   recompile while serving.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -293,7 +294,9 @@ def _plain_attention(module: torch.nn.Module, plain: str) -> Callable[..., Any]:
 # ---- 3. in place over the blocks (FlexAttention) ----
 
 PagedAttentionMode = Literal["auto", "gather", "in_place"]  # GENERATE_PAGED_ATTENTION
-GATHER, IN_PLACE = "gather", "in_place"
+PagedPath = Literal["gather", "in_place"]  # the path the decode step takes
+GATHER: Final = "gather"
+IN_PLACE: Final = "in_place"
 QUERY_BLOCK = 128  # flex's sparse query block: one step's (grouped) queries fit in one
 # Compiled flex_attention specialises per batch bucket and layer kind; dynamo's default limit
 # of 8 compilations per function would send later buckets to the unfused reference.
@@ -308,6 +311,7 @@ class PagedLayout:
     block_masks: BlockMask | dict[str, BlockMask]
     query_length: int
     flex: Callable[..., Any]  # flex_attention, compiled on CUDA
+    pool_blocks: int  # the pool's first blocks the kernel sees (all of them where compiled)
 
     def attend(
         self,
@@ -326,8 +330,9 @@ class PagedLayout:
         groups = heads // kv_heads
         # Grouped heads as extra query rows: head h reads K/V head h // groups (repeat_kv).
         grouped = query.reshape(b, kv_heads, groups * q, dim)  # row g * q + i: query i
-        pool_keys = key.view(1, -1, kv_heads, dim).transpose(1, 2)  # [1, kv_heads, N, D]
-        pool_values = value.view(1, -1, kv_heads, dim).transpose(1, 2)
+        seen = slice(0, self.pool_blocks)
+        pool_keys = key[seen].view(1, -1, kv_heads, dim).transpose(1, 2)  # [1, kv_heads, N, D]
+        pool_values = value[seen].view(1, -1, kv_heads, dim).transpose(1, 2)
         out = self.flex(
             grouped, pool_keys, pool_values,
             block_mask=for_layer(self.block_masks, module), scale=extras.get("scaling"),
@@ -357,17 +362,21 @@ class InPlaceAttention:
         self._groups = query_groups
         self._logical = torch.arange(num_blocks, dtype=torch.int32, device=device)  # [P]
         self.flex = _flex_for(device)
+        # The unfused reference computes scores over every pool position it is given. Blocks
+        # are handed out lowest first and reused last-freed first, so the blocks in use sit at
+        # the start of the pool: there it sees only up to the highest block a row reads (one
+        # host sync a step, which the compiled kernel, in a CUDA graph, could not take).
+        self._whole_pool = device.type == "cuda"
 
     def layout(self, positions: torch.Tensor, tables: torch.Tensor) -> PagedLayout:
         """positions [b, q] (each query's absolute position; a padding row: 0 with a table of
         spare blocks), tables [b, M] (logical block -> pool block, spare past the row's
-        blocks). Only tensor work on the device: a CUDA graph captures it."""
+        blocks). On CUDA only tensor work on the device: a CUDA graph captures it."""
         rows, width = tables.shape
         size = self._block_size
+        seen = self._pool_blocks if self._whole_pool else int(tables.max()) + 1
         # physical_to_logical [b, P]: block p holds positions j*size.. of row b, or -1
-        physical_to_logical = torch.full(
-            (rows, self._pool_blocks), -1, dtype=torch.int32, device=tables.device
-        )
+        physical_to_logical = torch.full((rows, seen), -1, dtype=torch.int32, device=tables.device)
         logical = self._logical[:width].expand(rows, width)  # [b, M]
         physical_to_logical.scatter_(1, tables, logical)
         physical_to_logical[:, self._spare] = -1  # padding columns: never attended
@@ -388,11 +397,11 @@ class InPlaceAttention:
                 mask_mod=_paged_mask_mod(
                     self._pattern, rule, physical_to_logical, positions, size, q
                 ),
-                seq_lengths=(self._groups * q, self._pool_blocks * size),
+                seq_lengths=(self._groups * q, seen * size),
                 compute_q_blocks=False,  # the backward's tables: never used here
             )
 
-        return PagedLayout(self._masks.pattern_map(block_mask), q, self.flex)
+        return PagedLayout(self._masks.pattern_map(block_mask), q, self.flex, seen)
 
     def _first_visible(self, rule: str, first: torch.Tensor) -> torch.Tensor:
         """[b]: the lowest column any of the row's queries may see (0 for full attention)."""
@@ -441,7 +450,7 @@ class PagedAttentionReport:
     """Which path the decode step's attention takes over the KV blocks, and why."""
 
     requested: PagedAttentionMode
-    path: Literal["gather", "in_place"]
+    path: PagedPath
     reason: str
 
     def as_dict(self) -> dict[str, str]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from typing import Literal
 
 import torch
 
@@ -47,6 +46,7 @@ from batching.generation.attention import (
     PagedAttentionMode,
     PagedAttentionReport,
     PagedLayout,
+    PagedPath,
     PrefillSegment,
     install,
 )
@@ -331,7 +331,7 @@ class ModelRunner:
         self.paged_attention.log()
         return self.paged_attention
 
-    def _use_paged(self, path: Literal["gather", "in_place"], reason: str) -> None:
+    def _use_paged(self, path: PagedPath, reason: str) -> None:
         self.paged_attention = PagedAttentionReport(self._paged_mode, path, reason)
         # In place, attention reads each row's own length: one KV bucket is enough (and
         # captures one graph per batch bucket instead of one per KV bucket too).
@@ -359,7 +359,8 @@ class ModelRunner:
                 lengths = [length - 1 - (5 * r) % max(1, length // 2) for r in range(rows)]
                 tokens = [(31 * r + 1) % vocab for r in range(rows)]
                 logits = {}
-                for path in (GATHER, IN_PLACE):
+                paths: tuple[PagedPath, ...] = (GATHER, IN_PLACE)
+                for path in paths:
                     self._use_paged(path, "checking at warm-up")
                     self.decode_buffers.load(tokens, lengths, tables)
                     self._decode_bucket(pad_to_bucket(rows, self.batch_buckets), length)
