@@ -149,9 +149,11 @@ def for_layer(masks: Any, module: torch.nn.Module) -> Any:
 
 PREFIX = "slots+"  # our registered names: "slots+sdpa", "slots+eager"
 PLAIN_IMPLEMENTATIONS = ("sdpa", "eager")  # the ones that take the runner's 4D additive mask
-# Keywords a model may hand its attention function that change the scores; the in-place path
-# applies none of them (the warm-up check would catch it anyway; this says why).
+# Keywords a model may hand its attention function that change the scores. The in-place path
+# applies softcap (Gemma2) and refuses the others (the warm-up check would catch them anyway;
+# this says why): gpt-oss's sinks (s_aux) change the softmax's denominator, not a score.
 SCORE_EXTRAS = ("softcap", "position_bias", "s_aux")
+NOT_IN_PLACE = ("position_bias", "s_aux")
 
 
 @dataclass(frozen=True)
@@ -322,7 +324,7 @@ class PagedLayout:
         extras: dict[str, Any],
     ) -> torch.Tensor:
         """[b, q, heads, D], as the model's own attention function returns."""
-        present = [name for name in SCORE_EXTRAS if extras.get(name) is not None]
+        present = [name for name in NOT_IN_PLACE if extras.get(name) is not None]
         if present:
             raise NotImplementedError(f"in-place attention does not apply {present}")
         b, heads, q, dim = query.shape
@@ -334,7 +336,7 @@ class PagedLayout:
         pool_keys = key[seen].view(1, -1, kv_heads, dim).transpose(1, 2)  # [1, kv_heads, N, D]
         pool_values = value[seen].view(1, -1, kv_heads, dim).transpose(1, 2)
         out = self.flex(
-            grouped, pool_keys, pool_values,
+            grouped, pool_keys, pool_values, score_mod=_softcapped(extras.get("softcap")),
             block_mask=for_layer(self.block_masks, module), scale=extras.get("scaling"),
         )  # fmt: skip  # [b, kv_heads, groups * q, D]
         return out.reshape(b, heads, q, dim).transpose(1, 2).contiguous()
@@ -430,6 +432,19 @@ def _paged_mask_mod(
         return (logical_block >= 0) & visible(pattern, rule, column, query)
 
     return mask_mod
+
+
+def _softcapped(cap: float | None) -> Callable[..., torch.Tensor] | None:
+    """Gemma2's logit softcapping of the scaled scores (before the mask), or None."""
+    if not cap:
+        return None
+
+    def score_mod(
+        score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
+        return cap * torch.tanh(score / cap)
+
+    return score_mod
 
 
 def _flex_for(device: torch.device) -> Callable[..., Any]:

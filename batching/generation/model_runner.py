@@ -51,7 +51,11 @@ from batching.generation.attention import (
     install,
 )
 from batching.generation.kv_cache import PagedKVCache, kv_shape, pool_rows
-from batching.generation.model_support import check_supported, mixed_steps_unavailable
+from batching.generation.model_support import (
+    check_supported,
+    mixed_steps_unavailable,
+    model_name,
+)
 from batching.generation.static_decode import (
     CudaGraphsMode,
     CudaGraphsReport,
@@ -126,7 +130,12 @@ class ModelRunner:
         )
         self._gather_kv_buckets = self.kv_buckets
         self._paged_mode: PagedAttentionMode = paged_attention
-        self._in_place_unavailable = mixed_steps_unavailable(model)  # same need: our attention
+        self._in_place_unavailable = (
+            None
+            if mixed_steps_unavailable(model) is None  # the same need: attention we can replace
+            else f"{model_name(model)}'s attention does not go through transformers' "
+            "AttentionInterface, where the in-place path replaces it"
+        )
         if paged_attention == IN_PLACE and self._in_place_unavailable is None:
             # Asked for: used from the start (warm-up checks it against the gather again).
             self._use_paged(IN_PLACE, "GENERATE_PAGED_ATTENTION=in_place; warm-up checks it")

@@ -229,3 +229,25 @@ def test_a_chunked_attention_model_passes_the_warm_up_checks_in_place() -> None:
         assert runner.paged_attention.path == IN_PLACE
         assert "chunked" in runner.masks.pattern.describe()
         check_prefill_and_decode(runner, make_probe(runner))  # raises if any logits differ
+
+
+def test_in_place_attention_softcaps_the_scores_as_gemma2_does() -> None:
+    """A small cap (real ones are 50, barely reached by a tiny model's scores): the output
+    equals eager attention's cap * tanh(scores / cap) before the mask and softmax."""
+    pattern, block_size, heads, dim, cap = AttentionPattern((FULL,)), 4, 2, 8, 0.5
+    generator = torch.Generator().manual_seed(1)
+    keys, values = (torch.randn((5, block_size, 1, dim), generator=generator) for _ in range(2))
+    tables = torch.tensor([[3, 1, 4]])  # 10 positions in three scattered blocks
+    positions = torch.tensor([[9]])
+    query = torch.randn((1, heads, 1, dim), generator=generator)
+    in_place = InPlaceAttention(
+        pattern, num_blocks=5, block_size=block_size, spare_block=0, query_groups=heads,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    out = in_place.layout(positions, tables).attend(
+        torch.nn.Module(), query, keys, values, {"scaling": 1.0, "softcap": cap}
+    )
+    k, v = gather_kv(keys, tables, 10), gather_kv(values, tables, 10)  # [1, 1, 10, D]
+    scores = cap * torch.tanh(query @ k.transpose(-1, -2) / cap)  # [1, heads, 1, 10]
+    expected = (scores.softmax(-1) @ v).transpose(1, 2)  # [1, 1, heads, D]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
