@@ -45,14 +45,12 @@ from batching.generation.handle import GenerationHandle, Outbox, fail_now
 from batching.generation.model_runner import ModelRunner, build_paged_cache
 from batching.generation.model_support import check_supported, mixed_steps_unavailable
 from batching.generation.observer import EngineObserver, NoopEngineObserver
-from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
-from batching.generation.request import Request
-from batching.generation.running_batch import RunningBatch
+from batching.generation.model_support import check_mixed_step, check_prefill_and_decode, make_probe
+from batching.generation.request import Request, SubmissionRules
+from batching.generation.running_batch import RunningBatch, SlotTable
 from batching.generation.sampling import SamplingParams
 from batching.generation.scheduler import Scheduler
-from batching.generation.slots import SlotTable
 from batching.generation.static_decode import CudaGraphsReport
-from batching.generation.submission import SubmissionRules
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +112,7 @@ class GenerationEngine:
 
         self._slots: SlotTable[Request] = SlotTable(config.num_slots, max_seq_len)
         vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
-        self._rules = SubmissionRules(self._slots, vocab_size, grammar_tokenizer)
+        self._rules = SubmissionRules(config.num_slots, max_seq_len, vocab_size, grammar_tokenizer)
         self._scheduler: Scheduler[Request] = Scheduler(
             config.max_queue, config.timeout_s, config.priority_aging_s
         )
@@ -286,7 +284,7 @@ class GenerationEngine:
 
     def _check_paths(self) -> None:
         """Compare the engine's prefill, decode (graph replays included) and mixed steps with the
-        model's own forward on probe rows (path_checks.py). A prefill or decode that differs
+        model's own forward on probe rows (model_support.py). A prefill or decode that differs
         raises UnsupportedModelError: the model is refused. A mixed step that differs or fails
         (a model whose attention cannot be split) turns mixed steps off, with the reason logged
         and in /info, instead of failing over to separate forwards at every step."""

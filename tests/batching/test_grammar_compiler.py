@@ -12,7 +12,7 @@ import pytest
 
 from batching.errors import InvalidInputError
 from batching.generation.grammar import CompiledGrammar, json_schema_grammar
-from batching.generation.grammar_compiler import (
+from batching.generation.grammar import (
     GrammarCompiler,
     GrammarLimits,
     GrammarRejectedError,

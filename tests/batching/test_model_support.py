@@ -20,7 +20,7 @@ from batching.generation.model_support import (
     attention_pattern,
     refusal_reason,
 )
-from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
+from batching.generation.model_support import check_mixed_step, check_prefill_and_decode, make_probe
 from tests.batching.conftest import EngineFactory, paged_runner
 
 
