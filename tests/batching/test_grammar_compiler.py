@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from batching.errors import InvalidInputError
-from batching.generation.grammar import CompiledGrammar, json_schema_grammar
 from batching.generation.grammar import (
+    CompiledGrammar,
     GrammarCompiler,
     GrammarLimits,
     GrammarRejectedError,
+    json_schema_grammar,
 )
 from tests.batching.conftest import EOS_ID, VOCAB_SIZE
 
