@@ -43,7 +43,7 @@ from typing import Any
 
 import llguidance
 
-from batching.errors import InvalidInputError, QueueTimeoutError
+from batching.errors import EngineStoppedError, InvalidInputError, QueueTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ class GrammarCompiler:
         self._compiling: dict[str, asyncio.Future[CompiledGrammar]] = {}
         self._idle: asyncio.Queue[_Worker | None] | None = None  # made on the loop that uses it
         self._workers: set[_Worker] = set()  # alive, idle or busy
+        self._closed = False  # close() was called: the server is stopping
 
     @property
     def tokenizer(self) -> Any:
@@ -224,7 +225,10 @@ class GrammarCompiler:
 
     async def compile(self, grammar: str) -> CompiledGrammar:
         """The compiled grammar, or GrammarRejectedError within about timeout_s (after waiting
-        at most wait_s for a free worker: QueueTimeoutError)."""
+        at most wait_s for a free worker: QueueTimeoutError); EngineStoppedError once close()
+        was called (a compile it cut off included: that is not the grammar's fault)."""
+        if self._closed:
+            raise _stopping()
         if len(grammar.encode()) > self.limits.max_grammar_bytes:
             raise _rejected(
                 "too_large",
@@ -263,7 +267,8 @@ class GrammarCompiler:
         return compiled
 
     async def close(self) -> None:
-        """Stop every worker, busy ones too (their compiles fail; the server is stopping)."""
+        """Stop every worker, busy ones too (their compiles fail with EngineStoppedError)."""
+        self._closed = True
         for worker in list(self._workers):
             await worker.kill()
 
@@ -271,7 +276,12 @@ class GrammarCompiler:
 
     async def _compile_now(self, grammar: str) -> CompiledGrammar:
         started = time.perf_counter()
-        await self._try_in_worker(grammar)
+        try:
+            await self._try_in_worker(grammar)
+        except Exception as exc:
+            if self._closed and not isinstance(exc, EngineStoppedError):
+                raise _stopping() from exc  # its worker was killed by close(), say
+            raise
         # The worker built it within the limits, so this build is bounded the same way.
         compiled = await asyncio.to_thread(
             CompiledGrammar, self._tokenizer, grammar, self._parser_limits
@@ -306,6 +316,8 @@ class GrammarCompiler:
             raise
         finally:
             idle.put_nowait(worker)  # None: the next user starts a fresh one
+        if answer is None and self._closed:
+            raise _stopping()  # close() killed the worker: neither a timeout nor memory
         if timed_out:
             raise _rejected(
                 "timeout", f"compiling the grammar took over {self.limits.timeout_s:g}s"
@@ -360,6 +372,10 @@ def _rejected(reason: str, message: str) -> GrammarRejectedError:
     # INFO, never the grammar's text: any client can send one, and it is their error.
     logger.info("grammar refused: %s", reason)
     return GrammarRejectedError(reason, message)
+
+
+def _stopping() -> EngineStoppedError:
+    return EngineStoppedError("the server is stopping: the grammar was not compiled")
 
 
 def _since(started: float) -> float:
