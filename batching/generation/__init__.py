@@ -4,9 +4,10 @@ Read in this order. A step is schedule -> run -> postprocess:
 
 * config.py: EngineConfig, every setting of the engine (built from Settings by the service);
 * engine.py: the loop, and the one place a step is put together;
-* scheduler.py: who waits, and who is admitted next;
-* running_batch.py: the batch rows (SlotTable) and what one step does to them: its plan
-  (retire, preempt, admit, chunk), its forwards (prefill, decode or both), and their results;
+* scheduler.py: who waits (the queue), which rows are held (SlotTable), and each step's plan
+  as data (StepPlanner.schedule -> StepPlan: retire, preempt, admit, the prefill chunks);
+* running_batch.py: running a plan: its forwards (prefill, decode or both in one), sampling,
+  and applying the results (tokens to the handles, first tokens, ended rows retired);
 * block_manager.py: which KV blocks each sequence holds, and the prefix cache over them;
 * kv_cache.py: the KV pool: how big it is, where K/V is written and gathered;
 * model_runner.py: the forward passes;

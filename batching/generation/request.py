@@ -53,9 +53,7 @@ class SubmissionRules:
             # max_seq_len is the model's context capped by the KV pool, so a request within it
             # can always run, alone if need be (others are preempted to make room).
             if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
-                raise PromptTooLongError(
-                    len(prompt_ids), params.max_new_tokens, self.max_seq_len
-                )
+                raise PromptTooLongError(len(prompt_ids), params.max_new_tokens, self.max_seq_len)
             if params.grammar is not None and not isinstance(params.grammar, CompiledGrammar):
                 # The engine thread never compiles: GrammarCompiler does, under limits.
                 raise InvalidInputError("a grammar must be compiled before it is submitted")
@@ -172,15 +170,15 @@ class Request:
         else:
             self.admitted_s = None
 
-    def admit(
-        self,
-        tokenizer: Tokenizer,
-        special_tokens: Sequence[str],
-        now_s: float,
-        grammar_tokenizer: object = None,
-    ) -> None:
-        """The request got a slot (engine thread: the only user of its tokenizer copy)."""
-        self.admitted_s = now_s
+    def admit(self, now_s: float) -> None:
+        """It got a row (the scheduler); a resumed request keeps its first admission time."""
+        if not self.started:
+            self.admitted_s = now_s
+
+    def prepare_output(self, tokenizer: Tokenizer, special_tokens: Sequence[str]) -> None:
+        """Its detokenizer, grammar matcher and prompt logprobs, made fresh on admission
+        (engine thread: the only user of its tokenizer copy). A resumed request (preempted
+        after it sampled) keeps its own: the engine calls this only for one that has not."""
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, self.prompt_ids, self.params.stop, special_tokens
         )
@@ -202,7 +200,7 @@ class Request:
     ) -> GenerationDelta:
         """Take one sampled token; sets finish_reason when this token ends the request."""
         if self.detokenizer is None:
-            raise RuntimeError("accept() before admit()")
+            raise RuntimeError("accept() before prepare_output()")
         self.tokens_sampled += 1
         if self.first_token_s is None:
             self.first_token_s = now_s
