@@ -423,8 +423,10 @@ class GenerationEngine:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
         # The engine thread answers timed-out requests between steps; this timer answers them
-        # on time even while one step runs long.
-        loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
+        # on time even while one step runs long. It is cancelled when the leader's handle ends,
+        # so a finished request is not kept alive for REQUEST_TIMEOUT_S by the timer.
+        timer = loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
+        requests[0].handle.add_end_callback(lambda _result, _error: timer.cancel())
         return [r.handle for r in requests]
 
     def _expire_if_waiting(self, leader: Request) -> None:
