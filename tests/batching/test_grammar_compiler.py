@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from copy import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +161,14 @@ async def test_a_compile_cut_off_by_close_reads_as_server_stopping_not_as_a_reje
     with pytest.raises(EngineStoppedError):  # and no worker is started after close()
         await compiler.compile(json_schema_grammar({"type": "array"}))
     assert not compiler._workers
+
+
+def test_the_grammar_module_loads_without_torch_so_its_worker_starts_light() -> None:
+    # The worker process runs this module under an address-space limit (GRAMMAR_COMPILE_
+    # MEMORY_MB): torch's libraries alone would take most of it.
+    probe = "import sys, batching.generation.grammar; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "False"
