@@ -279,8 +279,10 @@ class StepPlan:
     retired: list[Request]  # ended rows, freed: each is answered (finished or failed)
     cancelled: list[Request]  # leaders that left the queue because their client went away
     timed_out: list[Request]  # leaders that left the queue past REQUEST_TIMEOUT_S
-    preempted: list[Request]  # leaders sent back to the front of the queue (blocks ran short)
-    admitted: list[Request]  # given rows this step: leaders, then their followers
+    # Leaders sent back to the front of the queue: preempted when blocks ran short, or admitted
+    # when the pool had no blocks for their prompt (not counted as preemptions).
+    preempted: list[Request]
+    admitted: list[Request]  # given rows this step: each leader, then its followers
     prefill: PrefillWork | None  # the prompt chunk(s) this step prefills
     # Rows that sample a token in this step's decode; a step whose prefill is not mixed also
     # decodes the rows it completes (their first decode token right after their first token).

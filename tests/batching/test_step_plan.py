@@ -141,3 +141,19 @@ def test_ended_rows_are_retired_and_stale_waiters_dropped_before_anything_runs(l
     assert plan.prefill is None and plan.admitted == []
     assert step_planner.slots.in_use == 0
     assert step_planner.blocks.used_blocks == 0
+
+
+def test_choices_of_one_prompt_get_rows_after_every_leader_and_prefill_once(loop) -> None:
+    step_planner = planner()
+    leader, other = request(loop, "n2", prompt_tokens=6), request(loop, "solo", prompt_tokens=6)
+    follower = request(loop, "n2", prompt_tokens=6)
+    follower.follow(leader)
+    queue = queue_of(leader, other)
+
+    plan = step_planner.schedule(queue, now_s=time.perf_counter())
+
+    assert plan.prefill is not None
+    assert plan.prefill.requests == [leader, other]  # the follower shares its leader's prefill
+    assert step_planner.slots.owners == [leader, other, follower]  # leaders' rows contiguous
+    assert plan.admitted == [leader, follower, other]
+    assert follower.blocks == []  # it gets its leader's prompt blocks once they are written
