@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 
 class RunningBatch:
-    """Runs the planner's plans on the model (engine thread only): `planner` owns the rows and
-    blocks; this class changes them only through what the forwards wrote."""
+    """Runs the planner's plans on the model (engine thread only). `planner` owns the row and
+    block bookkeeping (retire, release, preempt); this class advances rows by what the forwards
+    wrote and hands followers their leader's prompt blocks."""
 
     def __init__(
         self,
