@@ -36,7 +36,12 @@ def request(
 
 
 def planner(
-    *, rows: int = 4, blocks: int = 64, block_size: int = 4, chunk_tokens: int = 16
+    *,
+    rows: int = 4,
+    blocks: int = 64,
+    block_size: int = 4,
+    chunk_tokens: int = 16,
+    limits: ChunkLimits | None = None,
 ) -> StepPlanner:
     config = EngineConfig(num_slots=rows, max_seq_len=256, max_queue=8, timeout_s=TIMEOUT_S)
     return StepPlanner(
@@ -44,7 +49,7 @@ def planner(
         BlockManager(blocks, block_size, prefix_caching=False),
         NoopEngineObserver(),
         config,
-        ChunkLimits.fixed(chunk_tokens),
+        limits or ChunkLimits.fixed(chunk_tokens),
     )
 
 
@@ -157,3 +162,37 @@ def test_choices_of_one_prompt_get_rows_after_every_leader_and_prefill_once(loop
     assert step_planner.slots.owners == [leader, other, follower]  # leaders' rows contiguous
     assert plan.admitted == [leader, follower, other]
     assert follower.blocks == []  # it gets its leader's prompt blocks once they are written
+
+
+def test_a_long_prompt_gets_the_busy_chunk_while_others_wait_for_a_row(loop) -> None:
+    step_planner = planner(limits=ChunkLimits((0,), (16,), busy_chunks=(32,), admit_tokens=16))
+    short = request(loop, "short", prompt_tokens=6)
+    queue = queue_of(short)
+    prefill_as_planned(step_planner.schedule(queue, now_s=time.perf_counter()), step_planner)
+    long, waiter = request(loop, "long", prompt_tokens=40), request(loop, "waiter", 6)
+    queue.add(long, now_s=time.perf_counter())
+    queue.add(waiter, now_s=time.perf_counter())
+
+    plan = step_planner.schedule(queue, now_s=time.perf_counter())
+
+    assert plan.admitted == [long]  # admitted alone: longer than admit_tokens
+    assert list(queue) == [waiter]
+    assert plan.prefill is not None
+    assert plan.prefill.chunks == [long.prompt_ids[:32]]  # the stall bound's, not 16
+
+
+def test_a_late_prompt_gets_bigger_chunks_to_finish_before_its_timeout(loop) -> None:
+    step_planner = planner(chunk_tokens=16)
+    short = request(loop, "short", prompt_tokens=6)
+    queue = queue_of(short)
+    prefill_as_planned(step_planner.schedule(queue, now_s=time.perf_counter()), step_planner)
+    long = request(loop, "long", prompt_tokens=40)
+    now_s = time.perf_counter()
+    long.arrival_s = now_s - (TIMEOUT_S - 4.0)  # 4 s left
+    queue.add(long, now_s=now_s)
+    step_planner.note_step(1.0)  # steps of 1 s: 4 s left are 2 steps at CATCH_UP_MARGIN 2
+
+    plan = step_planner.schedule(queue, now_s=now_s)
+
+    assert plan.prefill is not None
+    assert plan.prefill.chunks == [long.prompt_ids[:20]]  # half of it per step, not 16
