@@ -3,7 +3,7 @@
 
 Hugging Face decoder-only models of attention layers work (the families model_support.py lists,
 bitsandbytes-quantised too; it refuses the rest, and warm-up checks every path against the
-model's own forward: path_checks.py) because the model is driven through its public forward
+model's own forward: model_support.py) because the model is driven through its public forward
 with three explicit inputs:
 
 * `past_key_values`: a per-forward view of the paged cache (see kv_cache.py): each row's
@@ -69,8 +69,9 @@ from batching.generation.static_decode import (
 )
 
 # The in-place check at warm-up: largest |difference| from the gather's logits, relative to the
-# largest |logit| (path_checks.py's style). fp32 kernels differ in summation order only; half
-# precision rounds per kernel. A wrong block mapping or mask over random K/V moves far more.
+# largest |logit| (as model_support.py's warm-up checks). fp32 kernels differ in summation
+# order only; half precision rounds per kernel. A wrong block mapping or mask over random K/V
+# moves far more.
 PAGED_FP32_TOLERANCE = 1e-3
 PAGED_TOLERANCE = 5e-2
 PAGED_PROBE_TOKENS = 64  # at least; past twice a sliding window or chunk, up to 512

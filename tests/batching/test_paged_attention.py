@@ -24,8 +24,14 @@ from batching.generation.attention import (
     PagedLayout,
 )
 from batching.generation.kv_cache import gather_kv
-from batching.generation.model_support import CHUNKED, FULL, SLIDING, AttentionPattern
-from batching.generation.path_checks import check_prefill_and_decode, make_probe
+from batching.generation.model_support import (
+    CHUNKED,
+    FULL,
+    SLIDING,
+    AttentionPattern,
+    check_prefill_and_decode,
+    make_probe,
+)
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import (
     TEST_DEVICE,
