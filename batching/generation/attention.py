@@ -378,7 +378,8 @@ class InPlaceAttention:
         size = self._block_size
         seen = self._pool_blocks if self._whole_pool else int(tables.max()) + 1
         # physical_to_logical [b, P]: block p holds positions j*size.. of row b, or -1
-        physical_to_logical = torch.full((rows, seen), -1, dtype=torch.int32, device=tables.device)
+        device = tables.device
+        physical_to_logical = torch.full((rows, seen), -1, dtype=torch.int32, device=device)
         logical = self._logical[:width].expand(rows, width)  # [b, M]
         physical_to_logical.scatter_(1, tables, logical)
         physical_to_logical[:, self._spare] = -1  # padding columns: never attended
@@ -391,10 +392,13 @@ class InPlaceAttention:
             start = torch.div(self._first_visible(rule, first), size, rounding_mode="floor")
             count = torch.div(last, size, rounding_mode="floor") + 1 - start  # [b]
             order = (start[:, None] + self._logical[None, :width]).clamp_(max=width - 1)
-            indices = torch.gather(tables, 1, order.long())  # [b, M]
+            # As wide as the pool, as torch's PagedAttention makes it: kernels may size their
+            # view of the mask by it (inductor's CPU template asserts it covers the KV length).
+            indices = torch.zeros((rows, max(seen, width)), dtype=torch.int32, device=device)
+            indices[:, :width] = torch.gather(tables, 1, order.long())  # [b, P]
             return BlockMask.from_kv_blocks(
                 count.to(torch.int32)[:, None, None],  # [b, 1, 1]
-                indices.to(torch.int32)[:, None, None, :],  # [b, 1, 1, M]
+                indices[:, None, None, :],  # [b, 1, 1, P]
                 BLOCK_SIZE=(QUERY_BLOCK, size),
                 mask_mod=_paged_mask_mod(
                     self._pattern, rule, physical_to_logical, positions, size, q
@@ -449,8 +453,11 @@ def _softcapped(cap: float | None) -> Callable[..., torch.Tensor] | None:
 
 def _flex_for(device: torch.device) -> Callable[..., Any]:
     """flex_attention compiled where a fused kernel exists (CUDA), else the eager reference."""
-    if device.type != "cuda":
-        return flex_attention
+    return _compiled_flex() if device.type == "cuda" else flex_attention
+
+
+@functools.cache  # one per process, like torch's own compile caches: a runner built again
+def _compiled_flex() -> Callable[..., Any]:  # (tests, benchmarks) reuses its kernels
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
     def run(*args: Any, **kwargs: Any) -> Any:
