@@ -453,7 +453,10 @@ def _softcapped(cap: float | None) -> Callable[..., torch.Tensor] | None:
 
 def _flex_for(device: torch.device) -> Callable[..., Any]:
     """flex_attention compiled where a fused kernel exists (CUDA), else the eager reference."""
-    return _compiled_flex() if device.type == "cuda" else flex_attention
+    if device.type == "cuda":
+        return _compiled_flex()
+    eager: Callable[..., Any] = flex_attention
+    return eager
 
 
 @functools.cache  # one per process, like torch's own compile caches: a runner built again

@@ -399,7 +399,9 @@ class ModelRunner:
 
     def capture_cuda_graphs(self) -> CudaGraphsReport:
         """Capture every decode bucket where CUDA graphs can be used and check replays against
-        the eager step; on any failure, log why and keep decoding eagerly.
+        the eager step; on any failure, log why and keep decoding eagerly. If the step fails to
+        capture while its attention reads in place, the gather is tried: graphs save far more
+        (a launch-bound step) than in place does.
 
         Call at warm-up, before serving: the probe rows write K/V into blocks nobody holds.
         """
@@ -409,6 +411,14 @@ class ModelRunner:
         else:
             started_s = time.perf_counter()
             failure = self._capture_and_check()
+            chosen = self.paged_attention
+            if failure is not None and chosen.path == IN_PLACE:
+                self._use_paged(GATHER, f"CUDA graphs failed with in place: {failure}")
+                if self._capture_and_check() is None:
+                    failure = None
+                    self.paged_attention.log()
+                else:  # not in place's fault: it stays, and the step runs eagerly
+                    self._use_paged(IN_PLACE, chosen.reason)
             seconds = time.perf_counter() - started_s
             count = len(self.batch_buckets) * len(self.kv_buckets)
             report = CudaGraphsReport(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 from model_families import FAMILIES
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from batching.generation import model_runner
 from batching.generation.attention import (
     GATHER,
     IN_PLACE,
@@ -33,6 +34,7 @@ from batching.generation.model_support import (
     make_probe,
 )
 from batching.generation.sampling import SamplingParams
+from batching.generation.static_decode import DecodeShape
 from tests.batching.conftest import (
     TEST_DEVICE,
     WAIT_S,
@@ -257,3 +259,30 @@ def test_in_place_attention_softcaps_the_scores_as_gemma2_does() -> None:
     scores = cap * torch.tanh(query @ k.transpose(-1, -2) / cap)  # [1, heads, 1, 10]
     expected = (scores.softmax(-1) @ v).transpose(1, 2)  # [1, 1, heads, D]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+class FailsInPlace(StandInGraphs):
+    """A capture that fails while the step's attention reads in place (as a kernel that
+    cannot be graphed would), and succeeds with the gather."""
+
+    def capture(self, run_step: Callable[[int, int], None], shapes: Sequence[DecodeShape]) -> None:
+        runner = run_step.__self__  # type: ignore[attr-defined]  # the runner's _decode_bucket
+        self.fail_capture = runner.paged_attention.path == IN_PLACE
+        super().capture(run_step, shapes)
+
+
+async def test_a_step_that_cannot_be_graphed_in_place_is_graphed_with_the_gather(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama: LlamaForCausalLM, make_engine: EngineFactory
+) -> None:
+    """Graphs save more than in place does (a launch-bound step): the server keeps them."""
+    graphs = FailsInPlace()
+    monkeypatch.setattr(model_runner, "DecodeGraphs", lambda: graphs)
+    monkeypatch.setattr(model_runner, "unavailable_reason", lambda mode, device: None)
+    engine = make_engine(warm_up=True, num_slots=2, max_seq_len=48, paged_attention=IN_PLACE)
+    assert engine.cuda_graphs.enabled
+    report = engine.paged_attention
+    assert report.path == GATHER
+    assert report.reason.startswith("CUDA graphs failed with in place: capture failed")
+    prompt = tokens(9, seed=7)
+    result = await asyncio.wait_for((await engine.submit(prompt, SamplingParams(8))).wait(), WAIT_S)
+    assert list(result.token_ids) == reference(tiny_llama, prompt, 8)
