@@ -1,7 +1,7 @@
 """The GPU check in one command: the engine's equality tests on the device, then the engine
 benchmark, into one Markdown table and one JSON file.
 
-    python scripts/gpu_check.py --out gpu_check              # on an H100/H200: ~8 minutes
+    python scripts/gpu_check.py --out gpu_check              # an H100/H200 (not yet timed)
     python scripts/gpu_check.py --dry-run --out /tmp/check   # CPU: tiny shape, a few steps
 
 On CUDA: the equality tests (greedy output equals generate(), mixed steps, padded rows, CUDA
