@@ -1,9 +1,11 @@
 """Attention that reads the KV blocks in place (GENERATE_PAGED_ATTENTION=in_place,
 FlexAttention; attention.py): greedy output equals generate() token for token across block
 boundaries, with mixed steps on and off, with a sliding window, and with n > 1 choices sharing
-blocks; the in-place attention equals the gather's over a shuffled pool for every layer kind;
-and the path is chosen at warm-up, never assumed. On a CPU flex_attention runs its unfused
-reference, which is what these tests check; a GPU runs them compiled (scripts/gpu_check.py)."""
+blocks; the in-place attention equals the gather's over a shuffled pool for every layer kind
+(and softcaps as Gemma2 does); the path is chosen at warm-up, never assumed, and a step that
+cannot be graphed in place is graphed with the gather. On a CPU flex_attention runs its unfused
+reference, which is what these tests check; on a GPU the engines' tests run it compiled
+(scripts/gpu_check.py)."""
 
 from __future__ import annotations
 
