@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -150,10 +150,10 @@ def for_layer(masks: Any, module: torch.nn.Module) -> Any:
 PREFIX = "slots+"  # our registered names: "slots+sdpa", "slots+eager"
 PLAIN_IMPLEMENTATIONS = ("sdpa", "eager")  # the ones that take the runner's 4D additive mask
 # Keywords a model may hand its attention function that change the scores. The in-place path
-# applies softcap (Gemma2) and refuses the others (the warm-up check would catch them anyway;
-# this says why): gpt-oss's sinks (s_aux) change the softmax's denominator, not a score.
+# applies softcap (Gemma2) and sinks (s_aux, gpt-oss) and refuses position_bias (the warm-up
+# check would catch it anyway; this says why).
 SCORE_EXTRAS = ("softcap", "position_bias", "s_aux")
-NOT_IN_PLACE = ("position_bias", "s_aux")
+NOT_IN_PLACE = ("position_bias",)
 
 
 @dataclass(frozen=True)
@@ -335,10 +335,19 @@ class PagedLayout:
         seen = slice(0, self.pool_blocks)
         pool_keys = key[seen].view(1, -1, kv_heads, dim).transpose(1, 2)  # [1, kv_heads, N, D]
         pool_values = value[seen].view(1, -1, kv_heads, dim).transpose(1, 2)
+        sinks = extras.get("s_aux")  # [heads]: one more logit per head, with no value
         out = self.flex(
             grouped, pool_keys, pool_values, score_mod=_softcapped(extras.get("softcap")),
             block_mask=for_layer(self.block_masks, module), scale=extras.get("scaling"),
+            return_aux=None if sinks is None else AuxRequest(lse=True),
         )  # fmt: skip  # [b, kv_heads, groups * q, D]
+        if sinks is not None:
+            out, aux = out
+            # A sink joins the softmax's denominator: each weight shrinks by Z / (Z + e^sink),
+            # Z = e^lse, i.e. sigmoid(lse - sink). Row g * q + i of K/V head k: head k*groups+g.
+            sink = sinks.view(kv_heads, groups, 1).expand(kv_heads, groups, q)
+            shrink = torch.sigmoid(aux.lse - sink.reshape(kv_heads, groups * q).float())
+            out = out * shrink[..., None].to(out.dtype)  # a row that sees nothing: lse -inf, 0
         return out.reshape(b, heads, q, dim).transpose(1, 2).contiguous()
 
 

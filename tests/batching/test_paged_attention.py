@@ -288,3 +288,31 @@ async def test_a_step_that_cannot_be_graphed_in_place_is_graphed_with_the_gather
     prompt = tokens(9, seed=7)
     result = await asyncio.wait_for((await engine.submit(prompt, SamplingParams(8))).wait(), WAIT_S)
     assert list(result.token_ids) == reference(tiny_llama, prompt, 8)
+
+
+def test_in_place_attention_applies_sinks_as_gpt_oss_does() -> None:
+    """gpt-oss's sinks: one more logit per head in the softmax, with no value (eager attention
+    concatenates it to the scores); 4 query heads on 2 K/V heads, each head its own sink."""
+    pattern, block_size, heads, kv_heads, dim = AttentionPattern((FULL,)), 4, 4, 2, 8
+    generator = torch.Generator().manual_seed(2)
+    keys, values = (
+        torch.randn((5, block_size, kv_heads, dim), generator=generator) for _ in range(2)
+    )  # fmt: skip
+    tables = torch.tensor([[2, 4, 1], [3, 0, 0]])
+    positions = torch.tensor([[10], [2]])
+    query = torch.randn((2, heads, 1, dim), generator=generator)
+    sinks = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    in_place = InPlaceAttention(
+        pattern, num_blocks=5, block_size=block_size, spare_block=0,
+        query_groups=heads // kv_heads, device=torch.device("cpu"),
+    )  # fmt: skip
+    out = in_place.layout(positions, tables).attend(
+        torch.nn.Module(), query, keys, values, {"scaling": 0.5, "s_aux": sinks}
+    )
+    k, v = (gather_kv(t, tables, 11).repeat_interleave(2, dim=1) for t in (keys, values))
+    mask = LayerMasks(pattern, 11, torch.float32, torch.device("cpu")).build(positions, 11)
+    assert isinstance(mask, torch.Tensor)
+    scores = query @ k.transpose(-1, -2) * 0.5 + mask  # [2, heads, 1, 11]
+    with_sink = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(2, -1, 1, 1)], dim=-1)
+    expected = (with_sink.softmax(-1)[..., :-1] @ v).transpose(1, 2)  # [2, 1, heads, D]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
