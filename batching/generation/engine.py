@@ -283,8 +283,12 @@ class GenerationEngine:
             )
         prompt = [0] * max(1, min(prompt_tokens, self.max_seq_len - decode_steps))
         with torch.inference_mode():
-            self._runner.choose_paged_attention()  # in place or gather, before paths are checked
+            # The model's own forward judges the reference (gather) paths first, so a model
+            # is never refused for the in-place kernel's rounding; that kernel is then judged
+            # against the gather, and only falls back to it if it differs.
+            self._runner.gather_until_chosen()
             self._check_paths()  # eager steps; capture_cuda_graphs checks replays against them
+            self._runner.choose_paged_attention()  # in place or gather
             for rows in sorted({1, self.slots_total}):
                 tables = self._runner.scratch_tables(rows, len(prompt) + decode_steps)
                 self._runner.prefill(tables, [prompt] * rows)

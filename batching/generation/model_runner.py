@@ -141,7 +141,7 @@ class ModelRunner:
             # Asked for: used from the start (warm-up checks it against the gather again).
             self._use_paged(IN_PLACE, "GENERATE_PAGED_ATTENTION=in_place; warm-up checks it")
         else:
-            self._use_paged(GATHER, "not chosen yet (warm-up does it)")
+            self.gather_until_chosen()
 
     def prefill(
         self,
@@ -340,6 +340,11 @@ class ModelRunner:
                 self._use_paged(GATHER, f"in place was checked and not used: {failure}")
         self.paged_attention.log()
         return self.paged_attention
+
+    def gather_until_chosen(self) -> None:
+        """Read KV blocks by the gather (the reference) until choose_paged_attention() runs:
+        warm-up judges the engine's paths against the model's own forward on it."""
+        self._use_paged(GATHER, "not chosen yet (warm-up does it)")
 
     def _use_paged(self, path: PagedPath, reason: str) -> None:
         self.paged_attention = PagedAttentionReport(self._paged_mode, path, reason)
