@@ -276,7 +276,7 @@ def test_a_more_urgent_waiter_that_does_not_fit_is_not_overtaken_by_a_short_one(
 
 
 def test_short_prompts_join_in_priority_order_within_their_share(loop) -> None:
-    step_planner, queue, long = chunking_beside_a_stream(loop)
+    step_planner, queue, _ = chunking_beside_a_stream(loop)
     relaxed = request(loop, "relaxed", prompt_tokens=10, priority=1)
     urgent = [request(loop, f"urgent{i}", prompt_tokens=10) for i in range(2)]
     for waiting in (relaxed, *urgent):
@@ -340,3 +340,33 @@ def test_a_short_prompt_behind_a_long_one_joins_its_first_chunk(loop) -> None:
     assert plan.prefill.requests == [long, short]
     assert plan.prefill.chunks == [long.prompt_ids[:26], short.prompt_ids]  # 32 x (1 - 6/32)
     assert step_planner.slots.owners == [stream, long, short]
+
+
+def test_a_joining_prompt_with_n_choices_brings_its_followers_after_it(loop) -> None:
+    step_planner, queue, long = chunking_beside_a_stream(loop)
+    leader, follower = request(loop, "n2", prompt_tokens=6), request(loop, "n2", 6)
+    follower.follow(leader)
+    queue.add(leader, now_s=time.perf_counter())
+
+    plan = step_planner.schedule(queue, now_s=time.perf_counter())
+
+    assert plan.admitted == [leader, follower]
+    assert plan.prefill is not None
+    assert plan.prefill.requests == [long, leader]  # the follower shares its leader's prefill
+    assert step_planner.slots.owners[plan.prefill.first_slot :] == [long, leader, follower]
+
+
+def test_a_late_long_prompt_takes_its_catch_up_chunk_alone(loop) -> None:
+    step_planner, queue, long = chunking_beside_a_stream(loop)
+    start = long.prefilled
+    now_s = time.perf_counter()
+    long.arrival_s = now_s - (TIMEOUT_S - 4.0)  # 4 s left: 2 steps of 1 s at CATCH_UP_MARGIN 2
+    step_planner.note_step(1.0)
+    short = request(loop, "short", prompt_tokens=6)
+    queue.add(short, now_s=now_s)
+
+    plan = step_planner.schedule(queue, now_s=now_s)
+
+    assert plan.admitted == [] and list(queue) == [short]
+    assert plan.prefill is not None
+    assert plan.prefill.chunks == [long.prompt_ids[start : start + 42]]  # half of the 84 left
