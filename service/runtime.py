@@ -104,7 +104,8 @@ class Runtime:
             engine = self.generate.engine
             log.info(
                 "generate warm-up took %.2fs; KV cache: %d blocks x %d tokens = %d tokens, "
-                "%.1f MiB; %d rows decoded together; max_seq_len %d; CUDA graphs: %s",
+                "%.1f MiB; %d rows decoded together; max_seq_len %d; CUDA graphs: %s; "
+                "paged attention: %s (%s)",
                 warm_s,
                 engine.kv_blocks_total,
                 engine.kv_block_size,
@@ -113,6 +114,8 @@ class Runtime:
                 engine.slots_total,
                 engine.max_seq_len,
                 "on" if graphs.enabled else f"off ({graphs.reason})",
+                engine.paged_attention.path,
+                engine.paged_attention.reason,
             )
             self.generate.start()
         for model in self.loaded_models():

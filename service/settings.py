@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     generate_cancel_on_disconnect: bool = True
     # decode steps replay CUDA graphs (captured at warm-up); auto = on where CUDA is available
     generate_cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    generate_paged_attention: Literal["auto", "gather", "in_place"] = Field(
+        "auto",
+        description="How decode attention reads KV blocks: gather (a copy, every device), "
+        "in_place (FlexAttention); auto = in_place on CUDA once it matches gather at warm-up",
+    )
     generate_prefill_chunk_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] = Field(
         "auto",
         description="Most prompt tokens prefilled per step while streams decode; auto = "

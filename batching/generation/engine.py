@@ -38,6 +38,7 @@ from batching.errors import (
     QueueTimeoutError,
     RequestInterruptedError,
 )
+from batching.generation.attention import PagedAttentionReport
 from batching.generation.block_manager import BlockManager
 from batching.generation.chunk_sizing import (
     ChunkLimits,
@@ -109,6 +110,7 @@ class GenerationEngine:
             max_rows=config.num_slots,
             cuda_graphs=config.cuda_graphs,
             kv_bucket_min=config.kv_bucket_min,
+            paged_attention=config.paged_attention,
         )
         mixed_steps = config.mixed_steps
         self._mixed_off_reason = mixed_steps_unavailable(model) if mixed_steps else None
@@ -262,6 +264,11 @@ class GenerationEngine:
         """Whether decode steps replay CUDA graphs (decided by warm_up()), and which buckets."""
         return self._runner.cuda_graphs
 
+    @property
+    def paged_attention(self) -> PagedAttentionReport:
+        """How the decode step's attention reads the KV blocks (gather or in place), and why."""
+        return self._runner.paged_attention
+
     # ---- lifecycle ----
 
     def warm_up(self, prompt_tokens: int = 16, decode_steps: int = 2) -> None:
@@ -276,6 +283,7 @@ class GenerationEngine:
             )
         prompt = [0] * max(1, min(prompt_tokens, self.max_seq_len - decode_steps))
         with torch.inference_mode():
+            self._runner.choose_paged_attention()  # in place or gather, before paths are checked
             self._check_paths()  # eager steps; capture_cuda_graphs checks replays against them
             for rows in sorted({1, self.slots_total}):
                 tables = self._runner.scratch_tables(rows, len(prompt) + decode_steps)

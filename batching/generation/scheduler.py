@@ -321,7 +321,7 @@ class StepPlan:
     # Rows that sample a token in this step's decode; a step whose prefill is not mixed also
     # decodes the rows it completes (their first decode token right after their first token).
     decoding: list[Request]
-    mixed: bool  # the prefill runs inside the decode's forward (mixed_attention.py)
+    mixed: bool  # the prefill runs inside the decode's forward (attention.py)
 
 
 class StepPlanner:
@@ -410,7 +410,7 @@ class StepPlanner:
         return math.ceil((len(request.prefill_ids) - request.prefilled) / steps_left)
 
     def _mixes(self, work: PrefillWork, decoding: list[Request]) -> bool:
-        """Whether this step's prefill runs in the decode's forward (mixed_attention.py): when
+        """Whether this step's prefill runs in the decode's forward (attention.py): when
         some row decodes, so the two forwards would run back to back, and the prefill does not
         need the logits of every position (prompt logprobs)."""
         return self.mixed_steps and not work.requests[0].prefill_alone and bool(decoding)

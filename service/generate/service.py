@@ -111,6 +111,7 @@ class GenerationService:
             kv_block_size=settings.generate_kv_block_size,
             kv_cache_blocks=blocks,
             cuda_graphs=settings.generate_cuda_graphs,
+            paged_attention=settings.generate_paged_attention,
             priority_aging_s=settings.priority_aging_s,
         )
         engine = GenerationEngine(
@@ -191,6 +192,7 @@ class GenerationService:
             "attention_layers": self.engine.attention_layout,
             "mixed_steps_off_reason": self.engine.mixed_steps_off_reason,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
+            "paged_attention": self.engine.paged_attention.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
             "max_stall_steps": self.settings.generate_max_stall_steps,
             "prefill_chunk_limits": self.engine.prefill_chunk_limits.as_dict(),
