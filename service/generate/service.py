@@ -159,13 +159,14 @@ class GenerationService:
         return prompt_ids(self.loaded.tokenizer, prompt, True, allow)
 
     def refresh_gauges(self) -> None:
-        self.metrics.slots_in_use.set(self.engine.slots_in_use)
-        self.metrics.waiting.set(self.engine.waiting_requests)
+        # Each engine figure read once, so the generate_* and vllm:* gauges of one scrape agree
+        # (the engine thread may admit a request between two reads).
+        waiting, running = self.engine.waiting_requests, self.engine.slots_in_use
+        self.metrics.slots_in_use.set(running)
+        self.metrics.waiting.set(waiting)
         blocks = self.engine.kv_cache_blocks
         self.metrics.kv_cache_usage.set(blocks.usage_ratio)
-        self.metrics.vllm.set_state(
-            waiting=self.engine.waiting_requests, running=self.engine.slots_in_use, blocks=blocks
-        )
+        self.metrics.vllm.set_state(waiting=waiting, running=running, blocks=blocks)
         self.metrics.kv_blocks_total.set(self.engine.kv_blocks_total)
         self.metrics.kv_blocks_used.set(self.engine.kv_blocks_used)
         self.metrics.kv_blocks_cached.set(self.engine.kv_blocks_cached)
