@@ -75,9 +75,10 @@ def render_chat(
     """`render(messages, tools)` (the chat template), with the spans of client-typed
     special-token text unless allow_special."""
     text = render(messages, tools)
-    if allow_special:
+    specials = special_token_texts(tokenizer)
+    if allow_special or not specials:
         return RenderedChat(text)
-    typed = re.compile("|".join(re.escape(t) for t in special_token_texts(tokenizer)))
+    typed = re.compile("|".join(re.escape(t) for t in specials))
     sent = list(_strings([messages, tools]))
     if not any(typed.search(s) for s in sent):
         return RenderedChat(text)
