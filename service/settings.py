@@ -167,6 +167,14 @@ class Settings(BaseSettings):
         description="Proxies whose X-Forwarded-For names the client (uvicorn): NGINX's own "
         "address, never '*' where clients reach the app directly",
     )
+    forwarded_trusted_hops: int = Field(
+        0,
+        ge=0,
+        description="X-Forwarded-For entries, from the right, that our own proxies append (an "
+        "Envoy-based gateway: 1): the client is the leftmost of them, what a client wrote before "
+        "them is ignored. 0: uvicorn's rule alone (for proxies that replace the header, as NGINX "
+        "here does)",
+    )
     api_keys: str = Field(
         "", description="Comma-separated accepted keys; empty leaves the API open"
     )
