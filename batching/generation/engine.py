@@ -128,6 +128,9 @@ class GenerationEngine:
             config.max_queue, config.timeout_s, config.priority_aging_s
         )
         self._evicted: list[Request] = []  # refused from a full queue for a more urgent one
+        # Every accepted request until its handle ends, wherever it is (queue, rows, a plan
+        # being run): if the loop dies mid-step, _shut answers each one still unanswered.
+        self._live: set[Request] = set()
         self._observer: EngineObserver = observer or NoopEngineObserver()
         self._outbox = Outbox(self._observer)
         self._planner = StepPlanner(
@@ -433,13 +436,21 @@ class GenerationEngine:
                 raise
             if evicted is not None:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
+            self._live.update(requests)
             self._cond.notify()
+        for request in requests:
+            request.handle.add_end_callback(functools.partial(self._forget, request))
         # The engine thread answers timed-out requests between steps; this timer answers them
         # on time even while one step runs long. It is cancelled when the leader's handle ends,
         # so a finished request is not kept alive for REQUEST_TIMEOUT_S by the timer.
         timer = loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
         requests[0].handle.add_end_callback(lambda _result, _error: timer.cancel())
         return [r.handle for r in requests]
+
+    def _forget(self, request: Request, _result: object, _error: object) -> None:
+        """On the event loop, once the request's handle has ended."""
+        with self._cond:
+            self._live.discard(request)
 
     def _expire_if_waiting(self, leader: Request) -> None:
         """On the event loop: a request still queued at its timeout gets QueueTimeoutError."""
@@ -450,8 +461,9 @@ class GenerationEngine:
         self._observer.on_rejected("timeout", leader.priority)
         for request in leader.group:
             error = QueueTimeoutError(now_s - leader.arrival_s, self._scheduler.timeout_s)
-            self._observer.on_finish("error", request.prompt_tokens, 0, now_s - leader.arrival_s)
-            fail_now(request.handle, error)
+            if fail_now(request.handle, error):
+                waited_s = now_s - leader.arrival_s
+                self._observer.on_finish("error", request.prompt_tokens, 0, waited_s)
 
     def _wake(self) -> None:
         with self._cond:
@@ -546,7 +558,8 @@ class GenerationEngine:
 
     def _shut(self, message: str) -> None:
         """The loop ended (stopped or died): waiting requests get EngineStoppedError, the ones
-        in rows or preempted (computed in part) RequestInterruptedError."""
+        in rows or preempted (computed in part) RequestInterruptedError; so does every other
+        accepted request not yet answered."""
         with self._cond:  # one section: no submit can evict into _evicted after this
             self._accepting = False
             waiting = self._scheduler.take_all()
@@ -558,6 +571,14 @@ class GenerationEngine:
             request = self._slots.owners[slot]
             self._planner.release(request)
             self._outbox.fail(request, RequestInterruptedError(message))
+        # A step that died between taking requests off the queue or out of their rows and
+        # answering them (a fault while planning or running) leaves them nowhere above: the
+        # ones not yet answered are answered here (the outbox skips the ones that were).
+        with self._cond:
+            live = list(self._live)
+        for request in live:
+            error = RequestInterruptedError if request.started else EngineStoppedError
+            self._outbox.fail(request, error(message))
         self._outbox.flush()
 
 
