@@ -171,7 +171,10 @@ class GenerationHandle:
         if isinstance(item, _Finished | _Failed):
             result = item.result if isinstance(item, _Finished) else None
             error = item.error if isinstance(item, _Failed) else None
-            for callback in self._on_end:
+            # Each fires once; dropping them lets go of what they hold (the engine's own
+            # callback holds the request, which the caller's handle would keep alive).
+            callbacks, self._on_end = self._on_end, []
+            for callback in callbacks:
                 try:
                     callback(result, error)
                 except Exception:  # a bookkeeping bug must not stop delivery to other handles
