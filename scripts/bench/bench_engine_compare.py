@@ -119,7 +119,19 @@ def table(
                 engine = pick(engine_rows, "tok_per_s", how)
                 lines.append(f"* engine x{args.static_batch} / static generate(), {side}: "
                              f"{engine / static_tps:.2f}x ({engine:,.0f} tok/s)")  # fmt: skip
+                if how == "median":  # each process ran both, one after the other
+                    ratios = same_process_ratios(measured[side], dtype, args.static_batch)
+                    lines.append(f"  per process, engine / static generate(): {ratios}")
     return "\n".join(lines)
+
+
+def same_process_ratios(side: dict[RowKey, list[dict[str, Any]]], dtype: str, n: int) -> str:
+    """Engine tok/s at n streams over the static generate() batch of n measured right after it
+    in the same process: pairs taken side by side, so background load hits both alike."""
+    engine = side[(dtype, "engine", n)]
+    static = side[(dtype, "generate() static batch", n)]
+    pairs = zip(engine, static, strict=True)
+    return ", ".join(f"{e['tok_per_s'] / s['tok_per_s']:.2f}" for e, s in pairs)
 
 
 def cpu_table(
