@@ -5,7 +5,7 @@
 MODEL is a hub id or a folder. The model is loaded with the service's own loading code (the same
 ATTN_IMPLEMENTATION, DEVICE and QUANTIZATION settings, from the environment or .env) and put
 through what the server does at start-up: the refusals of batching/generation/model_support.py,
-then the warm-up checks of every engine path against the model's own forward (path_checks.py).
+then the warm-up checks of every engine path against the model's own forward (model_support.py).
 If it is served, a few prompts (or the lines of --prompts) run through the engine together,
 staggered, and each output is compared token for token with generate() on that prompt alone.
 

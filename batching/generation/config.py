@@ -1,7 +1,7 @@
 """EngineConfig: every setting of the generation engine, in one place (nano-vllm's Config).
 
 Plain values with defaults, built once (service/generate/service.py builds it from Settings)
-and handed to GenerationEngine, which passes it on to RunningBatch and Placement instead of a
+and handed to GenerationEngine, which passes it on to StepPlanner and RunningBatch instead of a
 long list of keyword arguments. Objects the engine talks to (the model, its tokenizer, the
 metrics observer, the grammar tokenizer) are arguments of their own, not settings.
 """

@@ -2,15 +2,19 @@
 
 One engine thread owns the batch rows, the KV blocks and the model; it is their only writer.
 Event-loop handlers only `submit()` (which validates and queues, under one lock) and read their
-handle. Each step (see RunningBatch in running_batch.py for the details): retire ended rows,
-give every decoding row a block for its next token (preempting the least urgent sequence when
-the pool is short: it goes back to the queue and is later resumed by recomputing what it had
-written), prefill (the next chunk of a long prompt, or waiting requests admitted into free rows,
-their cached prefix blocks shared), run one decode forward over all rows past their prefill
-(while rows decode, the prefill and the decode are one forward: a mixed step), sample one token
-per row, push the tokens to the handles, retire finished rows (their rows and blocks serve the
-next request in the very next step). When there is nothing to do the thread sleeps on a
-Condition: no polling.
+handle. Each step is schedule -> run -> postprocess (nano-vllm's `LLMEngine.step`):
+
+* schedule (scheduler.py, under the lock that guards the queue): `StepPlanner.schedule()`
+  returns the step as data, a `StepPlan`: the rows it retired, the waiting requests it dropped
+  (client gone, timed out), the sequences it preempted back to the queue when the KV pool ran
+  short (resumed later by recomputing what they had written), the requests it admitted into
+  free rows (their cached prefix blocks shared), the prompt chunk(s) to prefill, the rows that
+  decode, and whether prefill and decode share one forward (a mixed step);
+* run and postprocess (running_batch.py): `RunningBatch.run(plan)` answers the retired rows,
+  runs the forward(s), samples one token per row, hands the tokens to the handles and retires
+  rows that ended (their rows and blocks serve the next request in the very next step).
+
+When there is nothing to do the thread sleeps on a Condition: no polling.
 """
 
 from __future__ import annotations
@@ -43,16 +47,19 @@ from batching.generation.config import DEFAULT_PREFILL_CHUNK_TOKENS, EngineConfi
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationHandle, Outbox, fail_now
 from batching.generation.model_runner import ModelRunner, build_paged_cache
-from batching.generation.model_support import check_supported, mixed_steps_unavailable
+from batching.generation.model_support import (
+    check_mixed_step,
+    check_prefill_and_decode,
+    check_supported,
+    make_probe,
+    mixed_steps_unavailable,
+)
 from batching.generation.observer import EngineObserver, NoopEngineObserver
-from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
-from batching.generation.request import Request
+from batching.generation.request import Request, SubmissionRules
 from batching.generation.running_batch import RunningBatch
 from batching.generation.sampling import SamplingParams
-from batching.generation.scheduler import Scheduler
-from batching.generation.slots import SlotTable
+from batching.generation.scheduler import Scheduler, SlotTable, StepPlan, StepPlanner
 from batching.generation.static_decode import CudaGraphsReport
-from batching.generation.submission import SubmissionRules
 
 logger = logging.getLogger(__name__)
 
@@ -114,23 +121,27 @@ class GenerationEngine:
 
         self._slots: SlotTable[Request] = SlotTable(config.num_slots, max_seq_len)
         vocab_size: int = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
-        self._rules = SubmissionRules(self._slots, vocab_size, grammar_tokenizer)
+        self._rules = SubmissionRules(config.num_slots, max_seq_len, vocab_size, grammar_tokenizer)
         self._scheduler: Scheduler[Request] = Scheduler(
             config.max_queue, config.timeout_s, config.priority_aging_s
         )
         self._evicted: list[Request] = []  # refused from a full queue for a more urgent one
         self._observer: EngineObserver = observer or NoopEngineObserver()
         self._outbox = Outbox(self._observer)
+        self._planner = StepPlanner(
+            self._slots,
+            self._blocks,
+            self._observer,
+            self.config,
+            _initial_limits(config.prefill_chunk_tokens),
+        )
         self._batch = RunningBatch(
             self._runner,
-            self._slots,
+            self._planner,
             self._outbox,
             self._observer,
             self.config,
             tokenizer=engine_tokenizer,
-            grammar_tokenizer=grammar_tokenizer,
-            chunk_limits=_initial_limits(config.prefill_chunk_tokens),
-            blocks=self._blocks,
         )
         self._measure_chunk = config.prefill_chunk_tokens == "auto"  # by warm_up()
         self._max_stall_steps = config.max_stall_steps
@@ -213,7 +224,7 @@ class GenerationEngine:
 
     @property
     def preemptions_total(self) -> int:
-        return self._batch.preemptions
+        return self._planner.preemptions
 
     @property
     def prefix_cache_enabled(self) -> bool:
@@ -240,7 +251,7 @@ class GenerationEngine:
     @property
     def prefill_chunk_limits(self) -> ChunkLimits:
         """Prompt tokens a step prefills while rows decode (measured by warm_up() if "auto")."""
-        return self._batch.chunk_limits
+        return self._planner.chunk_limits
 
     @property
     def max_seq_len(self) -> int:
@@ -278,21 +289,21 @@ class GenerationEngine:
                 limits = measure_chunk_limits(
                     self._runner,
                     DEFAULT_PREFILL_CHUNK_TOKENS,
-                    mixed=self._batch.mixed_steps,
+                    mixed=self._planner.mixed_steps,
                     max_stall_steps=self._max_stall_steps,
                 )
-                self._batch.chunk_limits = limits
+                self._planner.chunk_limits = limits
                 logger.info("prefill chunk limits measured: %s", limits.as_dict())
 
     def _check_paths(self) -> None:
         """Compare the engine's prefill, decode (graph replays included) and mixed steps with the
-        model's own forward on probe rows (path_checks.py). A prefill or decode that differs
+        model's own forward on probe rows (model_support.py). A prefill or decode that differs
         raises UnsupportedModelError: the model is refused. A mixed step that differs or fails
         (a model whose attention cannot be split) turns mixed steps off, with the reason logged
         and in /info, instead of failing over to separate forwards at every step."""
         probe = make_probe(self._runner)
         check_prefill_and_decode(self._runner, probe)
-        if not self._batch.mixed_steps or self.slots_total < 2:
+        if not self._planner.mixed_steps or self.slots_total < 2:
             return
         reason = check_mixed_step(self._runner, probe)
         if reason is not None:
@@ -300,7 +311,7 @@ class GenerationEngine:
                 "mixed steps are off: %s; prefill and decode run as separate forwards", reason
             )
             self._mixed_off_reason = reason
-            self._batch.mixed_steps = False
+            self._planner.mixed_steps = False
 
     @property
     def mixed_steps_off_reason(self) -> str | None:
@@ -317,7 +328,7 @@ class GenerationEngine:
     def mixed_steps(self) -> bool:
         """Whether a step's prefill runs in the decode forward (False if warm-up found it
         cannot)."""
-        return self._batch.mixed_steps
+        return self._planner.mixed_steps
 
     def start(self) -> None:
         """Start the engine thread (once)."""
@@ -412,8 +423,10 @@ class GenerationEngine:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
             self._cond.notify()
         # The engine thread answers timed-out requests between steps; this timer answers them
-        # on time even while one step runs long.
-        loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
+        # on time even while one step runs long. It is cancelled when the leader's handle ends,
+        # so a finished request is not kept alive for REQUEST_TIMEOUT_S by the timer.
+        timer = loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
+        requests[0].handle.add_end_callback(lambda _result, _error: timer.cancel())
         return [r.handle for r in requests]
 
     def _expire_if_waiting(self, leader: Request) -> None:
@@ -471,20 +484,14 @@ class GenerationEngine:
         return not self._stopping or self._slots.in_use > 0 or waiting > 0
 
     def _step(self) -> None:
-        """retire -> prefill -> decode -> deliver (RunningBatch does each; see its docstring)."""
+        """schedule -> run -> postprocess: the plan is data (StepPlan), run by RunningBatch."""
         self._step_started_s = time.perf_counter()
         try:
             self._answer_evicted()
-            self._batch.retire_ended()
-            self._batch.reserve_decode_blocks()
-            work = self._batch.next_prefill(self._take_admissions, self._count_waiting)
-            if work is not None and self._batch.mixes(work):
-                self._batch.prefill_and_decode(work)  # one forward for both
-            else:
-                if work is not None:
-                    self._batch.prefill(work)
-                    self._outbox.flush()  # first tokens go out before this step's decode
-                self._batch.decode()
+            with self._cond:
+                plan = self._planner.schedule(self._scheduler, time.perf_counter())
+            self._answer_dropped(plan)
+            self._batch.run(plan)
             if self._stopping and time.perf_counter() > self._drain_deadline_s:
                 stopped = "the engine stopped before this request ended"
                 self._batch.fail_all(lambda: RequestInterruptedError(stopped))
@@ -495,12 +502,13 @@ class GenerationEngine:
             self._outbox.flush()
         finally:
             self._requeue_preempted()
-            self._batch.note_step(time.perf_counter() - self._step_started_s)
+            self._planner.note_step(time.perf_counter() - self._step_started_s)
             self._step_started_s = None
 
     def _requeue_preempted(self) -> None:
-        """Requests the batch gave back (preempted, or no blocks for them yet) wait again."""
-        preempted, self._batch.preempted = self._batch.preempted, []
+        """Sequences preempted while the step ran (a row its prefill completed found no block
+        for its first decode token, or a follower none for its copy) wait again."""
+        preempted = self._planner.take_preempted()
         if preempted:
             with self._cond:
                 for request in reversed(preempted):
@@ -514,25 +522,18 @@ class GenerationEngine:
             self._observer.on_rejected("queue_full", leader.priority)
             self._fail_group(leader, lambda: QueueFullError(self._scheduler.max_queue))
 
-    def _take_admissions(self, prefill_budget: int) -> list[Request]:
-        """Waiting requests for the free slots; stale ones are answered, at no compute."""
+    def _answer_dropped(self, plan: StepPlan) -> None:
+        """The waiting requests the plan dropped, answered at no compute: cancelled ones end
+        as cancelled, timed-out ones get QueueTimeoutError."""
         now_s = time.perf_counter()
-        with self._cond:
-            cancelled, timed_out = self._scheduler.drop_stale(now_s)
-            admitted = self._scheduler.admit(self._slots.free, prefill_budget, now_s)
-        for leader in cancelled:
+        for leader in plan.cancelled:
             for request in leader.group:
                 request.finish_reason = "cancelled"
                 self._outbox.finish(request, now_s)
-        for leader in timed_out:
+        for leader in plan.timed_out:
             self._observer.on_rejected("timeout", leader.priority)
             waited_s, limit_s = now_s - leader.arrival_s, self._scheduler.timeout_s
             self._fail_group(leader, functools.partial(QueueTimeoutError, waited_s, limit_s))
-        return admitted
-
-    def _count_waiting(self) -> int:
-        with self._cond:
-            return len(self._scheduler)
 
     def _fail_group(self, leader: Request, make_error: Callable[[], Exception]) -> None:
         for request in leader.group:
@@ -550,7 +551,7 @@ class GenerationEngine:
             self._fail_group(leader, functools.partial(error, message))
         for slot in range(self._slots.in_use - 1, -1, -1):
             request = self._slots.owners[slot]
-            self._batch.release(request)
+            self._planner.release(request)
             self._outbox.fail(request, RequestInterruptedError(message))
         self._outbox.flush()
 

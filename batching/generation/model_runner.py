@@ -3,7 +3,7 @@
 
 Hugging Face decoder-only models of attention layers work (the families model_support.py lists,
 bitsandbytes-quantised too; it refuses the rest, and warm-up checks every path against the
-model's own forward: path_checks.py) because the model is driven through its public forward
+model's own forward: model_support.py) because the model is driven through its public forward
 with three explicit inputs:
 
 * `past_key_values`: a per-forward view of the paged cache (see kv_cache.py): each row's

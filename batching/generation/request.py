@@ -1,15 +1,17 @@
-"""Per-request state on the engine side: prompt, params, outputs so far, timings."""
+"""Per-request state on the engine side: what submit() refuses at once (`SubmissionRules`),
+and one request's prompt, params, outputs so far and timings (`Request`)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from batching.errors import EngineError
+from batching.errors import EngineError, InvalidInputError, PromptTooLongError
 from batching.generation.detokenizer import IncrementalDetokenizer, Tokenizer
-from batching.generation.grammar import GrammarMatcher
+from batching.generation.grammar import CompiledGrammar, GrammarMatcher
 from batching.generation.handle import (
     FinishReason,
     GenerationDelta,
@@ -18,6 +20,43 @@ from batching.generation.handle import (
     GenerationTimings,
 )
 from batching.generation.sampling import SamplingParams, TokenLogprob, make_generator
+from batching.priority import PRIORITY_MAX, PRIORITY_MIN
+
+
+@dataclass(frozen=True)
+class SubmissionRules:
+    """What submit() refuses at once, before anything is queued."""
+
+    num_slots: int  # the most choices one request may ask for (each takes a row)
+    max_seq_len: int  # the model's context, capped by the KV pool
+    vocab_size: int
+    grammar_tokenizer: object  # None: no structured output
+
+    def check(
+        self, prompt_ids: Sequence[int], choices: Sequence[SamplingParams], priority: int
+    ) -> None:
+        """InvalidInputError or PromptTooLongError, with the numbers, for a request that could
+        never be served: it must fail now, not after waiting in the queue."""
+        if not 1 <= len(choices) <= self.num_slots:
+            raise InvalidInputError(
+                f"{len(choices)} choices, but 1 to {self.num_slots} (the slots) are possible"
+            )
+        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise InvalidInputError(
+                f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {priority}"
+            )
+        if not prompt_ids:
+            raise InvalidInputError("the prompt has no tokens")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise InvalidInputError(f"token ids must be in [0, {self.vocab_size})")
+        for params in choices:
+            # max_seq_len is the model's context capped by the KV pool, so a request within it
+            # can always run, alone if need be (others are preempted to make room).
+            if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
+                raise PromptTooLongError(len(prompt_ids), params.max_new_tokens, self.max_seq_len)
+            if params.grammar is not None and not isinstance(params.grammar, CompiledGrammar):
+                # The engine thread never compiles: GrammarCompiler does, under limits.
+                raise InvalidInputError("a grammar must be compiled before it is submitted")
 
 
 class Request:
@@ -131,15 +170,15 @@ class Request:
         else:
             self.admitted_s = None
 
-    def admit(
-        self,
-        tokenizer: Tokenizer,
-        special_tokens: Sequence[str],
-        now_s: float,
-        grammar_tokenizer: object = None,
-    ) -> None:
-        """The request got a slot (engine thread: the only user of its tokenizer copy)."""
-        self.admitted_s = now_s
+    def admit(self, now_s: float) -> None:
+        """It got a row (the scheduler); a resumed request keeps its first admission time."""
+        if not self.started:
+            self.admitted_s = now_s
+
+    def prepare_output(self, tokenizer: Tokenizer, special_tokens: Sequence[str]) -> None:
+        """Its detokenizer, grammar matcher and prompt logprobs, made fresh on admission
+        (engine thread: the only user of its tokenizer copy). A resumed request (preempted
+        after it sampled) keeps its own: the engine calls this only for one that has not."""
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, self.prompt_ids, self.params.stop, special_tokens
         )
@@ -161,7 +200,7 @@ class Request:
     ) -> GenerationDelta:
         """Take one sampled token; sets finish_reason when this token ends the request."""
         if self.detokenizer is None:
-            raise RuntimeError("accept() before admit()")
+            raise RuntimeError("accept() before prepare_output()")
         self.tokens_sampled += 1
         if self.first_token_s is None:
             self.first_token_s = now_s

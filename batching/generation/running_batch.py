@@ -1,51 +1,36 @@
-"""The requests that hold KV-cache slots, and what one engine step does to them.
+"""Running one step's plan (scheduler.py's `StepPlan`) and applying its results.
 
-`RunningBatch` is used by the engine thread only. Per step the engine asks it to:
+`RunningBatch.run(plan)` is the step after the plan: answer the rows the plan retired, give
+the admitted requests their detokenizer and grammar matcher, then run the forwards and apply
+what they return:
 
-1. `retire_ended()`: free the slots of rows that finished, failed or were cancelled;
-2. `next_prefill(admit, waiting)`: pick this step's prefill work: the next chunk of a prompt
-   that is being prefilled over several steps, or else the requests `admit` takes from the
-   queue within `admission_budget()`, placed in free slots (a cached prefix is copied in first);
-3. `prefill(work)`: run it, and for rows whose whole prompt is now in the cache, save its
-   blocks to the prefix cache and sample the first token;
-4. `decode()`: one token for every row that is past its prefill.
+* prefill (`_prefill`, then `_after_prefill`): the chunks go into the cache; a row whose whole
+  prompt is now there registers its blocks in the prefix cache, hands its followers the prompt
+  blocks (whole blocks shared, a partial last block copied), and samples its first token;
+* decode (`_decode`, then `_after_decode`): one token for every row past its prefill;
+* a mixed step (`_prefill_and_decode`): while rows decode, the step's prefill tokens are
+  packed after the decode rows' tokens into a single forward (mixed_attention.py), so the
+  running streams wait for one forward per step, not a prefill forward and then a decode
+  forward. Rows that complete their prompt in it sample their first token from it and decode
+  from the next step on. Without it, the prefill's first tokens go out before the decode runs,
+  and the rows it completed decode in the same step.
 
-3 and 4 in one forward (`prefill_and_decode`, when `mixes(work)`): while rows decode, the
-step's prefill tokens are packed after the decode rows' tokens into a single forward
-(mixed_attention.py), so the running streams wait for one forward per step, not a prefill
-forward and then a decode forward. Rows that complete their prompt in it sample their first
-token from it and decode from the next step on.
-
-Chunked prefill: while other rows decode, a step prefills at most what `chunk_limits` allow
-(a fixed number, or measured at warm-up against the stall bound: chunk_sizing.py). Waiting
-requests are admitted together up to `admit_tokens`, so a burst of short prompts starts at
-prefill speed; a prompt longer than that is admitted alone and prefilled in chunks over
-several steps, one chunk per step (the smooth limit while nobody else waits, the stall bound's
-while someone does), so it costs the running streams one short pause per step instead of one
-long freeze; its first token is sampled after its last chunk. A prompt that would not be
-through at that pace before REQUEST_TIMEOUT_S gets bigger chunks (`_catch_up`). At most one
-prompt is being chunked at a time (it was admitted alone, see Scheduler.admit). While it is,
-its row rides along in decode steps as a padding row (it writes no K/V of its own and its
-length does not size the step's attention), and its logits are ignored (its random stream is
-untouched), which keeps the decode batch a view over packed slots; in a mixed step its chunk
-is the prefill part of the same forward.
-With nothing decoding there is nobody to stall: the budget is then at least
-IDLE_PREFILL_TOKENS.
+A prompt prefilled in chunks rides along in decode steps as a padding row until its last
+chunk (it writes no K/V of its own and its length does not size the step's attention), and its
+logits are ignored (its random stream is untouched), which keeps the decode batch a view over
+packed rows. Rows end (finished, failed, cancelled) as their tokens are accepted and are
+retired at once, so their rows and blocks serve the next request in the very next step.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from batching.errors import EngineError, InvalidInputError, QueueTimeoutError
-from batching.generation.block_manager import BlockManager
-from batching.generation.chunk_sizing import ChunkLimits
+from batching.errors import EngineError, InvalidInputError, ModelExecutionError
 from batching.generation.config import EngineConfig
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.handle import GenerationDelta, Outbox
@@ -53,239 +38,69 @@ from batching.generation.model_runner import ModelRunner
 from batching.generation.observer import EngineObserver
 from batching.generation.request import Request
 from batching.generation.sampling import TokenLogprob, choose_tokens, record_prompt_logprobs
-from batching.generation.slots import Placement, SlotTable, model_error
+from batching.generation.scheduler import PrefillWork, StepPlan, StepPlanner, split_off
 
 logger = logging.getLogger(__name__)
 
-IDLE_PREFILL_TOKENS = 2048  # the prefill budget of a step with no row decoding
-CATCH_UP_MARGIN = 2.0  # a late prompt's chunks finish it in its time left at this x step time
-PROMPT_LOGPROBS_CHUNK_TOKENS = 256  # every position's logits: [256, V] at a time
-
-
-@dataclass(frozen=True)
-class PrefillWork:
-    """Rows first_slot.. that prefill `chunks` after the `starts` tokens they hold."""
-
-    first_slot: int
-    requests: list[Request]
-    starts: list[int]
-    chunks: list[list[int]]
-
-    @property
-    def tables(self) -> list[list[int]]:
-        return [r.blocks for r in self.requests]
-
 
 class RunningBatch:
+    """Runs the planner's plans on the model (engine thread only). `planner` owns the row and
+    block bookkeeping (retire, release, preempt); this class advances rows by what the forwards
+    wrote and hands followers their leader's prompt blocks."""
+
     def __init__(
         self,
         runner: ModelRunner,
-        slots: SlotTable[Request],
+        planner: StepPlanner,
         outbox: Outbox,
         observer: EngineObserver,
         config: EngineConfig,
         *,
         tokenizer: Tokenizer,
-        grammar_tokenizer: object = None,
-        chunk_limits: ChunkLimits,
-        blocks: BlockManager,
     ) -> None:
-        if min(*chunk_limits.chunks, *chunk_limits.busy_chunks, chunk_limits.admit_tokens) < 1:
-            raise ValueError("chunk limits must be >= 1")
         self._runner = runner
-        self._slots = slots
+        self._planner = planner
+        self._slots = planner.slots
+        self.blocks = planner.blocks
         self._outbox = outbox
         self._observer = observer
         self._eos_token_ids = frozenset(config.eos_token_ids)
-        self.chunk_limits = chunk_limits
-        self.mixed_steps = config.mixed_steps  # warm_up() may turn it off
-        self._timeout_s = config.timeout_s
-        self._step_s: float | None = None  # recent engine step time (moving average)
-        self.blocks = blocks
-        self.preempted: list[Request] = []  # back to the queue (the engine requeues them)
-        self.preemptions = 0
-        self._placement = Placement(
-            slots,
-            outbox,
-            observer,
-            self.release,
-            config,
-            tokenizer=tokenizer,
-            grammar_tokenizer=grammar_tokenizer,
-            blocks=blocks,
-        )
+        self._tokenizer = tokenizer  # the engine thread's own copy
+        self._special_tokens = config.special_tokens  # their text never reaches a client
 
-    def budget(self, start: int = 0, others_wait: bool = False) -> int:
-        """Prompt tokens of one prompt this step may prefill from position `start` on: bounds
-        the running streams' pause, within the stall bound while others wait for a slot
-        (throughput), and tighter while nobody does (smoothness); see chunk_sizing.py."""
-        if any(r.decoding for r in self._slots.owners):
-            return self.chunk_limits.chunk_at(start, busy=others_wait)
-        return max(self.chunk_limits.largest, IDLE_PREFILL_TOKENS)
+    def run(self, plan: StepPlan) -> None:
+        """Answer the retired rows, set up the admitted requests, run the plan's forward(s)
+        and apply their results (tokens to the outbox, ended rows retired)."""
+        for request in plan.retired:
+            self._answer(request, time.perf_counter())
+        self._prepare_output(plan.admitted)
+        work = plan.prefill
+        if work is not None and plan.mixed:
+            self._prefill_and_decode(work)  # one forward for both
+            return
+        if work is not None:
+            self._prefill(work)
+            self._outbox.flush()  # first tokens go out before this step's decode
+        self._decode()
 
-    def admission_budget(self) -> int:
-        """Padded prompt tokens of waiting requests admitted together in this step: a burst
-        of short prompts starts decoding at once, within the stall bound."""
-        if any(r.decoding for r in self._slots.owners):
-            return self.chunk_limits.admit_tokens
-        return max(self.chunk_limits.largest, IDLE_PREFILL_TOKENS)
-
-    def note_step(self, seconds: float) -> None:
-        """How long the engine's last step took: paces a prompt that is late (_catch_up)."""
-        self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
-
-    def _catch_up(self, request: Request) -> int:
-        """The chunk a prompt needs to finish its prefill before REQUEST_TIMEOUT_S, with
-        CATCH_UP_MARGIN step times to spare per step left. Small chunks keep the streams smooth,
-        but not at the price of a 504 for a long prompt on a busy, slow machine."""
-        if self._step_s is None or request.prefill_alone:
-            return 0
-        left_s = request.arrival_s + self._timeout_s - time.perf_counter()
-        steps_left = max(1.0, left_s / (CATCH_UP_MARGIN * self._step_s))
-        return math.ceil((len(request.prefill_ids) - request.prefilled) / steps_left)
-
-    # ---- 1. retire ----
-
-    def retire_ended(self) -> None:
-        """Release ended rows (cancelled ones first marked), highest slot first."""
-        now_s = time.perf_counter()
-        for slot in range(self._slots.in_use - 1, -1, -1):
-            request = self._slots.owners[slot]
-            if request.cancelled and not request.ended:
-                request.finish_reason = "cancelled"
-            late = now_s - request.arrival_s > self._timeout_s
-            if request.prefilling and not request.started and late:
-                # Still no first token after REQUEST_TIMEOUT_S: a very long chunked prefill.
-                request.error = QueueTimeoutError(now_s - request.arrival_s, self._timeout_s)
-            leader = request.leader
-            if leader is not None and not request.decoding and leader.ended:
-                # Its leader ended before prefilling their prompt: so does it, the same way.
-                request.error = leader.error
-                request.finish_reason = "cancelled" if leader.error is None else None
-            if not request.ended:
+    def _prepare_output(self, admitted: list[Request]) -> None:
+        """Detokenizer and grammar matcher for each newly admitted request (a resumed one keeps
+        its own). One that cannot be set up fails alone, with its followers: it keeps its row
+        for this step (its prefill is harmless) and is answered when the step retires it."""
+        for request in admitted:
+            if request.started or request.ended:
                 continue
-            self.release(request)
-            if request.error is not None:
-                self._outbox.fail(request, request.error)
-            else:
-                self._outbox.finish(request, now_s)
+            try:
+                request.prepare_output(self._tokenizer, self._special_tokens)
+            except Exception as exc:
+                logger.exception("admission failed (request_id=%s)", request.handle.request_id)
+                request.error = model_error(exc)
+                for follower in request.followers:
+                    follower.error = follower.error or request.error
 
-    # ---- 2. pick this step's prefill ----
+    # ---- prefill ----
 
-    def next_prefill(
-        self, admit: Callable[[int], list[Request]], waiting: Callable[[], int]
-    ) -> PrefillWork | None:
-        """The next chunk of the prompt being chunked; else what admit(budget) gives, as far
-        as the pool has blocks for it (the rest goes back to the queue).
-        `waiting()`: how many requests wait in the queue (they wait for that prompt too)."""
-        for slot, request in enumerate(self._slots.owners):
-            if request.prefilling:
-                chunk = self._next_chunk(request, waiting)
-                if not self._grow_for_prefill(request, len(chunk)):
-                    return None  # it waits for blocks; running rows end or make room
-                return PrefillWork(slot, [request], [request.prefilled], [chunk])
-        if not self.blocks.can_allocate(1 + sum(1 for r in self._slots.owners if r.decoding)):
-            return None  # no block to spare: admitting now would only send it back
-        admission_budget = self.admission_budget()
-        placed = self._placement.place(admit(admission_budget))
-        if not placed:
-            return None
-        chunks = [r.prefill_ids[r.prefilled :] for r in placed]
-        first = placed[0]
-        if len(placed) == 1 and (len(chunks[0]) > admission_budget or first.prefill_alone):
-            chunks[0] = self._next_chunk(first, waiting)  # admitted alone: longer than that
-        return self._with_blocks(placed, chunks)
-
-    def _with_blocks(self, placed: list[Request], chunks: list[list[int]]) -> PrefillWork | None:
-        """The admitted prompts whose chunks the pool has blocks for; the first that does not
-        fit goes back to the queue with every one after it (first come, first served)."""
-        for index, (request, chunk) in enumerate(zip(placed, chunks, strict=True)):
-            if not self._grow_for_prefill(request, len(chunk)):
-                for later in placed[index:]:
-                    self._requeue_group(later)
-                placed, chunks = placed[:index], chunks[:index]
-                break
-        if not placed:
-            return None
-        first_slot = self._slots.owners.index(placed[0])  # leaders are contiguous from here
-        return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
-
-    def _next_chunk(self, request: Request, waiting: Callable[[], int]) -> list[int]:
-        """The next chunk of a prompt prefilled over several steps."""
-        others_wait = self._slots.free > 0 and waiting() > 0
-        take = max(
-            _chunk_size(request, self.budget(request.prefilled, others_wait)),
-            self._catch_up(request),
-        )
-        return request.prefill_ids[request.prefilled : request.prefilled + take]
-
-    # ---- KV blocks: grow as tokens are written, preempt when the pool runs short ----
-
-    def _grow_for_prefill(self, request: Request, chunk_tokens: int) -> bool:
-        """Blocks for the chunk (and a block per follower for its copy of a partial last
-        block once the prompt is whole), leaving one free block per decoding row, so a step
-        that admits a prompt does not make the next step preempt a stream."""
-        tokens = request.prefilled + chunk_tokens
-        missing = self.blocks.blocks_for(tokens) - len(request.blocks)
-        if tokens == len(request.prefill_ids):
-            missing += len(request.followers)
-        headroom = sum(1 for r in self._slots.owners if r.decoding)
-        if not self.blocks.can_allocate(max(0, missing) + headroom):
-            return False
-        return self.blocks.grow(request.blocks, tokens)
-
-    def reserve_decode_blocks(self) -> None:
-        """Room for this step's token in every decoding row, most urgent first; when the pool
-        is short, the least urgent, most recently admitted sequence is preempted."""
-        for request in sorted(self._decoding(), key=_urgency):
-            if request not in self._slots.owners:
-                continue  # preempted for a more urgent row in this loop
-            length = self._slots.lengths[self._slots.owners.index(request)]
-            while not self.blocks.grow(request.blocks, length + 1):
-                victim = max(self._holders(), key=_urgency)
-                self.preempt(victim)
-                if victim is request:
-                    break
-
-    def _decoding(self) -> list[Request]:
-        return [r for r in self._slots.owners if r.decoding]
-
-    def _holders(self) -> list[Request]:
-        """Rows holding blocks (a follower not yet given its leader's prompt holds none)."""
-        return [r for r in self._slots.owners if r.blocks]
-
-    def preempt(self, victim: Request) -> None:
-        """Free the victim's blocks and row (and its group's, if its choices have not been
-        split off yet) and send it back to the queue; its written K/V stays in the prefix cache
-        (if on) as long as nothing needs the blocks, so its resume is cheap."""
-        self.preemptions += 1
-        self._observer.on_preemption()
-        row = self._slots.owners.index(victim)
-        written = (victim.prefill_ids if not victim.decoding else victim.written_ids)[
-            : self._slots.lengths[row]
-        ]
-        self.blocks.register(written, victim.blocks, victim.cache_namespace)
-        logger.info(
-            "preempted request %s (%d tokens written) to free KV blocks",
-            victim.handle.request_id,
-            len(written),
-        )
-        if victim.decoding:
-            _split_off(victim)  # its choices run on their own from now on
-        self._requeue_group(victim)
-
-    def _requeue_group(self, leader: Request) -> None:
-        """Take a request (and its followers, if it still stands for them) out of the batch
-        and back to the queue."""
-        for request in (leader, *leader.followers):
-            if request in self._slots.owners:
-                self.release(request)
-            request.preempt()
-        self.preempted.append(leader)
-
-    # ---- 3. prefill ----
-
-    def prefill(self, work: PrefillWork) -> None:
+    def _prefill(self, work: PrefillWork) -> None:
         every_position = work.requests[0].prefill_alone  # then it is the only row
         try:
             logits = self._runner.prefill(
@@ -316,7 +131,7 @@ class RunningBatch:
             for i, leader in enumerate(work.requests)
             if completes[i] and not leader.started
             for r in (leader, *leader.followers)
-            if r.params.max_new_tokens > 0
+            if r.params.max_new_tokens > 0 and not r.ended
         ]
         try:
             tokens, logprobs = choose_tokens(
@@ -361,8 +176,8 @@ class RunningBatch:
             if leader.prompt_tokens % size:
                 if not self.blocks.can_allocate(1):  # (blocks were set aside for this)
                     self.blocks.free(blocks)
-                    _split_off(follower)
-                    self._requeue_group(follower)  # it prefills on its own later
+                    split_off(follower)
+                    self._planner.requeue_group(follower)  # it prefills on its own later
                     continue
                 (copy,) = self.blocks.allocate(1)
                 self._runner.cache.copy_block(leader.blocks[whole], copy)
@@ -386,10 +201,10 @@ class RunningBatch:
         else:
             self._accept(request, *sampled, now_s)
 
-    # ---- 4. decode ----
+    # ---- decode ----
 
-    def decode(self) -> None:
-        self.reserve_decode_blocks()  # rows whose prompt this step's prefill completed
+    def _decode(self) -> None:
+        self._planner.reserve_decode_blocks()  # rows whose prompt this step's prefill completed
         rows = list(self._slots.owners)
         riders = frozenset(i for i, r in enumerate(rows) if not r.decoding)
         if len(riders) == len(rows):
@@ -426,20 +241,10 @@ class RunningBatch:
             self._accept(rows[slot], tokens[slot], logprobs[slot], now_s)
         return True
 
-    # ---- 3+4. a mixed step: prefill and decode in one forward ----
+    # ---- a mixed step: prefill and decode in one forward ----
 
-    def mixes(self, work: PrefillWork) -> bool:
-        """Whether this step's prefill runs in the decode's forward (mixed_attention.py): when
-        some row decodes, so the two forwards would run back to back, and the prefill does not
-        need the logits of every position (prompt logprobs)."""
-        return (
-            self.mixed_steps
-            and not work.requests[0].prefill_alone
-            and any(r.decoding for r in self._slots.owners)
-        )
-
-    def prefill_and_decode(self, work: PrefillWork) -> None:
-        """prefill(work) then decode(), as one forward. If it fails, the step runs again as the
+    def _prefill_and_decode(self, work: PrefillWork) -> None:
+        """_prefill(work) then _decode(), as one forward. If it fails, the step runs again as the
         two separate forwards (which rewrite every position the failed one may have written):
         a failure of the packed forward itself (memory for the larger batch, say) costs
         nobody their request, and a prompt that fails on its own fails alone there."""
@@ -457,8 +262,8 @@ class RunningBatch:
             )
         except Exception:
             logger.exception("a mixed step failed; running it as a prefill and a decode")
-            self.prefill(work)
-            self.decode()
+            self._prefill(work)
+            self._decode()
             return
         if self._after_decode(rows, riders, decode_logits):
             self._after_prefill(work, prefill_logits)
@@ -481,7 +286,19 @@ class RunningBatch:
             return
         self._outbox.token(request, delta)
 
-    # ---- failing and freeing rows ----
+    # ---- ending rows ----
+
+    def retire_ended(self) -> None:
+        """Free the rows of requests that ended (scheduler.py) and answer them."""
+        now_s = time.perf_counter()
+        for request in self._planner.retire_ended(now_s):
+            self._answer(request, now_s)
+
+    def _answer(self, request: Request, now_s: float) -> None:
+        if request.error is not None:
+            self._outbox.fail(request, request.error)
+        else:
+            self._outbox.finish(request, now_s)
 
     def _fail(self, requests: list[Request], cause: Exception) -> None:
         """The model failed on a forward these rows shared: each fails with its own error."""
@@ -494,28 +311,9 @@ class RunningBatch:
             request.error = request.error or make_error()
         self.retire_ended()
 
-    def release(self, request: Request) -> None:
-        """Free the request's row and blocks (a shared block stays while others hold it)."""
-        if request in self._slots.owners:
-            self._slots.release(self._slots.owners.index(request))
-        self.blocks.free(request.blocks)
 
-
-def _urgency(request: Request) -> tuple[int, float]:
-    """Smaller is more urgent: priority, then the earlier admitted (resumed ones keep their
-    first admission time)."""
-    return request.priority, request.admitted_s or 0.0
-
-
-def _split_off(request: Request) -> None:
-    """One of n choices (or their leader) goes on alone: no more group ties."""
-    if request.leader is not None:
-        request.leader.followers.remove(request)
-        request.leader = None
-    for follower in request.followers:
-        follower.leader = None
-    request.followers.clear()
-
-
-def _chunk_size(request: Request, budget: int) -> int:
-    return min(budget, PROMPT_LOGPROBS_CHUNK_TOKENS) if request.prefill_alone else budget
+def model_error(cause: Exception) -> ModelExecutionError:
+    """A ModelExecutionError chained to the model's own exception (its text stays in logs)."""
+    error = ModelExecutionError(f"the model failed: {cause!r}")
+    error.__cause__ = cause
+    return error

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from batching.errors import InvalidInputError
-from batching.generation.grammar import CompiledGrammar, apply_grammars
+from batching.generation.grammar import CompiledGrammar, GrammarMatcher
 
 if TYPE_CHECKING:  # request.py imports SamplingParams from here
     from batching.generation.request import Request
@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # request.py imports SamplingParams from here
 # is what such a temperature means anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+_BITS = torch.arange(32, dtype=torch.int32)  # bit b of a grammar mask word = token 32 * word + b
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks want fixed lengths)
     logprobs: int | None = None  # None: off; k: each token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
-    # The grammar the output must follow, compiled once per request (grammar_compiler.py)
+    # The grammar the output must follow, compiled once per request (grammar.py)
     # and shared by its choices.
     grammar: CompiledGrammar | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
@@ -268,6 +269,27 @@ def adjust_logits(
             banned = [t for t in ending if t < vocab]
             if banned:
                 logits[i, banned] = -torch.inf
+
+
+def apply_grammars(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | None]) -> None:
+    """Mask, in place, the disallowed tokens of every row that has a grammar. logits: [R, V]."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    vocab = logits.shape[-1]
+    allowed = torch.stack([_allowed(matchers[i], vocab) for i in rows])  # type: ignore[arg-type]
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits.index_select(0, index).masked_fill_(~allowed.to(logits.device), -torch.inf)
+    logits.index_copy_(0, index, masked)
+
+
+def _allowed(matcher: GrammarMatcher, vocab_size: int) -> torch.Tensor:
+    """Bool [V]: the tokens the row's grammar allows next."""
+    bitmask = matcher.bitmask()
+    if bitmask is None:
+        return torch.ones(vocab_size, dtype=torch.bool)
+    words = torch.frombuffer(bytearray(bitmask), dtype=torch.int32)  # [ceil(V_tok / 32)]
+    return ((words[:, None] >> _BITS) & 1).bool().flatten()[:vocab_size]
 
 
 def record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ One Ministral-shaped model (22M parameters: hidden 512, 6 layers), built twice w
 weights: every layer full attention, and layers alternating sliding (window 128) and full, so the
 runner builds two masks per forward instead of one. Decode steps at batch 8 over 512-token rows
 alternate between the two (A, B, A, B, ...: a busy machine slows both alike); the median ratio
-is printed. Then the time of the warm-up path checks (path_checks.py) against the rest of the
+is printed. Then the time of the warm-up path checks (model_support.py) against the rest of the
 warm-up, for each. CPU only; random weights.
 """
 
@@ -24,7 +24,7 @@ from transformers import MinistralConfig, MinistralForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: batching/
 
 from batching.generation.model_runner import ModelRunner, build_paged_cache
-from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
+from batching.generation.model_support import check_mixed_step, check_prefill_and_decode, make_probe
 
 ROWS, CONTEXT, MAX_SEQ_LEN = 8, 512, 1024
 BLOCK = 16  # KV block size, tokens

@@ -1,6 +1,6 @@
 """Structured output: a request's JSON schema compiled into the grammar its choices follow,
 once per request, off the event loop and the engine thread, under the GRAMMAR_* limits
-(batching/generation/grammar_compiler.py).
+(batching/generation/grammar.py).
 
 `compile_json_grammar` is the one entry: /generate's json_schema, /v1's response_format and
 the tool-call constraints all come through it.

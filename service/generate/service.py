@@ -11,7 +11,7 @@ from typing import Any, cast
 from batching.generation.config import EngineConfig
 from batching.generation.detokenizer import Tokenizer
 from batching.generation.engine import GenerationEngine
-from batching.generation.grammar_compiler import GrammarCompiler, GrammarLimits
+from batching.generation.grammar import GrammarCompiler, GrammarLimits
 from batching.generation.kv_cache import kv_cache_blocks
 from batching.generation.model_support import model_context
 from service.generate.special_tokens import prompt_ids

@@ -1,14 +1,17 @@
 """Admission counts requests about to take free slots as admitted, and a queued request's
-timeout holds even while one engine step runs long."""
+timeout holds even while one engine step runs long (and its timer ends with the request)."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import time
 
 import pytest
 
 from batching.errors import QueueTimeoutError
+from batching.generation.request import Request
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import WAIT_S, EngineFactory
 from tests.batching.test_prefix_and_chunked_prefill import forward_pre_hook
@@ -55,3 +58,20 @@ async def test_a_queued_request_times_out_on_time_while_a_step_runs_long(
         gate.opened.set()
     assert (await asyncio.wait_for(running.wait(), WAIT_S)).completion_tokens >= 1
     assert engine.waiting_requests == 0
+
+
+async def test_a_finished_request_is_not_kept_alive_by_its_queue_timer(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(num_slots=1, timeout_s=3600.0)  # a timer that would outlive the test
+    handle = await engine.submit([5, 6, 7], SamplingParams(2))
+    await asyncio.wait_for(handle.wait(), WAIT_S)
+
+    def still_held() -> bool:
+        gc.collect()
+        return any(isinstance(o, Request) and o.handle is handle for o in gc.get_objects())
+
+    deadline_s = time.monotonic() + WAIT_S  # the engine thread may still end its step
+    while still_held() and time.monotonic() < deadline_s:
+        await asyncio.sleep(0.05)
+    assert not still_held()

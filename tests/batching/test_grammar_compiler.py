@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from copy import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from batching.errors import InvalidInputError
-from batching.generation.grammar import CompiledGrammar, json_schema_grammar
-from batching.generation.grammar_compiler import (
+from batching.errors import EngineStoppedError, InvalidInputError
+from batching.generation.grammar import (
+    CompiledGrammar,
     GrammarCompiler,
     GrammarLimits,
     GrammarRejectedError,
+    json_schema_grammar,
 )
 from tests.batching.conftest import EOS_ID, VOCAB_SIZE
 
@@ -136,3 +140,35 @@ async def test_an_invalid_grammar_is_told_in_one_short_line(tokenizer):
         await compiler.close()
     for message in (str(refused), str(built_here.value)):
         assert "\n" not in message and "non-verbose" not in message and len(message) < 400
+
+
+def busy(worker: Any) -> bool:
+    """The grammar was sent and its answer is awaited (asyncio's StreamReader waits on data)."""
+    return worker.process.stdout._waiter is not None
+
+
+async def test_a_compile_cut_off_by_close_reads_as_server_stopping_not_as_a_rejection(tokenizer):
+    compiler = make_compiler(tokenizer, timeout_s=60, workers=1)
+    slow = json_schema_grammar(PATTERN_PROPERTIES)  # minutes: still compiling at close()
+    await compiler.compile(json_schema_grammar(OBJECT))  # the worker is up, and idle again
+    compiling = asyncio.create_task(compiler.compile(slow))
+    while not any(busy(worker) for worker in compiler._workers):
+        await asyncio.sleep(0.01)
+    await compiler.close()
+    with pytest.raises(EngineStoppedError):
+        await asyncio.wait_for(compiling, 60)
+    assert slow not in compiler._cache  # not remembered as the grammar's fault
+    with pytest.raises(EngineStoppedError):  # and no worker is started after close()
+        await compiler.compile(json_schema_grammar({"type": "array"}))
+    assert not compiler._workers
+
+
+def test_the_grammar_module_loads_without_torch_so_its_worker_starts_light() -> None:
+    # The worker process runs this module under an address-space limit (GRAMMAR_COMPILE_
+    # MEMORY_MB): torch's libraries alone would take most of it.
+    probe = "import sys, batching.generation.grammar; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "False"

@@ -78,7 +78,7 @@ async def test_prompt_logprobs_equal_a_direct_forward_and_max_tokens_zero_scores
 
 
 def compiled(tokenizer, schema):
-    """Compiled here, in the test's thread: the service compiles in grammar_compiler.py."""
+    """Compiled here, in the test's thread: the service compiles in grammar.py (GrammarCompiler)."""
     return CompiledGrammar(
         grammar_tokenizer(tokenizer, VOCAB_SIZE, [EOS_ID]), json_schema_grammar(schema)
     )

@@ -18,9 +18,11 @@ from batching.generation.model_support import (
     AttentionPattern,
     UnsupportedModelError,
     attention_pattern,
+    check_mixed_step,
+    check_prefill_and_decode,
+    make_probe,
     refusal_reason,
 )
-from batching.generation.path_checks import check_mixed_step, check_prefill_and_decode, make_probe
 from tests.batching.conftest import EngineFactory, paged_runner
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batching.generation.slots import SlotTable
+from batching.generation.scheduler import SlotTable
 
 
 def test_allocate_takes_the_next_row() -> None:
