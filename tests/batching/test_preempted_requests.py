@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from batching.errors import RequestInterruptedError
+from batching.errors import EngineStoppedError, RequestInterruptedError
 from batching.generation.engine import GenerationEngine
 from batching.generation.handle import GenerationHandle, GenerationResult
 from batching.generation.sampling import SamplingParams
@@ -32,22 +32,39 @@ TIMEOUT_S = 30.0  # the queue timeout; its timer is played by the test (test_...
 
 class HoldInForward:
     """A forward pre-hook that holds the engine thread inside the first forward for which
-    `when()` is true, until release(); counts the forwards begun after release()."""
+    `when()` is true, until release(); counts the forwards begun after release(). With
+    `first_waits_for`, the very first forward also waits for that event (set by the test once
+    everything it submits is queued, so what the engine does from then on is one schedule)."""
 
-    def __init__(self, model: Any, when: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        when: Callable[[], bool],
+        first_waits_for: threading.Event | None = None,
+    ) -> None:
         self._when = when
+        self._first_waits_for = first_waits_for
+        self.entered = threading.Event()
         self._held = threading.Event()
         self._released = threading.Event()
         self.forwards_after_release = 0
         self._handle = model.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: object, args: object) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            if self._first_waits_for and not self._first_waits_for.wait(WAIT_S):
+                raise RuntimeError("the test never let the first forward run")
         if self._released.is_set():
             self.forwards_after_release += 1
         elif not self._held.is_set() and self._when():
             self._held.set()
             if not self._released.wait(WAIT_S):
                 raise RuntimeError("the test never released the held forward")
+
+    async def wait_until_entered(self) -> None:
+        if not await asyncio.to_thread(self.entered.wait, WAIT_S):
+            raise TimeoutError("the engine never ran a forward")
 
     async def wait_until_held(self) -> None:
         if not await asyncio.to_thread(self._held.wait, WAIT_S):
@@ -57,13 +74,15 @@ class HoldInForward:
         self._released.set()
 
     def remove(self) -> None:
+        if self._first_waits_for is not None:
+            self._first_waits_for.set()
         self.release()
         self._handle.remove()
 
 
 def moment(engine: GenerationEngine, name: str) -> Callable[[], bool]:
-    """When to hold the engine: in the forward of the step that preempted the victim (it is
-    requeued as that step ends), or in a later one while the victim waits in the queue."""
+    """When to hold the engine: in the forward of the step that preempted the victim, or in a
+    later one while the victim waits in the queue to resume."""
     if name == "in the preempting step":
         return lambda: engine.preemptions_total >= 1
     return lambda: engine.preemptions_total >= 1 and engine.waiting_requests >= 1
@@ -158,6 +177,52 @@ async def test_a_preempted_request_is_interrupted_once_when_the_drain_deadline_p
     assert [reason for reason, *_ in observer.finished] == ["error", "error"]
     # Past the deadline the engine computes nothing more: the preempted request is not
     # resumed only to be interrupted.
+    assert hold.forwards_after_release == 0
+
+
+async def test_a_sequence_preempted_in_a_step_past_the_drain_deadline_is_not_resumed(
+    make_engine: EngineFactory,
+) -> None:
+    """A row whose prefill this step completed may find no block for its first decode token:
+    a sequence is then preempted while the step runs, and goes back to the queue only as the
+    step ends, after the step's own deadline check. Past the drain deadline it is interrupted
+    there (once), not resumed only to be failed: no forward runs after the stop."""
+    model = build_tiny_llama()
+    prompts = [tokens(16 * (1 + i % 2), seed=100 + i) for i in range(6)]
+    expected = [reference_ignoring_eos(model, p, 30) for p in prompts]
+    engine = make_engine(
+        model=model, num_slots=4, max_seq_len=64, kv_cache_blocks=4, mixed_steps=False
+    )
+    queued = threading.Event()
+    planner = engine._planner  # what this step preempted waits there until the step ends
+    hold = HoldInForward(model, lambda: bool(planner.preempted), first_waits_for=queued)
+    try:
+        first = Answers(await engine.submit([5, 6, 7], SamplingParams(1)))
+        await hold.wait_until_entered()  # its forward runs once the others are queued too
+        params = SamplingParams(30, ignore_eos=True)
+        answers = [Answers(await engine.submit(p, params)) for p in prompts]
+        queued.set()
+        await hold.wait_until_held()  # a sequence was preempted in this step's run
+        stopping = asyncio.create_task(engine.stop(drain_timeout_s=0.0))
+        await asyncio.sleep(0)  # let stop() flip the engine to draining
+        hold.release()
+        await asyncio.wait_for(stopping, 8 * WAIT_S)
+        for answer in [first, *answers]:
+            await answer.ended()
+    finally:
+        hold.remove()
+    interrupted = 0
+    for answer, tokens_expected in zip(answers, expected, strict=True):
+        (ending,) = answer.endings  # answered exactly once
+        assert answer.ids == tokens_expected[: len(answer.ids)]  # none lost or repeated
+        if isinstance(ending, GenerationResult):
+            assert answer.ids == tokens_expected
+        elif answer.ids:
+            assert isinstance(ending, RequestInterruptedError), ending
+            interrupted += 1
+        else:
+            assert isinstance(ending, EngineStoppedError), ending
+    assert interrupted >= 1 and engine.preemptions_total >= 1
     assert hold.forwards_after_release == 0
 
 
