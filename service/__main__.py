@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.forwarded import with_client_address
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -92,7 +93,8 @@ def configure_logging(level: str) -> None:
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
-        app,
+        # uvicorn's own proxy-header rule runs inside with_client_address, after the hop count.
+        with_client_address(app, settings.forwarded_allow_ips, settings.forwarded_trusted_hops),
         host=os.environ.get("HOST", "127.0.0.1"),
         port=int(os.environ.get("PORT", "8000")),
         workers=1,  # one process holds the model; more workers would load more copies
@@ -103,8 +105,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         # uvicorn's default of 5 s is shorter than NGINX's 60 s for idle upstream connections:
         # NGINX could reuse a connection just as uvicorn closes it, and that POST would fail.
         timeout_keep_alive=settings.keep_alive_timeout_s,
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
+        proxy_headers=False,
     )
 
 

@@ -48,13 +48,13 @@ def configured_key(request: Request, keys: frozenset[str]) -> str | None:
     return token if token and any(matches) else None
 
 
-def prefix_cache_namespace(request: Request, settings: Settings) -> str:
-    """Whose prefix-cache entries a request may use: its API key's (hashed), so that
-    cached_tokens never tells one key whether its guess of another key's prompt is right;
-    "" (one shared cache) for an open API or with GENERATE_PREFIX_CACHE_SHARED=true."""
-    if settings.generate_prefix_cache_shared:
-        return ""
-    key = configured_key(request, settings.api_key_set)
+def cache_share(request: Request, settings: Settings, shared: bool) -> str:
+    """Whose share of a cache a request may use: its configured API key's, so that a hit (a
+    `cached: true`, `cached_tokens`, or just the speed) never tells one key what another sent;
+    "" (one share for all) for an open API, or when `shared` (PREDICT_CACHE_SHARED for the
+    /predict response cache, GENERATE_PREFIX_CACHE_SHARED for the prefix cache). The key is
+    hashed: keys never sit in a cache in clear."""
+    key = None if shared else configured_key(request, settings.api_key_set)
     return "key:" + hashlib.sha256(key.encode()).hexdigest() if key else ""
 
 

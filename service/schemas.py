@@ -3,7 +3,7 @@ service/, never in batching/)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -32,4 +32,13 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """Every error of /predict, /generate and /tokenize (errors.py); /v1 has OpenAI's shape."""
+
     error: ErrorDetail
+
+
+# The OpenAPI schema documents this shape for the statuses these routes answer with, in place of
+# FastAPI's default 422 body (`{"detail": [...]}`), which this API never sends.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 500, 503, 504)
+}

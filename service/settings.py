@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     generate_cancel_on_disconnect: bool = True
     # decode steps replay CUDA graphs (captured at warm-up); auto = on where CUDA is available
     generate_cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    generate_paged_attention: Literal["auto", "gather", "in_place"] = Field(
+        "auto",
+        description="How decode attention reads KV blocks: gather (a copy, every device), "
+        "in_place (FlexAttention); auto = in_place on CUDA once it matches gather at warm-up",
+    )
     generate_prefill_chunk_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] = Field(
         "auto",
         description="Most prompt tokens prefilled per step while streams decode; auto = "
@@ -161,6 +166,14 @@ class Settings(BaseSettings):
         "127.0.0.1",
         description="Proxies whose X-Forwarded-For names the client (uvicorn): NGINX's own "
         "address, never '*' where clients reach the app directly",
+    )
+    forwarded_trusted_hops: int = Field(
+        0,
+        ge=0,
+        description="X-Forwarded-For entries, from the right, that our own proxies append (an "
+        "Envoy-based gateway: 1): the client is the leftmost of them, what a client wrote before "
+        "them is ignored. 0: uvicorn's rule alone (for proxies that replace the header, as NGINX "
+        "here does)",
     )
     api_keys: str = Field(
         "", description="Comma-separated accepted keys; empty leaves the API open"

@@ -12,8 +12,8 @@ Read in this order. A step is schedule -> run -> postprocess:
 * kv_cache.py: the KV pool: how big it is, where K/V is written and gathered;
 * model_runner.py: the forward passes;
 * static_decode.py: the decode step's buckets, static buffers and CUDA graphs;
-* mixed_attention.py: prefill and decode in one forward;
-* layer_masks.py: a mask per layer kind (full, sliding, chunked);
+* attention.py: attention over the KV blocks: a mask per layer kind (full, sliding, chunked),
+  prefill and decode in one forward (mixed steps), and the decode step reading blocks in place;
 * chunk_sizing.py: how much a step may prefill;
 * sampling.py: choosing tokens (SamplingParams, the sampler, logprobs, grammar masks, one
   step's choice);

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from batching.generation.attention import PagedAttentionMode
 from batching.generation.chunk_sizing import DEFAULT_MAX_STALL_STEPS, ChunkLimits
 from batching.generation.static_decode import CudaGraphsMode
 from batching.priority import DEFAULT_AGING_S
@@ -39,11 +40,13 @@ class EngineConfig:
     # "auto": measured at warm-up against max_stall_steps; a number: for every case
     prefill_chunk_tokens: int | Literal["auto"] | ChunkLimits = DEFAULT_PREFILL_CHUNK_TOKENS
     max_stall_steps: float = DEFAULT_MAX_STALL_STEPS  # GENERATE_MAX_STALL_STEPS
-    mixed_steps: bool = True  # prefill inside the decode forward (mixed_attention.py)
+    mixed_steps: bool = True  # prefill inside the decode forward (attention.py)
     prefix_cache_tokens: int = 0  # > 0: the prefix cache is on
     kv_block_size: int = DEFAULT_KV_BLOCK_SIZE
     kv_cache_blocks: int | None = None  # None: num_slots x max_seq_len positions
     cuda_graphs: CudaGraphsMode = "auto"
+    # how the decode step's attention reads KV blocks: auto = in place on CUDA if it checks out
+    paged_attention: PagedAttentionMode = "auto"
     kv_bucket_min: int | None = None  # None: see static_decode.decode_kv_buckets
     priority_aging_s: float = DEFAULT_AGING_S
 

@@ -38,6 +38,7 @@ from batching.errors import (
     QueueTimeoutError,
     RequestInterruptedError,
 )
+from batching.generation.attention import PagedAttentionReport
 from batching.generation.block_manager import BlockManager
 from batching.generation.chunk_sizing import (
     ChunkLimits,
@@ -109,6 +110,7 @@ class GenerationEngine:
             max_rows=config.num_slots,
             cuda_graphs=config.cuda_graphs,
             kv_bucket_min=config.kv_bucket_min,
+            paged_attention=config.paged_attention,
         )
         mixed_steps = config.mixed_steps
         self._mixed_off_reason = mixed_steps_unavailable(model) if mixed_steps else None
@@ -126,6 +128,9 @@ class GenerationEngine:
             config.max_queue, config.timeout_s, config.priority_aging_s
         )
         self._evicted: list[Request] = []  # refused from a full queue for a more urgent one
+        # Every accepted request until its handle ends, wherever it is (queue, rows, a plan
+        # being run): if the loop dies mid-step, _shut answers each one still unanswered.
+        self._live: set[Request] = set()
         self._observer: EngineObserver = observer or NoopEngineObserver()
         self._outbox = Outbox(self._observer)
         self._planner = StepPlanner(
@@ -262,6 +267,11 @@ class GenerationEngine:
         """Whether decode steps replay CUDA graphs (decided by warm_up()), and which buckets."""
         return self._runner.cuda_graphs
 
+    @property
+    def paged_attention(self) -> PagedAttentionReport:
+        """How the decode step's attention reads the KV blocks (gather or in place), and why."""
+        return self._runner.paged_attention
+
     # ---- lifecycle ----
 
     def warm_up(self, prompt_tokens: int = 16, decode_steps: int = 2) -> None:
@@ -276,7 +286,12 @@ class GenerationEngine:
             )
         prompt = [0] * max(1, min(prompt_tokens, self.max_seq_len - decode_steps))
         with torch.inference_mode():
+            # The model's own forward judges the reference (gather) paths first, so a model
+            # is never refused for the in-place kernel's rounding; that kernel is then judged
+            # against the gather, and only falls back to it if it differs.
+            self._runner.gather_until_chosen()
             self._check_paths()  # eager steps; capture_cuda_graphs checks replays against them
+            self._runner.choose_paged_attention()  # in place or gather
             for rows in sorted({1, self.slots_total}):
                 tables = self._runner.scratch_tables(rows, len(prompt) + decode_steps)
                 self._runner.prefill(tables, [prompt] * rows)
@@ -421,13 +436,21 @@ class GenerationEngine:
                 raise
             if evicted is not None:
                 self._evicted.append(evicted)  # answered by the engine thread, its outbox
+            self._live.update(requests)
             self._cond.notify()
+        for request in requests:
+            request.handle.add_end_callback(functools.partial(self._forget, request))
         # The engine thread answers timed-out requests between steps; this timer answers them
         # on time even while one step runs long. It is cancelled when the leader's handle ends,
         # so a finished request is not kept alive for REQUEST_TIMEOUT_S by the timer.
         timer = loop.call_later(self._scheduler.timeout_s, self._expire_if_waiting, requests[0])
         requests[0].handle.add_end_callback(lambda _result, _error: timer.cancel())
         return [r.handle for r in requests]
+
+    def _forget(self, request: Request, _result: object, _error: object) -> None:
+        """On the event loop, once the request's handle has ended."""
+        with self._cond:
+            self._live.discard(request)
 
     def _expire_if_waiting(self, leader: Request) -> None:
         """On the event loop: a request still queued at its timeout gets QueueTimeoutError."""
@@ -440,8 +463,9 @@ class GenerationEngine:
         self._observer.on_rejected("timeout", leader.priority)
         for request in leader.group:
             error = QueueTimeoutError(now_s - leader.arrival_s, self._scheduler.timeout_s)
-            self._observer.on_finish("error", request.prompt_tokens, 0, now_s - leader.arrival_s)
-            fail_now(request.handle, error)
+            if fail_now(request.handle, error):
+                waited_s = now_s - leader.arrival_s
+                self._observer.on_finish("error", request.prompt_tokens, 0, waited_s)
 
     def _wake(self) -> None:
         with self._cond:
@@ -541,7 +565,8 @@ class GenerationEngine:
 
     def _shut(self, message: str) -> None:
         """The loop ended (stopped or died): waiting requests get EngineStoppedError, the ones
-        in rows or preempted (computed in part) RequestInterruptedError."""
+        in rows or preempted (computed in part) RequestInterruptedError; so does every other
+        accepted request not yet answered."""
         with self._cond:  # one section: no submit can evict into _evicted after this
             self._accepting = False
             waiting = self._scheduler.take_all()
@@ -553,6 +578,14 @@ class GenerationEngine:
             request = self._slots.owners[slot]
             self._planner.release(request)
             self._outbox.fail(request, RequestInterruptedError(message))
+        # A step that died between taking requests off the queue or out of their rows and
+        # answering them (a fault while planning or running) leaves them nowhere above: the
+        # ones not yet answered are answered here (the outbox skips the ones that were).
+        with self._cond:
+            live = list(self._live)
+        for request in live:
+            error = RequestInterruptedError if request.started else EngineStoppedError
+            self._outbox.fail(request, error(message))
         self._outbox.flush()
 
 

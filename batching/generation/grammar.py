@@ -337,6 +337,8 @@ class GrammarCompiler:
         return self._idle
 
     async def _start_worker(self) -> _Worker:
+        if self._closed:  # close() ran while a compile waited for a worker: start none
+            raise _stopping()
         root = str(Path(__file__).resolve().parents[2])  # the folder that holds batching/
         paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
         environment = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
@@ -352,6 +354,9 @@ class GrammarCompiler:
         )
         worker = _Worker(process, self._workers.discard)
         self._workers.add(worker)
+        if self._closed:  # close() ran while the process started: it did not see this one
+            await worker.kill()
+            raise _stopping()
         try:
             ready = await asyncio.wait_for(worker.ask(self._setup), _WORKER_START_S)
         except BaseException:

@@ -93,6 +93,8 @@ class GenerationHandle:
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
         self._cancel_requested = threading.Event()  # read by the engine thread
+        self._end_claimed = False  # an end (result or error) was sent: see claim_end()
+        self._claim_lock = threading.Lock()
         self._on_end: list[Callable[[GenerationResult | None, BaseException | None], None]] = []
 
     def __aiter__(self) -> GenerationHandle:
@@ -153,6 +155,16 @@ class GenerationHandle:
         not anybody reads the stream (an audit log records a mirrored stream's full output)."""
         self._on_end.append(callback)
 
+    def claim_end(self) -> bool:
+        """True for the first caller only. Whoever ends the request (the engine thread's
+        outbox, or the event loop's queue timer) claims it first, so it is answered exactly
+        once even when the engine dies and answers everything it still knows of."""
+        with self._claim_lock:
+            if self._end_claimed:
+                return False
+            self._end_claimed = True
+            return True
+
     def put_nowait(self, item: StreamItem) -> None:
         """Called on the handle's loop (via deliver_all) only."""
         self._items.put_nowait(item)
@@ -166,9 +178,13 @@ class GenerationHandle:
                     logger.exception("an end callback of %s failed", self.request_id)
 
 
-def fail_now(handle: GenerationHandle, error: BaseException) -> None:
-    """End a handle with an error from its own loop (a request the engine never took)."""
+def fail_now(handle: GenerationHandle, error: BaseException) -> bool:
+    """End a handle with an error from its own loop (a request the engine never took);
+    False if it had been answered already."""
+    if not handle.claim_end():
+        return False
     handle.put_nowait(_Failed(error))
+    return True
 
 
 def deliver_all(items: list[tuple[GenerationHandle, StreamItem]]) -> None:
@@ -193,6 +209,8 @@ class Outbox:
             self._items.append((request.handle, delta))
 
     def finish(self, request: Request, now_s: float) -> None:
+        if not request.handle.claim_end():
+            return
         result = request.result(now_s)
         self._items.append((request.handle, _Finished(result)))
         self._observer.on_finish(
@@ -203,6 +221,8 @@ class Outbox:
         )
 
     def fail(self, request: Request, error: BaseException) -> None:
+        if not request.handle.claim_end():
+            return
         self._items.append((request.handle, _Failed(error)))
         e2e_s = time.perf_counter() - request.arrival_s
         self._observer.on_finish("error", request.prompt_tokens, len(request.output_ids), e2e_s)

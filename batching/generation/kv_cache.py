@@ -14,8 +14,9 @@ attends over: `gather_kv` of the rows' block tables (`read_tables`), i.e. each r
 0..kv_len-1 in the [rows, kv_heads, kv_len, head_dim] layout the model's attention function
 takes. That gather is the reference attention-over-blocks path: it runs on every device and
 with every attention implementation; columns past a row's length point at the spare block
-and are masked. A mixed step's view returns the flat pool instead, and mixed_attention.py
-gathers each part's positions itself.
+and are masked. A mixed step's view returns the layer's whole pool instead, and attention.py
+gathers each part's positions itself. The decode step on the in-place path gets the pool too,
+and its attention reads the blocks where they are, with no gather (attention.py).
 
 Minimal interface (transformers 5.23): attention layers only call `update()`. The model
 calls `get_seq_length()` only when it is not given `position_ids`, and sizes its masks from

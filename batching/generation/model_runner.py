@@ -1,5 +1,5 @@
 """The forward passes of the engine, gpt-fast style: `prefill`, `decode_step`, and
-`mixed_step`, which runs both at once in one forward (see mixed_attention.py).
+`mixed_step`, which runs both at once in one forward (see attention.py).
 
 Hugging Face decoder-only models of attention layers work (the families model_support.py lists,
 bitsandbytes-quantised too; it refuses the rest, and warm-up checks every path against the
@@ -14,7 +14,7 @@ with three explicit inputs:
   transformers returns a 4D mask as is, for every attention implementation. A bool mask would
   be silently wrong with eager attention (it adds the mask to the scores), and a 2D mask would
   be expanded against the wrong lengths. A model whose layers attend differently (sliding
-  window, chunked) gets one such mask per layer type, as a dict (layer_masks.py).
+  window, chunked) gets one such mask per layer type, as a dict (attention.py).
 
 Prefill shapes change with every admission (rows, prompt lengths). On CUDA, PyTorch's cuDNN
 attention backend builds a plan per new shape (measured on an H100, torch 2.11: about 60 ms
@@ -24,7 +24,9 @@ attention have no such cost).
 
 The decode step runs at a few bucketed shapes over static buffers (static_decode.py): the
 same code on every device, replayed from CUDA graphs where they were captured at warm-up, run
-eagerly otherwise. Prefill and mixed steps stay eager.
+eagerly otherwise. Prefill and mixed steps stay eager. Its attention reads the KV blocks either
+through the gather (every device) or in place (FlexAttention), as `choose_paged_attention`
+decides at warm-up (GENERATE_PAGED_ATTENTION; attention.py).
 """
 
 from __future__ import annotations
@@ -34,10 +36,26 @@ from collections.abc import Collection
 
 import torch
 
+from batching.generation.attention import (
+    GATHER,
+    IN_PLACE,
+    InPlaceAttention,
+    LayerMasks,
+    Masks,
+    MixedLayout,
+    PagedAttentionMode,
+    PagedAttentionReport,
+    PagedLayout,
+    PagedPath,
+    PrefillSegment,
+    install,
+)
 from batching.generation.kv_cache import PagedKVCache, kv_shape, pool_rows
-from batching.generation.layer_masks import LayerMasks, Masks
-from batching.generation.mixed_attention import MixedLayout, PrefillSegment, install
-from batching.generation.model_support import check_supported
+from batching.generation.model_support import (
+    check_supported,
+    mixed_steps_unavailable,
+    model_name,
+)
 from batching.generation.static_decode import (
     CudaGraphsMode,
     CudaGraphsReport,
@@ -49,6 +67,14 @@ from batching.generation.static_decode import (
     pad_to_bucket,
     unavailable_reason,
 )
+
+# The in-place check at warm-up: largest |difference| from the gather's logits, relative to the
+# largest |logit| (as model_support.py's warm-up checks). fp32 kernels differ in summation
+# order only; half precision rounds per kernel. A wrong block mapping or mask over random K/V
+# moves far more.
+PAGED_FP32_TOLERANCE = 1e-3
+PAGED_TOLERANCE = 5e-2
+PAGED_PROBE_TOKENS = 64  # at least; past twice a sliding window or chunk, up to 512
 
 
 class ModelRunner:
@@ -63,6 +89,7 @@ class ModelRunner:
         max_rows: int,
         cuda_graphs: CudaGraphsMode = "auto",
         kv_bucket_min: int | None = None,
+        paged_attention: PagedAttentionMode = "auto",
     ) -> None:
         self.model = model
         self.cache = cache
@@ -93,6 +120,28 @@ class ModelRunner:
         self._graphs_mode: CudaGraphsMode = cuda_graphs
         self._graphs = DecodeGraphs()
         self.cuda_graphs = CudaGraphsReport(False, reason or "not captured yet (warm-up does it)")
+        shape = kv_shape(model)
+        self._in_place = InPlaceAttention(
+            pattern,
+            num_blocks=cache.num_blocks + 1,
+            block_size=cache.block_size,
+            spare_block=cache.spare_block,
+            query_groups=_query_heads(model) // shape.kv_heads,
+            device=self.device,
+        )
+        self._gather_kv_buckets = self.kv_buckets
+        self._paged_mode: PagedAttentionMode = paged_attention
+        self._in_place_unavailable = (
+            None
+            if mixed_steps_unavailable(model) is None  # the same need: attention we can replace
+            else f"{model_name(model)}'s attention does not go through transformers' "
+            "AttentionInterface, where the in-place path replaces it"
+        )
+        if paged_attention == IN_PLACE and self._in_place_unavailable is None:
+            # Asked for: used from the start (warm-up checks it against the gather again).
+            self._use_paged(IN_PLACE, "GENERATE_PAGED_ATTENTION=in_place; warm-up checks it")
+        else:
+            self.gather_until_chosen()
 
     def prefill(
         self,
@@ -133,7 +182,7 @@ class ModelRunner:
         write_rows = pool_rows(table, positions, self.cache.block_size).masked_fill_(~is_real, 0)
         view = self.cache.view(write_rows.flatten(), table, kv_len)
         keep = 0 if every_position else 1  # transformers: 0 keeps every position
-        logits = self._forward(input_ids, positions, mask, view, keep)  # [k, q or 1, V]
+        logits = self._forward(input_ids, positions, mask, view, logits_to_keep=keep)
         return logits if every_position else logits[:, -1].float()
 
     def scratch_tables(self, rows: int, tokens: int) -> list[list[int]]:
@@ -247,20 +296,117 @@ class ModelRunner:
         return self.masks.build(self._arange[None, start : start + length], start + length)
 
     def _decode_bucket(self, rows: int, kv_len: int) -> None:
-        """The decode step at one bucket, over static buffers only: what a graph captures."""
+        """The decode step at one bucket, over static buffers only: what a graph captures.
+        In place, attention reads each row's own blocks up to its own length (kv_len unused)."""
         buffers = self.decode_buffers
         positions = buffers.positions[:rows]  # [Bb]
         tables = buffers.tables[:rows]  # [Bb, M]
-        mask = self.masks.build(positions[:, None], kv_len)  # [Bb, 1, 1, kv] per layer kind
         write_rows = pool_rows(tables, positions[:, None], self.cache.block_size)[:, 0]  # [Bb]
-        view = self.cache.view(write_rows, tables, kv_len)
         input_ids = buffers.tokens[:rows, None]  # [Bb, 1]
-        logits = self._forward(input_ids, positions[:, None], mask, view)  # [Bb, 1, V]
+        if self.paged_attention.path == IN_PLACE:
+            layout = self._in_place.layout(positions[:, None], tables)
+            view = self.cache.view(write_rows, None)  # the pool, ungathered
+            logits = self._forward(input_ids, positions[:, None], self._no_mask, view, layout)
+        else:
+            mask = self.masks.build(positions[:, None], kv_len)  # [Bb, 1, 1, kv] per layer kind
+            view = self.cache.view(write_rows, tables, kv_len)
+            logits = self._forward(input_ids, positions[:, None], mask, view)  # [Bb, 1, V]
         buffers.logits[:rows].copy_(logits[:, -1])
+
+    def choose_paged_attention(self) -> PagedAttentionReport:
+        """Choose how the decode step's attention reads the KV blocks (GENERATE_PAGED_ATTENTION):
+        `in_place` where asked for (or, with `auto`, on CUDA) once its logits match the gather's
+        on probe rows; otherwise the gather, with the reason logged and in /info. Call at
+        warm-up, before capture_cuda_graphs and before serving: the probe writes scratch blocks.
+        """
+        mode = self._paged_mode
+        if mode == GATHER:
+            self._use_paged(GATHER, "GENERATE_PAGED_ATTENTION=gather")
+        elif self._in_place_unavailable is not None:
+            self._use_paged(GATHER, f"in place is unavailable: {self._in_place_unavailable}")
+        elif mode == "auto" and self.device.type != "cuda":
+            self._use_paged(
+                GATHER,
+                f"auto on {self.device.type}: FlexAttention has no fused kernel there (it "
+                "computes scores over the whole block pool), so the gather is faster",
+            )
+        else:
+            failure = self._in_place_mismatch()
+            if failure is None:
+                self._use_paged(
+                    IN_PLACE, "its decode logits matched the gather's on probe rows at warm-up"
+                )
+            else:
+                self._use_paged(GATHER, f"in place was checked and not used: {failure}")
+        self.paged_attention.log()
+        return self.paged_attention
+
+    def gather_until_chosen(self) -> None:
+        """Read KV blocks by the gather (the reference) until choose_paged_attention() runs:
+        warm-up judges the engine's paths against the model's own forward on it."""
+        self._use_paged(GATHER, "not chosen yet (warm-up does it)")
+
+    def _use_paged(self, path: PagedPath, reason: str) -> None:
+        self.paged_attention = PagedAttentionReport(self._paged_mode, path, reason)
+        # In place, attention reads each row's own length: one KV bucket is enough (and
+        # captures one graph per batch bucket instead of one per KV bucket too).
+        if path == IN_PLACE:
+            self.kv_buckets = [self.cache.max_seq_len]
+        else:
+            self.kv_buckets = self._gather_kv_buckets
+
+    def _in_place_mismatch(self) -> str | None:
+        """Run probe decode rows (random K/V in their blocks, varied lengths, crossing windows)
+        on both paths at the smallest and the largest batch bucket; describe the first
+        difference, or the failure, if any."""
+        tolerance = PAGED_FP32_TOLERANCE if self.dtype == torch.float32 else PAGED_TOLERANCE
+        pattern = self.masks.pattern
+        sizes = [size for size in (pattern.sliding_window, pattern.chunk_size) if size]
+        wanted = max([PAGED_PROBE_TOKENS, *(2 * size + 8 for size in sizes)])
+        length = min(self.cache.max_seq_len, wanted, 512)
+        per_row = -(-length // self.cache.block_size)
+        most = max(1, min(self.max_rows, self.cache.num_blocks // per_row))
+        vocab = self.decode_buffers.logits.shape[1]
+        try:
+            for rows in dict.fromkeys((1, most)):
+                tables = self.scratch_tables(rows, length)  # blocks of their own
+                self._randomize_blocks(tables)
+                lengths = [length - 1 - (5 * r) % max(1, length // 2) for r in range(rows)]
+                tokens = [(31 * r + 1) % vocab for r in range(rows)]
+                logits = {}
+                paths: tuple[PagedPath, ...] = (GATHER, IN_PLACE)
+                for path in paths:
+                    self._use_paged(path, "checking at warm-up")
+                    self.decode_buffers.load(tokens, lengths, tables)
+                    self._decode_bucket(pad_to_bucket(rows, self.batch_buckets), length)
+                    logits[path] = self.decode_buffers.logits[:rows].clone()  # [rows, V]
+                want, got = logits[GATHER], logits[IN_PLACE]
+                scale = max(1.0, float(want.abs().max()))
+                difference = float((got - want).abs().max())
+                if not difference <= tolerance * scale:  # NaN fails too
+                    return (
+                        f"its logits differ from the gather's (max |diff| {difference:.3g}, "
+                        f"largest |logit| {scale:.3g}, at batch {rows})"
+                    )
+        except Exception as exc:  # a kernel that cannot run here must not stop the server
+            return f"it failed on this model or device: {exc!r}"
+        return None
+
+    def _randomize_blocks(self, tables: list[list[int]]) -> None:
+        """Fill the probe rows' blocks with seeded random K/V (in every layer), so a wrong
+        mapping of positions to blocks changes the logits."""
+        blocks = torch.tensor(sorted({b for t in tables for b in t}), device=self.device)
+        storage = self.cache.storage  # [2, layers, num_blocks + 1, block_size, kv_heads, D]
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        shape = (storage.shape[0], storage.shape[1], len(blocks), *storage.shape[3:])
+        noise = torch.randn(shape, generator=generator, device=self.device)
+        storage[:, :, blocks] = noise.to(storage.dtype)
 
     def capture_cuda_graphs(self) -> CudaGraphsReport:
         """Capture every decode bucket where CUDA graphs can be used and check replays against
-        the eager step; on any failure, log why and keep decoding eagerly.
+        the eager step; on any failure, log why and keep decoding eagerly. If the step fails to
+        capture while its attention reads in place, the gather is tried: graphs save far more
+        (a launch-bound step) than in place does.
 
         Call at warm-up, before serving: the probe rows write K/V into blocks nobody holds.
         """
@@ -270,6 +416,14 @@ class ModelRunner:
         else:
             started_s = time.perf_counter()
             failure = self._capture_and_check()
+            chosen = self.paged_attention
+            if failure is not None and chosen.path == IN_PLACE:
+                self._use_paged(GATHER, f"CUDA graphs failed with in place: {failure}")
+                if self._capture_and_check() is None:
+                    failure = None
+                    self.paged_attention.log()
+                else:  # not in place's fault: it stays, and the step runs eagerly
+                    self._use_paged(IN_PLACE, chosen.reason)
             seconds = time.perf_counter() - started_s
             count = len(self.batch_buckets) * len(self.kv_buckets)
             report = CudaGraphsReport(
@@ -320,8 +474,11 @@ class ModelRunner:
         position_ids: torch.Tensor,
         mask: Masks,
         cache_view: object,
+        paged_layout: PagedLayout | None = None,
         logits_to_keep: int = 1,
     ) -> torch.Tensor:
+        # paged_layout reaches every layer's attention (attention.py) only when given
+        extra = {} if paged_layout is None else {"paged_layout": paged_layout}
         output = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -329,9 +486,14 @@ class ModelRunner:
             past_key_values=cache_view,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **extra,
         )
         logits: torch.Tensor = output.logits
         return logits
+
+
+def _query_heads(model: torch.nn.Module) -> int:
+    return int(model.config.get_text_config().num_attention_heads)  # type: ignore[union-attr, operator]
 
 
 def _output_size(model: torch.nn.Module) -> int:
@@ -346,7 +508,7 @@ def build_paged_cache(
     model: torch.nn.Module, num_blocks: int, block_size: int, max_seq_len: int
 ) -> PagedKVCache:
     """A paged cache shaped for `model` (reads layers, KV heads and head size from its config).
-    No refusal above a sliding window: the runner masks each layer type itself (layer_masks.py),
+    No refusal above a sliding window: the runner masks each layer type itself (attention.py),
     so the whole context is served."""
     shape = kv_shape(model)
     embeddings = model.get_input_embeddings()  # type: ignore[operator]

@@ -2,7 +2,7 @@
 
 The engine drives a model through its public forward with its own cache views and 4D masks
 (model_runner.py). That is exact for attention-only decoders whose attention reads a 4D additive
-mask, whatever mix of full, sliding-window and chunked layers they have (layer_masks.py builds a
+mask, whatever mix of full, sliding-window and chunked layers they have (attention.py builds a
 mask per layer type). It cannot be exact for:
 
 * hybrid models with linear-attention, recurrent (SSM) or convolution layers: those keep a
@@ -20,8 +20,8 @@ path checks, below), so a model this file does not know cannot be served silentl
 The path checks: the engine's own paths against the model's own forward, at warm-up.
 
 The engine replaces what a model would do by itself: it hands the model cache views and 4D masks
-it built (model_runner.py, layer_masks.py), and in a mixed step it replaces the attention
-function (mixed_attention.py). A model that does not follow the conventions those rely on may
+it built (model_runner.py, attention.py), and in a mixed step it replaces the attention
+function (attention.py). A model that does not follow the conventions those rely on may
 not raise at all: its attention can broadcast a mask it ignores, or slice a window its own way,
 and produce wrong tokens silently. So before serving, the engine runs probe rows through each
 path and compares the logits with one plain forward of the model over the same tokens, where
@@ -254,7 +254,7 @@ def model_name(model: Any) -> str:
 
 
 def mixed_steps_unavailable(model: Any) -> str | None:
-    """Why a mixed step (mixed_attention.py) cannot be used with this model, or None.
+    """Why a mixed step (attention.py) cannot be used with this model, or None.
 
     A mixed step replaces the model's attention function through transformers'
     AttentionInterface; a model whose attention does not go through it (GPT-J, CodeGen,
@@ -276,7 +276,7 @@ def _architecture(config: Any) -> str:
 
 def model_context(model: torch.nn.Module) -> int:
     """The longest sequence the model supports: its position embeddings. A sliding window
-    does not shorten it: the runner masks each layer type itself (layer_masks.py), so a
+    does not shorten it: the runner masks each layer type itself (attention.py), so a
     sliding-window model serves its full context."""
     return config_context(model.config)
 

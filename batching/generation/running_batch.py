@@ -9,7 +9,7 @@ what they return:
   blocks (whole blocks shared, a partial last block copied), and samples its first token;
 * decode (`_decode`, then `_after_decode`): one token for every row past its prefill;
 * a mixed step (`_prefill_and_decode`): while rows decode, the step's prefill tokens are
-  packed after the decode rows' tokens into a single forward (mixed_attention.py), so the
+  packed after the decode rows' tokens into a single forward (attention.py), so the
   running streams wait for one forward per step, not a prefill forward and then a decode
   forward. Rows that complete their prompt in it sample their first token from it and decode
   from the next step on. Without it, the prefill's first tokens go out before the decode runs,

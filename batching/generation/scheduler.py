@@ -23,12 +23,14 @@ One step's plan, in this order:
    back to the front of the queue, to be resumed by recomputing what it had written;
 3. drop: waiting requests whose client left or whose REQUEST_TIMEOUT_S passed leave the queue
    before they cost compute;
-4. prefill: the next chunk of the prompt being chunked; else the waiting requests admitted
-   together within `admit_tokens`, each placed in a free row with its longest cached prefix
-   mapped into its block table (shared blocks, no copy), as far as the pool has blocks for
-   them (the rest goes back to the queue). Followers (choices 2..n of one prompt) get rows
-   after every leader, so the leaders' rows stay contiguous for one batched prefill; they share
-   their leader's prompt blocks once it is prefilled;
+4. prefill: the next chunk of the prompt being chunked, with the short waiting prompts that
+   join its step (below); else the waiting requests admitted together within `admit_tokens`,
+   each placed in a free row with its longest cached prefix mapped into its block table
+   (shared blocks, no copy), as far as the pool has blocks for them (the rest goes back to the
+   queue). Followers (choices 2..n of one prompt) get rows after every leader, so the leaders'
+   rows stay contiguous for one batched prefill; they share their leader's prompt blocks once
+   it is prefilled (the prompt being chunked is moved to the last row first, so the prompts
+   joining it follow it);
 5. mixed or not: while rows decode, the prefill runs inside the decode's forward.
 
 Chunked prefill: while other rows decode, a step prefills at most what `chunk_limits` allow
@@ -41,6 +43,20 @@ long freeze. A prompt that would not be through at that pace before REQUEST_TIME
 bigger chunks (`_catch_up`). At most one prompt is being chunked at a time (it was admitted
 alone, see Scheduler.admit). With nothing decoding there is nobody to stall: the budget is
 then at least IDLE_PREFILL_TOKENS.
+
+Short prompts join a long prompt's chunk (`_chunk_step`): requests that arrive while a long
+prompt is being chunked do not wait behind all of its chunks. The rule, within the same stall
+bound: the waiting prompts are admitted first, by urgency and strict FCFS (the first that does
+not fit stops admission, so a long or a prompt-logprobs request at the front is not overtaken:
+it waits for its own turn), each whole, together within (1 - CHUNK_SHARE) of `admit_tokens`
+(padded); the chunk takes what they leave of its own limit at its context: a step's parts add
+up to at most one stall bound, each part counted as its share of its own measured limit. So
+the long prompt keeps at least CHUNK_SHARE of its pace while a burst arrives, and its full
+pace again once nobody waits. Not beside a prompt with prompt logprobs (prefilled alone),
+nor a late prompt's catch-up chunk (it needs the whole step), nor while no row decodes (the
+idle budget is one big prefill forward that would pad every short prompt to it). With
+GENERATE_MIXED_STEPS=false the joined prompts and the chunk run as one padded prefill forward
+(model_runner.prefill's rows): the chunk is then no longer than the longest joining prompt.
 
 Plain Python, no threads of its own: the engine guards the queue with one lock (submit() adds
 from the event loop, the engine thread takes), and calls `schedule()` under it; so all of this
@@ -69,6 +85,7 @@ logger = logging.getLogger(__name__)
 IDLE_PREFILL_TOKENS = 2048  # the prefill budget of a step with no row decoding
 CATCH_UP_MARGIN = 2.0  # a late prompt's chunks finish it in its time left at this x step time
 PROMPT_LOGPROBS_CHUNK_TOKENS = 256  # every position's logits: [256, V] at a time
+CHUNK_SHARE = 0.25  # short prompts joining a long prompt's step leave its chunk this much
 
 
 class Waiting(Protocol):
@@ -162,16 +179,22 @@ class Scheduler(Generic[WaitingT]):
         return cancelled, timed_out
 
     def admit(
-        self, free_slots: int, prefill_token_budget: int, now_s: float = 0.0
+        self,
+        free_slots: int,
+        prefill_token_budget: int,
+        now_s: float = 0.0,
+        *,
+        must_fit: bool = False,
     ) -> list[WaitingT]:
         """Take the most urgent requests while a slot is free and the prefill budget allows.
 
         The budget counts padded tokens (rows x longest prompt), which is what a batched
         prefill computes. The front request is always taken when a slot is free, even if it
         alone exceeds the budget (it is then admitted alone and prefilled in chunks, see
-        running_batch.py), so a long prompt cannot starve. Strict FCFS: a request that does
-        not fit the budget stops admission for this step rather than being overtaken by a less
-        urgent one.
+        running_batch.py), so a long prompt cannot starve; not with `must_fit` (short prompts
+        joining the step of a long prompt being chunked: every one must fit, and none may need
+        its prefill alone). Strict FCFS: a request that does not fit the budget stops admission
+        for this step rather than being overtaken by a less urgent one.
         """
         admitted: list[WaitingT] = []
         longest = 0
@@ -180,7 +203,8 @@ class Scheduler(Generic[WaitingT]):
                 break
             new_longest = max(longest, candidate.prompt_tokens)
             alone = candidate.prefill_alone or (admitted and admitted[0].prefill_alone)
-            if admitted and (alone or (len(admitted) + 1) * new_longest > prefill_token_budget):
+            too_many = (len(admitted) + 1) * new_longest > prefill_token_budget
+            if (admitted or must_fit) and (alone or too_many):
                 break
             admitted.append(candidate)
             free_slots -= candidate.slots_needed
@@ -242,6 +266,16 @@ class SlotTable(Generic[OwnerT]):
             raise RuntimeError(f"row {row} would outgrow the context of {self.max_seq_len}")
         self.lengths[row] = new_length
 
+    def move_to_last(self, row: int) -> int:
+        """Swap `row` with the last row in use (only bookkeeping: K/V stays in its blocks), so
+        rows allocated next follow it; returns its new row."""
+        if not 0 <= row < len(self.owners):
+            raise IndexError(f"row {row} is not in use")
+        last = len(self.owners) - 1
+        self.owners[row], self.owners[last] = self.owners[last], self.owners[row]
+        self.lengths[row], self.lengths[last] = self.lengths[last], self.lengths[row]
+        return last
+
     def release(self, row: int) -> None:
         """Free `row`; if it was not the last, the last row moves into it."""
         if not 0 <= row < len(self.owners):
@@ -287,7 +321,7 @@ class StepPlan:
     # Rows that sample a token in this step's decode; a step whose prefill is not mixed also
     # decodes the rows it completes (their first decode token right after their first token).
     decoding: list[Request]
-    mixed: bool  # the prefill runs inside the decode's forward (mixed_attention.py)
+    mixed: bool  # the prefill runs inside the decode's forward (attention.py)
 
 
 class StepPlanner:
@@ -375,18 +409,8 @@ class StepPlanner:
         steps_left = max(1.0, left_s / (CATCH_UP_MARGIN * self._step_s))
         return math.ceil((len(request.prefill_ids) - request.prefilled) / steps_left)
 
-    def _next_chunk(self, request: Request, waiting: int, now_s: float) -> list[int]:
-        """The next chunk of a prompt prefilled over several steps; `waiting`: requests in the
-        queue (they wait for that prompt too)."""
-        others_wait = self.slots.free > 0 and waiting > 0
-        take = max(
-            _chunk_size(request, self.budget(request.prefilled, others_wait)),
-            self._catch_up(request, now_s),
-        )
-        return request.prefill_ids[request.prefilled : request.prefilled + take]
-
     def _mixes(self, work: PrefillWork, decoding: list[Request]) -> bool:
-        """Whether this step's prefill runs in the decode's forward (mixed_attention.py): when
+        """Whether this step's prefill runs in the decode's forward (attention.py): when
         some row decodes, so the two forwards would run back to back, and the prefill does not
         need the logits of every position (prompt logprobs)."""
         return self.mixed_steps and not work.requests[0].prefill_alone and bool(decoding)
@@ -478,29 +502,89 @@ class StepPlanner:
     def _plan_prefill(
         self, queue: Scheduler[Request], now_s: float
     ) -> tuple[list[Request], PrefillWork | None]:
-        """(admitted, work): the next chunk of the prompt being chunked (nobody admitted);
-        else the requests the queue admits within the admission budget, placed in rows, as far
-        as the pool has blocks for them (the rest goes back to the queue)."""
-        for slot, request in enumerate(self.slots.owners):
+        """(admitted, work): the next chunk of the prompt being chunked, with the short prompts
+        that join it (`_chunk_step`); else the requests the queue admits within the admission
+        budget, placed in rows, as far as the pool has blocks for them (the rest goes back to
+        the queue). A prompt too long for the budget is admitted alone and its first chunk is
+        planned like any later one."""
+        for request in self.slots.owners:
             if request.prefilling:
-                chunk = self._next_chunk(request, len(queue), now_s)
-                if not self._grow_for_prefill(request, len(chunk)):
-                    return [], None  # it waits for blocks; running rows end or make room
-                return [], PrefillWork(slot, [request], [request.prefilled], [chunk])
+                return self._chunk_step(request, queue, now_s, fresh=False)
         if not self.blocks.can_allocate(1 + len(self._decoding())):
             return [], None  # no block to spare: admitting now would only send it back
         admission_budget = self.admission_budget()
         placed = self._place(queue.admit(self.slots.free, admission_budget, now_s), now_s)
         if not placed:
             return [], None
-        chunks = [r.prefill_ids[r.prefilled :] for r in placed]
         first = placed[0]
-        if len(placed) == 1 and (len(chunks[0]) > admission_budget or first.prefill_alone):
-            chunks[0] = self._next_chunk(first, len(queue), now_s)  # admitted alone: too long
-        work = self._with_blocks(placed, chunks)
+        if len(placed) == 1 and (
+            len(first.prefill_ids) - first.prefilled > admission_budget or first.prefill_alone
+        ):
+            return self._chunk_step(first, queue, now_s, fresh=True)  # admitted alone: too long
+        work = self._with_blocks(placed, [r.prefill_ids[r.prefilled :] for r in placed])
         if work is None:
             return [], None
         return [r for leader in work.requests for r in leader.group], work
+
+    def _chunk_step(
+        self, long: Request, queue: Scheduler[Request], now_s: float, *, fresh: bool
+    ) -> tuple[list[Request], PrefillWork | None]:
+        """The next chunk of `long` (admitted in this step if `fresh`), and the short waiting
+        prompts that join it in this step (`_join`). If the pool has no blocks for the chunk,
+        nothing is prefilled: `long` waits in its row (a fresh one goes back to the queue) and
+        so do the short ones, until running rows end or make room."""
+        others_wait = self.slots.free > 0 and len(queue) > 0
+        limit = _chunk_size(long, self.budget(long.prefilled, others_wait))
+        late = self._catch_up(long, now_s)
+        joining = self._join(long, queue, now_s) if late <= limit else []
+        take = max(self._chunk_share(long, limit, joining), late)
+        chunk = long.prefill_ids[long.prefilled : long.prefilled + take]
+        if not self._grow_for_prefill(long, len(chunk)):
+            for request in reversed(joining):  # never placed: back to the front, in order
+                queue.requeue(request)
+            if fresh:
+                self.requeue_group(long)
+            return [], None
+        first_slot = self.slots.move_to_last(self.slots.owners.index(long))  # joiners follow
+        joined = self._place(joining, now_s)
+        chunks = _rest(joined)
+        fit = self._fit_blocks(joined, chunks)
+        joined, chunks = joined[:fit], [chunk, *chunks[:fit]]
+        work = PrefillWork(
+            first_slot, [long, *joined], [r.prefilled for r in (long, *joined)], chunks
+        )
+        admitted = [r for leader in joined for r in leader.group]
+        return [*long.group, *admitted] if fresh else admitted, work
+
+    def _join(self, long: Request, queue: Scheduler[Request], now_s: float) -> list[Request]:
+        """Waiting prompts admitted into the step of `long`'s next chunk, by urgency (strict
+        FCFS: one that does not fit stops admission), each whole in this step, together within
+        (1 - CHUNK_SHARE) of the admission budget, so the chunk keeps at least its share of
+        the step. None beside a prompt that needs its prefill alone (prompt logprobs), and none
+        while no row decodes (a prefill forward with nobody to stall: its budget is
+        IDLE_PREFILL_TOKENS, and it would pad every short prompt to that chunk)."""
+        if long.prefill_alone or not self._decoding():
+            return []
+        budget = int(self.admission_budget() * (1 - CHUNK_SHARE))
+        joining = queue.admit(self.slots.free, budget, now_s, must_fit=True)
+        for index, request in enumerate(joining):
+            if len(request.prefill_ids) > budget:  # resumed: it prefills all it had written
+                for later in reversed(joining[index:]):
+                    queue.requeue(later)
+                return joining[:index]
+        return joining
+
+    def _chunk_share(self, long: Request, limit: int, joining: list[Request]) -> int:
+        """`long`'s chunk when `joining` prompts share its step: they take their part of the
+        stall bound first (their padded tokens over the admission budget), the chunk takes what
+        is left of its own limit at its context. A step that is not mixed pads every row to the
+        longest: there the chunk is no longer than the longest joining prompt."""
+        if not joining:
+            return limit
+        longest = max(len(r.prefill_ids) for r in joining)
+        used = len(joining) * longest / self.admission_budget()
+        take = max(1, math.floor(limit * (1 - used)))
+        return take if self.mixed_steps else min(take, longest)
 
     def _place(self, leaders: list[Request], now_s: float) -> list[Request]:
         """Give each leader the next free row and map its longest cached prefix into its block
@@ -533,16 +617,23 @@ class StepPlanner:
     def _with_blocks(self, placed: list[Request], chunks: list[list[int]]) -> PrefillWork | None:
         """The admitted prompts whose chunks the pool has blocks for; the first that does not
         fit goes back to the queue with every one after it (first come, first served)."""
+        fit = self._fit_blocks(placed, chunks)
+        if not fit:
+            return None
+        first_slot = self.slots.owners.index(placed[0])  # leaders are contiguous from here
+        return PrefillWork(
+            first_slot, placed[:fit], [r.prefilled for r in placed[:fit]], chunks[:fit]
+        )
+
+    def _fit_blocks(self, placed: list[Request], chunks: list[list[int]]) -> int:
+        """Blocks for the chunks of the first prompts, as many as fit; the first that does not
+        goes back to the queue with every one after it. Returns how many fit."""
         for index, (request, chunk) in enumerate(zip(placed, chunks, strict=True)):
             if not self._grow_for_prefill(request, len(chunk)):
                 for later in placed[index:]:
                     self.requeue_group(later)
-                placed, chunks = placed[:index], chunks[:index]
-                break
-        if not placed:
-            return None
-        first_slot = self.slots.owners.index(placed[0])  # leaders are contiguous from here
-        return PrefillWork(first_slot, placed, [r.prefilled for r in placed], chunks)
+                return index
+        return len(placed)
 
     def _grow_for_prefill(self, request: Request, chunk_tokens: int) -> bool:
         """Blocks for the chunk (and a block per follower for its copy of a partial last
@@ -572,6 +663,11 @@ def split_off(request: Request) -> None:
     for follower in request.followers:
         follower.leader = None
     request.followers.clear()
+
+
+def _rest(requests: list[Request]) -> list[list[int]]:
+    """What each request has left to prefill (after a prefix-cache hit)."""
+    return [r.prefill_ids[r.prefilled :] for r in requests]
 
 
 def _chunk_size(request: Request, budget: int) -> int:

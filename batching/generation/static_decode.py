@@ -33,7 +33,7 @@ is built from three parts, in this order below:
    they write only to the spare block and never touch live K/V; position 0 gives each of them
    one attendable column, so softmax never sees an all-masked row (NaN).
 
-   The masks (layer_masks.py) and the pool rows written are computed on the device from
+   The masks (attention.py) and the pool rows written are computed on the device from
    `positions` and `tables`, so they are part of the captured graph, not host work.
 
    The host buffer is rewritten at the start of the next step, after the previous copy has

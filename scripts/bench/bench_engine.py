@@ -8,6 +8,8 @@ static left-padded batch). Used for the GPU figures in BENCHMARKS.md.
     python scripts/bench/bench_engine.py --shape llama-22m --device cpu --dtypes float32 \
         --concurrency 1 8 32 --before-dir /tmp/base --repeats 3   # before/after a change
     python scripts/bench/bench_engine.py --shape tiny --device cpu --concurrency 1 4   # smoke run
+    python scripts/bench/bench_engine.py --shape llama-22m --device cpu --dtypes float32 \
+        --paged-attention gather in_place --skip-generate   # decode attention: both, alternating
 
 Random weights, greedy, ignore_eos: every request decodes exactly --new-tokens tokens.
 `--before-dir` runs every measurement in a fresh process, alternately against that checkout's
@@ -112,6 +114,7 @@ class Row:
     decode_step_ms: float | None = None
     bound_step_ms: float | None = None
     cuda_graphs: str = ""  # on / off (the engine's report), "" where it has no such setting
+    paged_attention: str = ""  # gather / in_place (the engine's choice), "" where it has none
     # CPU time of the whole process for the run, and of the engine thread per decode step: with
     # --threads 1 (no OpenMP workers) that is the work done, whatever else loads the machine.
     cpu_seconds: float | None = None
@@ -126,6 +129,7 @@ class EngineRun:
     step_cpu_s: float
     cpu_seconds: float
     cuda_graphs: str
+    paged_attention: str
 
 
 def build(shape: str, dtype: str, device: torch.device, scratch: Path) -> PreTrainedModel:
@@ -178,7 +182,10 @@ def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
 
 
 def engine_options(
-    cuda_graphs: str, kv_bucket_min: int | None, prefill_tokens: int | None = None
+    cuda_graphs: str,
+    kv_bucket_min: int | None,
+    prefill_tokens: int | None = None,
+    paged_attention: str | None = None,
 ) -> dict[str, Any]:
     """Options this checkout's engine accepts (an older one, for --before-dir, has fewer; the
     prefill budget was `prefill_token_budget` before chunked prefill)."""
@@ -188,6 +195,7 @@ def engine_options(
         "kv_bucket_min": kv_bucket_min,
         "prefill_chunk_tokens": prefill_tokens,
         "prefill_token_budget": prefill_tokens,
+        "paged_attention": paged_attention,
     }
     return {k: v for k, v in options.items() if k in accepted and v is not None}
 
@@ -198,6 +206,7 @@ async def run_engine(
     new_tokens: int,
     cuda_graphs: str,
     kv_bucket_min: int | None = None,
+    paged_attention: str | None = None,
 ) -> EngineRun:
     clock = StepClock()
 
@@ -206,7 +215,9 @@ async def run_engine(
             model, _NoText(), eos_token_ids=[], num_slots=len(batch),
             max_seq_len=max(map(len, batch)) + new_tokens, max_queue=len(batch),
             timeout_s=600.0, observer=clock,
-            **engine_options(cuda_graphs, kv_bucket_min, max(2048, sum(map(len, batch)))),
+            **engine_options(
+                cuda_graphs, kv_bucket_min, max(2048, sum(map(len, batch))), paged_attention
+            ),
         )  # fmt: skip
         engine.warm_up()
         return engine
@@ -214,6 +225,8 @@ async def run_engine(
     engine = on_fresh_thread(make_engine)
     report = getattr(engine, "cuda_graphs", None)
     graphs = "" if report is None else ("on" if report.enabled else "off")
+    paged = getattr(engine, "paged_attention", None)
+    paged_path = "" if paged is None else str(paged.path)
     engine.start()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     started, started_cpu = time.perf_counter(), time.process_time()
@@ -224,7 +237,7 @@ async def run_engine(
     tokens = sum(r.completion_tokens for r in results)
     assert tokens == len(batch) * new_tokens, "every request must decode exactly new_tokens"
     step_s, step_cpu_s = (clock.median_step_s(len(batch), cpu=cpu) for cpu in (False, True))
-    return EngineRun(seconds, tokens, step_s, step_cpu_s, cpu_seconds, graphs)
+    return EngineRun(seconds, tokens, step_s, step_cpu_s, cpu_seconds, graphs, paged_path)
 
 
 def run_generate(
@@ -255,20 +268,27 @@ def bench(args: argparse.Namespace, dtype: str, scratch: Path) -> list[Row]:
     print(f"{args.shape} {dtype}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params,"
           f" {weights / 2**20:.0f} MiB read per decode step", flush=True)  # fmt: skip
     rows: list[Row] = []
+    paged_modes = args.paged_attention
     for mode in args.cuda_graphs:
-        asyncio.run(run_engine(model, prompts(2, args.prompt_tokens, vocab), 4, mode))  # warm-up
+        for paged in paged_modes:  # warm-up
+            asyncio.run(run_engine(model, prompts(2, args.prompt_tokens, vocab), 4, mode, None,
+                                   paged))  # fmt: skip
         for n in args.concurrency:
             batch = prompts(n, args.prompt_tokens, vocab)
-            run = asyncio.run(run_engine(model, batch, args.new_tokens, mode, args.kv_bucket_min))
-            mean_len = args.prompt_tokens + args.new_tokens / 2
-            bound_s = (weights + n * mean_len * kv_token) / (args.bandwidth_gbs * 1e9)
-            rows.append(Row(args.shape, dtype, "engine", n, run.tokens, run.seconds,
-                            run.tokens / run.seconds, run.step_s * 1e3, bound_s * 1e3,
-                            run.cuda_graphs, run.cpu_seconds, run.step_cpu_s * 1e3))  # fmt: skip
-            print(f"  engine x{n:<3} graphs {run.cuda_graphs or '-':3} "
-                  f"{run.tokens / run.seconds:9.0f} tok/s  step {run.step_s * 1e3:6.2f} ms "
-                  f"({run.step_cpu_s * 1e3:.2f} ms CPU; bandwidth bound {bound_s * 1e3:.2f} ms)",
-                  flush=True)  # fmt: skip
+            for paged in paged_modes:  # alternating at each concurrency: the same load for both
+                run = asyncio.run(run_engine(model, batch, args.new_tokens, mode,
+                                             args.kv_bucket_min, paged))  # fmt: skip
+                mean_len = args.prompt_tokens + args.new_tokens / 2
+                bound_s = (weights + n * mean_len * kv_token) / (args.bandwidth_gbs * 1e9)
+                rows.append(Row(args.shape, dtype, "engine", n, run.tokens, run.seconds,
+                                run.tokens / run.seconds, run.step_s * 1e3, bound_s * 1e3,
+                                run.cuda_graphs, run.paged_attention, run.cpu_seconds,
+                                run.step_cpu_s * 1e3))  # fmt: skip
+                print(f"  engine x{n:<3} graphs {run.cuda_graphs or '-':3} "
+                      f"attention {run.paged_attention or '-':8} "
+                      f"{run.tokens / run.seconds:9.0f} tok/s  step {run.step_s * 1e3:6.2f} ms "
+                      f"({run.step_cpu_s * 1e3:.2f} ms CPU; bandwidth bound "
+                      f"{bound_s * 1e3:.2f} ms)", flush=True)  # fmt: skip
     if not args.skip_generate:
         rows += bench_generate(args, model, dtype, vocab)
     del model
@@ -301,15 +321,17 @@ def markdown(rows: list[Row], device_name: str, bandwidth_gbs: float) -> str:
     lines = [
         f"Device: {device_name}; bandwidth bound at {bandwidth_gbs:g} GB/s.",
         "",
-        "| shape | dtype | system | CUDA graphs | concurrency | output tok/s | decode step ms |"
-        " bound ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape | dtype | system | CUDA graphs | paged attention | concurrency | output tok/s |"
+        " decode step ms | decode step CPU ms | bound ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = f"{r.decode_step_ms:.2f}" if r.decode_step_ms is not None else ""
         bound = f"{r.bound_step_ms:.2f}" if r.bound_step_ms is not None else ""
+        cpu = f"{r.decode_step_cpu_ms:.2f}" if r.decode_step_cpu_ms is not None else ""
         lines.append(f"| {r.shape} | {r.dtype} | {r.system} | {r.cuda_graphs} | "
-                     f"{r.concurrency} | {r.tok_per_s:,.0f} | {step} | {bound} |")  # fmt: skip
+                     f"{r.paged_attention} | {r.concurrency} | {r.tok_per_s:,.0f} | {step} | "
+                     f"{cpu} | {bound} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -326,6 +348,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cuda-graphs", nargs="+", choices=["auto", "on", "off"], default=["auto"],
         help="GENERATE_CUDA_GRAPHS for the engine; several: measured one after the other",
+    )  # fmt: skip
+    parser.add_argument(
+        "--paged-attention", nargs="+", choices=["auto", "gather", "in_place"], default=["auto"],
+        help="GENERATE_PAGED_ATTENTION; several: alternated at each concurrency",
     )  # fmt: skip
     parser.add_argument("--kv-bucket-min", type=int, default=None, help="the engine's default")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")

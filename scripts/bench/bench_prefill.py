@@ -23,6 +23,12 @@ so their lengths are exact. Three scenarios:
   configuration, runs interleaved): the gaps between the deltas each stream's handle
   receives, so what the engine itself bounds, apart from the HTTP stack's and the client's
   noise on a 2-core box.
+* join-engine: long-engine with 8 free rows more, and 8 short prompts (16-32 tokens, 16 new
+  tokens each) that arrive JOIN_DELAY_S after the long prompt, while it is being prefilled:
+  their TTFT (from their own arrival), the long prompt's, and the streams' longest gap while
+  the long prompt waited. `--chunks`/`--mixed` pick the configurations as for 'long'. To
+  compare two checkouts, run it from each (PYTHONPATH=. so that each imports its own
+  `batching`), alternately.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ NO_LONG_PROMPT = "no long prompt"  # the 'long' scenario's baseline: the streams
 BASELINE_WINDOW_S = 2.0
 LONG = {"slots": 17, "max_seq_len": 1536}  # the long scenarios: 16 streams + a 1,500-token prompt
 UNCHUNKED = 4096  # a chunk budget above every prompt here: each prompt in one forward
+JOIN = {"slots": 25, "shorts": 8, "delay_s": 0.3}  # join-engine: rows for them, when they come
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default="cache,long,long-engine",
-        help="cache (shared, distinct), long, long-engine",
+        help="cache (shared, distinct), long, long-engine, join-engine",
     )
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     return parser.parse_args(argv)
@@ -164,13 +171,54 @@ async def long_prompt_in_engine(engine: GenerationEngine, rng: random.Random) ->
     }
 
 
-def engines(model_dir: str, configs: dict[str, dict[str, Any]]) -> dict[str, GenerationEngine]:
+async def short_prompts_during_long_prefill(
+    engine: GenerationEngine, rng: random.Random
+) -> dict[str, Any]:
+    """long_prompt_in_engine, with JOIN["shorts"] short prompts arriving JOIN["delay_s"] after
+    the long one: how long they wait for their first token while it is prefilled."""
+
+    async def first_token_s(prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
+        sent_s = time.perf_counter()
+        handle = await engine.submit(prompt, SamplingParams(new_tokens, ignore_eos=True))
+        return sent_s, [time.perf_counter() async for _ in handle]
+
+    streams = [asyncio.create_task(first_token_s(ids(16, rng), 256)) for _ in range(16)]
+    await asyncio.sleep(1.5)
+    long = asyncio.create_task(first_token_s(ids(1500, rng), 8))
+    await asyncio.sleep(float(JOIN["delay_s"]))
+    shorts = await asyncio.gather(
+        *(first_token_s(ids(rng.randint(16, 32), rng), 16) for _ in range(int(JOIN["shorts"])))
+    )
+    long_sent_s, long_times = await long
+    times = [arrivals for _, arrivals in await asyncio.gather(*streams)]
+    during = [
+        later - earlier
+        for arrivals in times
+        for earlier, later in itertools.pairwise(arrivals)
+        if later > long_sent_s and earlier < long_times[0]
+    ]
+    ttfts = [arrivals[0] - sent_s for sent_s, arrivals in shorts]
+    p50 = load.percentile([b - a for t in times for a, b in itertools.pairwise(t)], 50) * 1000
+    return {
+        "short_ttft_p50_ms": round(load.percentile(ttfts, 50) * 1000, 1),
+        "short_ttft_max_ms": round(max(ttfts) * 1000, 1),
+        "shorts_before_long": sum(arrivals[0] < long_times[0] for _, arrivals in shorts),
+        "long_ttft_ms": round((long_times[0] - long_sent_s) * 1000, 1),
+        "itl_p50_ms": round(p50, 2),
+        "during_max_ms": round(max(during) * 1000, 2),
+        "max_over_p50": round(max(during) * 1000 / p50, 2),
+    }
+
+
+def engines(
+    model_dir: str, configs: dict[str, dict[str, Any]], slots: int = LONG["slots"]
+) -> dict[str, GenerationEngine]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     built = {}
     for name, options in configs.items():
         engine = build_engine(
-            model, tokenizer, eos_token_ids=[], num_slots=LONG["slots"],
+            model, tokenizer, eos_token_ids=[], num_slots=slots,
             max_seq_len=LONG["max_seq_len"], max_queue=64,
             timeout_s=300.0, **options,
         )  # fmt: skip
@@ -180,19 +228,25 @@ def engines(model_dir: str, configs: dict[str, dict[str, Any]]) -> dict[str, Gen
     return built
 
 
-async def measure_in_engine(repeats: int, built: dict[str, GenerationEngine]) -> dict[str, Any]:
+async def measure_in_engine(
+    repeats: int, built: dict[str, GenerationEngine], scenario: str = "long-engine"
+) -> dict[str, Any]:
+    workload = (
+        long_prompt_in_engine if scenario == "long-engine" else short_prompts_during_long_prefill
+    )
     runs: dict[str, list[dict[str, Any]]] = {}
     try:
         for repeat in range(repeats):
             for name, engine in built.items():
-                result = await long_prompt_in_engine(engine, random.Random(repeat))
-                runs.setdefault(f"long-engine {name}", []).append(result)
+                result = await workload(engine, random.Random(repeat))
+                runs.setdefault(f"{scenario} {name}", []).append(result)
                 print(f"repeat {repeat + 1}: engine {name} done", flush=True)
     finally:
         for engine in built.values():
             await engine.stop(drain_timeout_s=0.0)
     limits = {name: e.prefill_chunk_limits.as_dict() for name, e in built.items()}
-    return {label: median_of(r, "during_max_ms") for label, r in runs.items()} | {
+    key = "during_max_ms" if scenario == "long-engine" else "short_ttft_p50_ms"
+    return {label: median_of(r, key) for label, r in runs.items()} | {
         "engine chunk limits": {k: v for k, v in limits.items() if v["measured"]}
     }
 
@@ -287,12 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     model = str(build_bench_models(args.models_dir)["llm"])
     scenarios = args.scenarios.split(",")
     results: dict[str, Any] = {}
+    configs = {
+        name: {"prefill_chunk_tokens": chunk, "mixed_steps": mixed}
+        for name, (chunk, mixed) in chunk_configs(args).items()
+    }
     if "long-engine" in scenarios:
-        configs = {
-            name: {"prefill_chunk_tokens": chunk, "mixed_steps": mixed}
-            for name, (chunk, mixed) in chunk_configs(args).items()
-        }
         results |= asyncio.run(measure_in_engine(args.repeats, engines(model, configs)))
+    if "join-engine" in scenarios:
+        built = engines(model, configs, slots=int(JOIN["slots"]))
+        results |= {
+            f"join-engine {k}" if k == "engine chunk limits" else k: v
+            for k, v in asyncio.run(measure_in_engine(args.repeats, built, "join-engine")).items()
+        }
     specs = server_specs(model, scenarios, args)
     if specs:
         results |= measure_servers(args, specs)

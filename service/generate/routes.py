@@ -26,8 +26,11 @@ from service.generate.streaming import (
 from service.generate.submit import GenerationCall, submit_generation
 from service.limits import RateLimitDep
 from service.request_id import request_id_of
+from service.schemas import ERROR_RESPONSES
 
-router = APIRouter(tags=["generate"], dependencies=[ApiKeyDep, RateLimitDep])
+router = APIRouter(
+    tags=["generate"], dependencies=[ApiKeyDep, RateLimitDep], responses=ERROR_RESPONSES
+)
 
 
 def to_response(result: GenerationResult, model: str, request_id: str) -> GenerateResponse:

@@ -111,6 +111,7 @@ class GenerationService:
             kv_block_size=settings.generate_kv_block_size,
             kv_cache_blocks=blocks,
             cuda_graphs=settings.generate_cuda_graphs,
+            paged_attention=settings.generate_paged_attention,
             priority_aging_s=settings.priority_aging_s,
         )
         engine = GenerationEngine(
@@ -142,7 +143,21 @@ class GenerationService:
     def warm_up(self) -> float:
         started = time.perf_counter()
         self.engine.warm_up()
+        self._compile_chat_template()
         return time.perf_counter() - started
+
+    def _compile_chat_template(self) -> None:
+        """Render the chat template once: transformers compiles it (jinja, ~20 ms) on first use
+        and keeps it, and the first chat request would otherwise pay that on the event loop."""
+        tokenizer = self.loaded.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return
+        try:
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False
+            )
+        except Exception:  # a template that refuses this conversation is compiled all the same
+            log.debug("the chat template refused the warm-up conversation", exc_info=True)
 
     def start(self) -> None:
         self.engine.start()
@@ -159,13 +174,14 @@ class GenerationService:
         return prompt_ids(self.loaded.tokenizer, prompt, True, allow)
 
     def refresh_gauges(self) -> None:
-        self.metrics.slots_in_use.set(self.engine.slots_in_use)
-        self.metrics.waiting.set(self.engine.waiting_requests)
+        # Each engine figure read once, so the generate_* and vllm:* gauges of one scrape agree
+        # (the engine thread may admit a request between two reads).
+        waiting, running = self.engine.waiting_requests, self.engine.slots_in_use
+        self.metrics.slots_in_use.set(running)
+        self.metrics.waiting.set(waiting)
         blocks = self.engine.kv_cache_blocks
         self.metrics.kv_cache_usage.set(blocks.usage_ratio)
-        self.metrics.vllm.set_state(
-            waiting=self.engine.waiting_requests, running=self.engine.slots_in_use, blocks=blocks
-        )
+        self.metrics.vllm.set_state(waiting=waiting, running=running, blocks=blocks)
         self.metrics.kv_blocks_total.set(self.engine.kv_blocks_total)
         self.metrics.kv_blocks_used.set(self.engine.kv_blocks_used)
         self.metrics.kv_blocks_cached.set(self.engine.kv_blocks_cached)
@@ -191,6 +207,7 @@ class GenerationService:
             "attention_layers": self.engine.attention_layout,
             "mixed_steps_off_reason": self.engine.mixed_steps_off_reason,
             "cuda_graphs": self.engine.cuda_graphs.as_dict(),
+            "paged_attention": self.engine.paged_attention.as_dict(),
             "prefill_chunk_tokens": self.settings.generate_prefill_chunk_tokens,
             "max_stall_steps": self.settings.generate_max_stall_steps,
             "prefill_chunk_limits": self.engine.prefill_chunk_limits.as_dict(),

@@ -20,7 +20,7 @@ from batching.generation.grammar import CompiledGrammar
 from batching.generation.handle import GenerationHandle
 from batching.generation.sampling import SamplingParams
 from service.audit import audit_generations
-from service.deps import prefix_cache_namespace, resolve_priority
+from service.deps import cache_share, resolve_priority
 from service.errors import as_api_error
 from service.generate.grammars import JsonOutput, compile_json_grammar
 from service.generate.limits import (
@@ -83,7 +83,9 @@ async def submit_generation(
     checked_prompt_count(len(call.prompts), service.settings, call.prompt_param)
     checked_choices(call.choices, service.settings)
     priority = resolve_priority(request, service.settings, call.priority)
-    namespace = prefix_cache_namespace(request, service.settings)
+    namespace = cache_share(
+        request, service.settings, service.settings.generate_prefix_cache_shared
+    )
     submitted: list[list[GenerationHandle]] = []
     try:
         grammar = None

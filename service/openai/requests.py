@@ -14,7 +14,7 @@ from batching.generation.sampling import SamplingParams
 from service.generate.grammars import JsonOutput
 from service.generate.limits import FieldError, checked_conversation_size, checked_text
 from service.generate.service import GenerationService
-from service.generate.special_tokens import chat_ids
+from service.generate.special_tokens import chat_ids, render_chat
 from service.generate.submit import GenerationCall
 from service.openai.errors import OpenAIError
 from service.openai.schemas import ChatMessage, CompletionRequest, SamplingRequest
@@ -47,20 +47,23 @@ def chat_prompt_ids(
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError("the served model has no chat template: use /v1/completions", None)
     conversation = checked_conversation(messages, tools, service)
-    try:
+
+    def render(conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         text = tokenizer.apply_chat_template(
             conversation, tools=cast(Any, tools), add_generation_prompt=True, tokenize=False
         )
-    except TemplateError as exc:  # templates raise on conversations they refuse
-        raise OpenAIError(f"messages: {exc}", "messages") from exc
-    # The template writes any special tokens (BOS, role markers) itself: add none twice.
-    rendered = checked_text(str(text), "messages", service.settings)
-    contents = [message["content"] for message in conversation]
+        return str(text)
+
     allow = service.settings.generate_special_tokens_in_prompts
     try:
-        return chat_ids(tokenizer, rendered, contents, allow)
+        chat = render_chat(tokenizer, render, conversation, tools, allow)
+    except TemplateError as exc:  # templates raise on conversations they refuse
+        raise OpenAIError(f"messages: {exc}", "messages") from exc
     except InvalidInputError as exc:
         raise OpenAIError(str(exc), "messages") from exc
+    # The template writes any special tokens (BOS, role markers) itself: add none twice.
+    checked_text(chat.text, "messages", service.settings)
+    return chat_ids(tokenizer, chat)
 
 
 def completion_prompts(body: CompletionRequest, service: GenerationService) -> list[list[int]]:

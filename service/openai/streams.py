@@ -97,7 +97,8 @@ class ChatChunks:
     def pieces(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         if self.tools is not None and self.tools.calls_tools:
             deltas = self._tool_stream(index).feed(delta.text)
-            return [self._choice(index, d) for d in deltas]
+            entries = self._pending.take(index, delta.logprobs, ready=bool(deltas))
+            return self._with_logprobs(index, deltas, entries)
         entries = self._pending.take(index, delta.logprobs, ready=bool(delta.text))
         if not delta.text:
             return []
@@ -108,7 +109,8 @@ class ChatChunks:
     def end(self, index: int, reason: FinishReason) -> list[dict[str, Any]]:
         if self.tools is not None and self.tools.calls_tools:
             deltas, reason = self._tool_stream(index).finish(reason)
-            return [*(self._choice(index, d) for d in deltas), self._choice(index, {}, reason)]
+            entries = self._pending.take(index, (), ready=True)
+            return self._with_logprobs(index, [*deltas, {}], entries, reason)
         entries = self._pending.take(index, (), ready=True)
         logprobs = chat_logprobs(entries, self.texts).model_dump() if entries else None
         return [{"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": reason}]
@@ -117,11 +119,32 @@ class ChatChunks:
         assert self.tools is not None  # only called with tools
         return self._tool_streams.setdefault(index, ToolStream(self.tools))
 
-    @staticmethod
-    def _choice(
-        index: int, delta: dict[str, Any], reason: FinishReason | None = None
-    ) -> dict[str, Any]:
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    def _with_logprobs(
+        self,
+        index: int,
+        deltas: list[dict[str, Any]],
+        entries: list[TokenLogprob],
+        reason: FinishReason | None = None,
+    ) -> list[dict[str, Any]]:
+        """Tool-call deltas do not follow token boundaries (a call is sent whole, arguments are
+        held back): the logprobs of the tokens since the choice's last chunk ride on its next
+        one, so that a stream carries each token's logprobs once, in order, as the answer
+        without stream does. `reason` goes on the last delta."""
+        choices = []
+        for position, delta in enumerate(deltas):
+            last = position == len(deltas) - 1
+            logprobs = None
+            if entries and position == 0:
+                logprobs = chat_logprobs(entries, self.texts).model_dump()
+            choices.append(
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": reason if last else None,
+                }
+            )
+        return choices
 
 
 @dataclass

@@ -17,8 +17,11 @@ from service.limits import RateLimitDep
 from service.openai.errors import OpenAIError
 from service.openai.requests import chat_prompt_ids
 from service.openai.schemas import ChatMessage
+from service.schemas import ERROR_RESPONSES
 
-router = APIRouter(tags=["tokenize"], dependencies=[ApiKeyDep, RateLimitDep])
+router = APIRouter(
+    tags=["tokenize"], dependencies=[ApiKeyDep, RateLimitDep], responses=ERROR_RESPONSES
+)
 TokenId = Annotated[int, Field(ge=0)]
 
 

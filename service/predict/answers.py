@@ -8,18 +8,12 @@ from collections.abc import Sequence
 from fastapi import Request, Response
 
 from service.audit import audit_predictions
-from service.deps import configured_key, resolve_priority
+from service.deps import cache_share, resolve_priority
 from service.predict.cache import CacheUse
 from service.predict.predictor import ModelInput
 from service.predict.service import Answer, PredictService
 from service.request_id import request_id_of
 from service.settings import Settings
-
-
-def cache_tenant(request: Request, settings: Settings) -> str:
-    if settings.predict_cache_shared:
-        return ""
-    return configured_key(request, settings.api_key_set) or ""
 
 
 async def answer_inputs(
@@ -37,7 +31,7 @@ async def answer_inputs(
         request_id_of(request),
         CacheUse.from_cache_control(request.headers.get("cache-control")),
         resolve_priority(request, settings, priority),
-        cache_tenant(request, settings),
+        cache_share(request, settings, settings.predict_cache_shared),
     )
     if service.cache is not None:
         hits = sum(answer.cached for answer in answers)

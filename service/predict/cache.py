@@ -25,7 +25,7 @@ ValueT = TypeVar("ValueT")
 
 
 class CacheKey(NamedTuple):
-    tenant: str  # the caller's API key, or "" (an open API, or PREDICT_CACHE_SHARED)
+    tenant: str  # the caller's API key, hashed (deps.cache_share), or "" (open API, shared cache)
     model: str
     revision: str
     task: str

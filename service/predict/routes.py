@@ -29,9 +29,12 @@ from service.predict.schemas import (
 )
 from service.predict.service import Answer, PredictService
 from service.request_id import request_id_of
+from service.schemas import ERROR_RESPONSES
 from service.settings import Settings
 
-router = APIRouter(tags=["predict"], dependencies=[ApiKeyDep, RateLimitDep])
+router = APIRouter(
+    tags=["predict"], dependencies=[ApiKeyDep, RateLimitDep], responses=ERROR_RESPONSES
+)
 
 
 def check_text_lengths(texts: list[str], settings: Settings) -> None:

@@ -23,6 +23,9 @@ from tests.batching.collector_fakes import make_collector  # noqa: F401 (the col
 # The same tests run on a GPU box with TEST_DEVICE=cuda (and TEST_DTYPE=bfloat16 if wanted).
 TEST_DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
 TEST_DTYPE: torch.dtype = getattr(torch, os.environ.get("TEST_DTYPE", "float32"))
+# How engines' decode attention reads KV blocks unless a test says (GENERATE_PAGED_ATTENTION):
+# scripts/gpu_check.py runs the equality tests with in_place and with gather on a GPU.
+TEST_PAGED_ATTENTION = os.environ.get("TEST_PAGED_ATTENTION", "auto")
 WAIT_S = 10.0  # bound for anything that should happen promptly; never reached when all is well
 VOCAB_SIZE = 384  # a multiple of 32 (bitsandbytes nf4 needs it), small enough to be fast
 EOS_ID = 2
@@ -96,6 +99,7 @@ async def make_engine(
             "max_seq_len": 96,
             "max_queue": 64,
             "timeout_s": 30.0,
+            "paged_attention": TEST_PAGED_ATTENTION,
         }
         options.update(overrides)
         model = options.pop("model", tiny_llama)
@@ -210,7 +214,7 @@ class RecordingObserver:
 
 
 class MixedSteps:
-    """Counts an engine's mixed steps (prefill and decode in one forward, mixed_attention.py),
+    """Counts an engine's mixed steps (prefill and decode in one forward, attention.py),
     so a test can show that the path it checks was really taken."""
 
     def __init__(self, engine: GenerationEngine) -> None:

@@ -228,7 +228,7 @@ async def test_a_burst_of_short_prompts_is_admitted_together_while_a_long_one_is
     await asyncio.wait_for(stream.wait(), WAIT_S)
 
 
-async def test_a_long_prompt_others_wait_behind_gets_the_stall_bounds_chunks(
+async def test_short_prompts_behind_a_long_one_join_its_first_chunk(
     make_engine: EngineFactory, gated_llama: Any
 ) -> None:
     model, gate = gated_llama
@@ -246,6 +246,7 @@ async def test_a_long_prompt_others_wait_behind_gets_the_stall_bounds_chunks(
     for prompt, handle in zip(prompts, handles, strict=True):
         result = await asyncio.wait_for(handle.wait(), WAIT_S)
         assert list(result.token_ids) == reference(model, prompt, 4)
-    # Two requests wait behind it: 32-token chunks; then both are admitted in one step.
-    assert rows.steps == [[32], [32], [32], [4], [6, 7]]
+    # Two short ones wait behind it: they join its first chunk (13 of the 64 padded tokens
+    # leave it 32 x 51/64 = 25), then nobody waits: the smooth chunks.
+    assert rows.steps == [[25, 6, 7], [16], [16], [16], [16], [11]]
     await asyncio.wait_for(stream.wait(), WAIT_S)

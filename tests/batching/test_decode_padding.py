@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM
 
-from batching.generation.layer_masks import LayerMasks
+from batching.generation.attention import LayerMasks
 from batching.generation.model_runner import ModelRunner
 from batching.generation.model_support import FULL, AttentionPattern
 from batching.generation.static_decode import DecodeBuffers

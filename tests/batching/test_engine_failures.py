@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -71,6 +72,43 @@ async def test_a_dead_loop_is_reported_and_refuses_requests(make_engine: EngineF
     assert not engine.is_alive
     with pytest.raises(EngineStoppedError):
         await engine.submit(PROMPT, SamplingParams(5))
+
+
+class ObserverFailingWhileAdmitting(RecordingObserver):
+    """Raises from inside a step's plan once armed: after the step has freed an ended row and
+    dropped a cancelled waiting request, while it admits the next one."""
+
+    armed = False
+
+    def on_prefix_cache_query(self, prompt_tokens: int, hit_tokens: int) -> None:
+        if self.armed:
+            raise RuntimeError("a bug while admitting")
+        super().on_prefix_cache_query(prompt_tokens, hit_tokens)
+
+
+async def test_a_loop_that_dies_while_planning_still_answers_every_request_it_took(
+    make_engine: EngineFactory,
+) -> None:
+    observer = ObserverFailingWhileAdmitting()
+    engine = make_engine(num_slots=1, prefix_cache_tokens=64, observer=observer)
+    running = await engine.submit(PROMPT, SamplingParams(50, ignore_eos=True))
+    await anext(running)
+    dropped = await engine.submit([9, 10, 11], SamplingParams(5))
+    admitted = await engine.submit([12, 13, 14], SamplingParams(5))
+    observer.armed = True
+    # Both cancelled at once, between two plans (the engine's lock held): the next plan drops
+    # the waiting one from the queue (it is answered only once the plan is made) and, with
+    # the running row freed, dies admitting the third.
+    with engine._cond:
+        dropped.cancel()
+        running.cancel()
+    with pytest.raises(EngineStoppedError):
+        await asyncio.wait_for(dropped.wait(), WAIT_S)
+    for handle in (running, admitted):  # ended in the last run, or taken by the dying plan
+        with contextlib.suppress(RequestInterruptedError, EngineStoppedError):
+            await asyncio.wait_for(handle.wait(), WAIT_S)
+    assert not engine.is_alive
+    assert len(observer.finished) == 3  # each answered once
 
 
 async def test_a_full_queue_is_refused_at_once(

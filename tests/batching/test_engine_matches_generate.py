@@ -126,7 +126,7 @@ async def test_a_context_longer_than_the_sliding_window_equals_generate(
     make_engine: EngineFactory,
 ) -> None:
     """An 8-token window under 64-token slots: prompts and outputs run far past it, so every
-    prefill, decode and mixed step must mask each row's own window (layer_masks.py)."""
+    prefill, decode and mixed step must mask each row's own window (attention.py)."""
     await assert_matches_generate(tiny_mistral(sliding_window=8), make_engine)
 
 

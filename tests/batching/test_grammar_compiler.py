@@ -154,9 +154,15 @@ async def test_a_compile_cut_off_by_close_reads_as_server_stopping_not_as_a_reje
     compiling = asyncio.create_task(compiler.compile(slow))
     while not any(busy(worker) for worker in compiler._workers):
         await asyncio.sleep(0.01)
+    # Another grammar waits for the one worker; close() frees its place, and it must not
+    # start a worker of its own then (nothing would stop that one).
+    queued = asyncio.create_task(compiler.compile(json_schema_grammar({"type": "boolean"})))
+    await asyncio.sleep(0.2)
     await compiler.close()
     with pytest.raises(EngineStoppedError):
         await asyncio.wait_for(compiling, 60)
+    with pytest.raises(EngineStoppedError):
+        await asyncio.wait_for(queued, 60)
     assert slow not in compiler._cache  # not remembered as the grammar's fault
     with pytest.raises(EngineStoppedError):  # and no worker is started after close()
         await compiler.compile(json_schema_grammar({"type": "array"}))

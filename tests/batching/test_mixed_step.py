@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from batching.generation.mixed_attention import PREFIX
+from batching.generation.attention import PREFIX
 from batching.generation.model_runner import ModelRunner
 from tests.batching.conftest import (
     TEST_DTYPE,

@@ -10,7 +10,7 @@ import torch
 from model_families import FAMILIES, Family
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from batching.generation.layer_masks import LayerMasks
+from batching.generation.attention import LayerMasks
 from batching.generation.model_support import (
     CHUNKED,
     FULL,

@@ -57,6 +57,18 @@ def test_a_prompt_longer_than_the_budget_is_still_admitted_alone() -> None:
     assert [r.name for r in scheduler.admit(free_slots=4, prefill_token_budget=64)] == ["short"]
 
 
+def test_prompts_that_must_fit_leave_a_long_or_lone_front_request_waiting() -> None:
+    # Joining a long prompt's chunk: nothing is admitted alone, and nothing overtakes.
+    scheduler = queue(FakeRequest("long", 500), FakeRequest("short", 5))
+    assert scheduler.admit(free_slots=4, prefill_token_budget=64, must_fit=True) == []
+    scheduler = queue(FakeRequest("logprobs", 5, prefill_alone=True), FakeRequest("short", 5))
+    assert scheduler.admit(free_slots=4, prefill_token_budget=64, must_fit=True) == []
+    assert [r.name for r in scheduler] == ["logprobs", "short"]
+    scheduler = queue(FakeRequest("a", 20), FakeRequest("b", 20), FakeRequest("c", 20))
+    admitted = scheduler.admit(free_slots=4, prefill_token_budget=48, must_fit=True)
+    assert [r.name for r in admitted] == ["a", "b"]  # 3 x 20 would pass 48
+
+
 def test_a_request_that_does_not_fit_the_budget_is_not_overtaken() -> None:
     scheduler = queue(FakeRequest("a", 10), FakeRequest("big", 100), FakeRequest("c", 1))
     assert [r.name for r in scheduler.admit(free_slots=4, prefill_token_budget=64)] == ["a"]

@@ -47,3 +47,13 @@ def test_a_row_cannot_outgrow_the_context() -> None:
     table.advance(0, 6)
     with pytest.raises(RuntimeError):
         table.advance(0)
+
+
+def test_moving_a_row_to_the_last_swaps_it_with_the_last_row() -> None:
+    table: SlotTable[str] = SlotTable(num_slots=4, max_seq_len=64)
+    for owner in "abc":
+        table.allocate(owner)
+    table.advance(0, 5)
+    assert table.move_to_last(0) == 2
+    assert (table.owners, table.lengths) == (["c", "b", "a"], [0, 0, 5])
+    assert table.allocate("d") == 3  # the next row follows it

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from tests.deploy.kustomize import KUBERNETES, Obj, named, of_kind, render, selects
+from service.settings import Settings
+from tests.deploy.kustomize import KUBERNETES, Obj, named, of_kind, render, selects, settings_of
 
 BUILD = "overlays/inference-gateway"
 SCHEMAS = KUBERNETES / "schemas"
@@ -262,3 +263,16 @@ def test_keda_scales_the_pool_below_the_pickers_own_limits():
     limits = detector["parameters"]
     assert 0 < thresholds["vllm:num_requests_waiting"] < limits["queueDepthThreshold"]
     assert 0 < thresholds["vllm:kv_cache_usage_perc"] < limits["kvCacheUtilThreshold"]
+
+
+def test_pods_behind_the_gateway_take_the_client_from_the_hop_the_gateway_appended():
+    """The Gateway's proxy appends to X-Forwarded-For; trusting every entry (the base's `*`
+    alone) would let a client name itself. The overlay trusts one hop, and its settings parse."""
+    objects = render(BUILD)
+    settings = settings_of(objects, named(objects, "Deployment", "model-serving"))
+    assert settings["FORWARDED_TRUSTED_HOPS"] == "1"
+    parsed = Settings(
+        forwarded_allow_ips=settings["FORWARDED_ALLOW_IPS"],
+        forwarded_trusted_hops=settings["FORWARDED_TRUSTED_HOPS"],  # type: ignore[arg-type]
+    )
+    assert parsed.forwarded_trusted_hops == 1

@@ -1,6 +1,7 @@
 """scripts/gpu_check.py's CPU dry run: the GPU check's code runs end to end (a few equality
-tests, a tiny engine benchmark) and writes its Markdown and JSON, so it cannot rot while no
-GPU is at hand. No timing is asserted."""
+tests, the in-place attention path's among them; a tiny engine benchmark, in place against
+gather) and writes its Markdown and JSON, so it cannot rot while no GPU is at hand. No timing
+is asserted."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ def test_the_gpu_check_dry_run_writes_a_table_and_json(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     [tests] = report["tests"]
-    assert tests["passed"] and "passed" in tests["summary"]
-    assert {row["concurrency"] for row in report["bench"]["rows"]} == {1, 2}
+    assert tests["passed"] and "2 passed" in tests["summary"]  # gather's test and in place's
+    assert tests["paged_attention"] == "in_place"
+    rows = report["bench"]["rows"]
+    assert {(row["concurrency"], row["paged_attention"]) for row in rows} == {
+        (n, path) for n in (1, 2) for path in ("gather", "in_place")
+    }
     table = (tmp_path / "gpu_check.md").read_text()
     assert "## Equality tests" in table and "## Engine benchmark" in table

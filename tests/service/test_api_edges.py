@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 
@@ -68,3 +69,20 @@ def test_detokenize_takes_every_id_a_prompt_may_hold(client) -> None:
     assert client.post("/detokenize", json={"tokens": [rows]}).status_code == 422
     completion = {"model": "m", "prompt": [rows - 1], "max_tokens": 1}
     assert client.post("/v1/completions", json=completion).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "bad_body"),
+    [("/generate", {"prompt": ""}), ("/tokenize", {"prompt": "x" * 101}), ("/predict", {})],
+)
+def test_the_openapi_schema_documents_the_error_body_the_routes_send(
+    client, path: str, bad_body: dict
+) -> None:
+    schema = client.get("/openapi.json").json()
+    responses = schema["paths"][path]["post"]["responses"]
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for status in ("401", "422", "429", "503"):
+        assert responses[status]["content"]["application/json"]["schema"] == error_ref, status
+    answer = client.post(path, json=bad_body)  # a real error of that route
+    assert answer.status_code in (404, 422), answer.text
+    jsonschema.validate(answer.json(), error_ref | {"components": schema["components"]})

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -17,8 +17,12 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from metrics_text import family_names, parse_metrics
+from prometheus_client import CollectorRegistry, generate_latest
 
+from batching.generation.engine import KVCacheBlocks
 from service.app import create_app
+from service.generate.service import GenerationService
+from service.metrics import GenerateMetrics
 from service.settings import Settings
 from tests.conftest import REPO
 
@@ -305,3 +309,38 @@ def test_running_waiting_and_kv_use_follow_a_load_stepped_one_forward_at_a_time(
         assert time.monotonic() < deadline, gauges(client)
         time.sleep(0.01)
     assert metric(client.get("/metrics").text, "kv_cache_usage_ratio") == 0
+
+
+class FillingEngine:
+    """The engine's figures as a scrape reads them while requests keep arriving: every read of
+    waiting_requests finds one more (the engine thread does not stop for /metrics)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.slots_in_use = 2
+        self.kv_blocks_total, self.kv_blocks_used, self.kv_blocks_cached = 64, 8, 0
+        self.kv_cache_bytes, self.prefix_cache_usage_ratio = 1024, 0.0
+
+    @property
+    def waiting_requests(self) -> int:
+        self.reads += 1
+        return self.reads
+
+    @property
+    def kv_cache_blocks(self) -> KVCacheBlocks:
+        return KVCacheBlocks(block_size=16, blocks_total=64, blocks_used=8)
+
+
+def test_one_scrape_reports_one_waiting_count_under_both_names() -> None:
+    registry = CollectorRegistry()
+    metrics = GenerateMetrics(registry, max_slots=4)
+    engine = FillingEngine()
+    metrics.vllm.bind("demo", engine.kv_cache_blocks)
+    service = GenerationService(
+        cast(Any, None), cast(Any, engine), Settings(), metrics
+    )  # only refresh_gauges is called
+    service.refresh_gauges()
+    text = generate_latest(registry).decode()
+    waiting = series(text, "vllm:num_requests_waiting")
+    assert list(waiting.values()) == [series(text, "generate_waiting_requests")[""]]
+    assert engine.reads == 1

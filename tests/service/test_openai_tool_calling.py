@@ -220,3 +220,25 @@ def test_contradictory_tool_requests_are_a_400_naming_the_field(server, extra, p
     answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
+
+
+def logprob_tokens(choices) -> list[str]:
+    return [
+        entry.token for choice in choices if choice.logprobs for entry in choice.logprobs.content
+    ]
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["required", {"type": "function", "function": {"name": "add"}}, "auto"],
+    ids=["required", "named", "auto"],
+)
+def test_streamed_tool_calls_carry_every_tokens_logprobs_as_the_answer_does(client, tool_choice):
+    asked = {"model": "m", "messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice,
+             "temperature": 0, "max_tokens": 40, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    whole = client.chat.completions.create(**asked)
+    expected = logprob_tokens(whole.choices)
+    assert len(expected) == whole.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    streamed = logprob_tokens(choice for chunk in chunks for choice in chunk.choices)
+    assert streamed == expected  # each token once, in order, none dropped by the tool stream
