@@ -72,3 +72,12 @@ def test_the_comparison_reports_medians_best_runs_and_ratios() -> None:
     assert "| float32 | 32 | 20.00 | 10.00 | 0.50x | 1,600 | 3,200 | 2.00x |" in best
     cpu = compare.cpu_table(args, measured)
     assert "| float32 | engine | 32 | 25.00 | 12.50 | 1,280 | 2,560 |" in cpu
+
+
+def test_the_comparison_pairs_each_process_engine_with_its_static_batch() -> None:
+    side: dict[compare.RowKey, list[dict[str, Any]]] = {}
+    engine = [row("engine", 32, 1200.0, 25.0), row("engine", 32, 900.0, 30.0)]
+    compare.collect(engine + [row("generate() static batch", 32, 1000.0, None)] * 2, side)
+    assert compare.same_process_ratios(side, "float32", 32) == (
+        "1.20, 0.90 in tok/s; 1.20, 0.90 in output tokens per CPU second"
+    )

@@ -455,7 +455,9 @@ class GenerationEngine:
     def _expire_if_waiting(self, leader: Request) -> None:
         """On the event loop: a request still queued at its timeout gets QueueTimeoutError."""
         with self._cond:
-            if not self._scheduler.remove(leader):
+            # A preempted request that had started streamed tokens: it waits to resume, not to
+            # be admitted, so the queue timeout is not its own (drop_stale spares it too).
+            if leader.started or not self._scheduler.remove(leader):
                 return  # admitted, answered, or taken by the engine thread already
         now_s = time.perf_counter()
         self._observer.on_rejected("timeout", leader.priority)
@@ -489,13 +491,18 @@ class GenerationEngine:
             while not (self._stopping or self._slots.in_use or len(self._scheduler)):
                 self._cond.wait()
             if self._stopping:
-                for leader in self._scheduler.take_all():
-                    if leader.started:  # preempted: it finishes in the drain, as if running
-                        self._scheduler.requeue(leader)
+                late = time.perf_counter() > self._drain_deadline_s
+                for leader in list(self._scheduler):
+                    if leader.started and not late:
+                        continue  # preempted: it finishes in the drain, as if running
+                    # Past the deadline a preempted request is not resumed only to be failed.
+                    self._scheduler.remove(leader)
+                    error: Callable[[], Exception]
+                    if leader.started:
+                        error = functools.partial(RequestInterruptedError, "the engine stopped")
                     else:
-                        self._fail_group(
-                            leader, lambda: EngineStoppedError("the engine is stopping")
-                        )
+                        error = functools.partial(EngineStoppedError, "the engine is stopping")
+                    self._fail_group(leader, error)
             waiting = len(self._scheduler)
         self._outbox.flush()
         return not self._stopping or self._slots.in_use > 0 or waiting > 0

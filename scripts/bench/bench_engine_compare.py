@@ -119,7 +119,23 @@ def table(
                 engine = pick(engine_rows, "tok_per_s", how)
                 lines.append(f"* engine x{args.static_batch} / static generate(), {side}: "
                              f"{engine / static_tps:.2f}x ({engine:,.0f} tok/s)")  # fmt: skip
+                ratios = same_process_ratios(measured[side], dtype, args.static_batch)
+                if how == "median" and ratios:  # each process ran both, one after the other
+                    lines.append(f"  per process, engine / static generate(): {ratios}")
     return "\n".join(lines)
+
+
+def same_process_ratios(side: dict[RowKey, list[dict[str, Any]]], dtype: str, n: int) -> str:
+    """Engine tok/s at n streams over the static generate() batch of n measured right after it
+    in the same process: pairs taken side by side, so background load hits both alike."""
+    engine = side[(dtype, "engine", n)]
+    static = side[(dtype, "generate() static batch", n)]
+    if len(engine) != len(static):
+        return ""  # (not one of each per process: nothing to pair)
+    pairs = list(zip(engine, static, strict=True))
+    wall = ", ".join(f"{e['tok_per_s'] / s['tok_per_s']:.2f}" for e, s in pairs)
+    cpu = ", ".join(f"{s['cpu_seconds'] / e['cpu_seconds']:.2f}" for e, s in pairs)
+    return f"{wall} in tok/s; {cpu} in output tokens per CPU second"  # (the same tokens)
 
 
 def cpu_table(

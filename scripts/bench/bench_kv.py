@@ -1,8 +1,8 @@
 """KV memory: how many sequences run at once, and how fast, for the same KV bytes, with a slot
 of GENERATE_MAX_SEQ_LEN per row (the engine before paged memory) against blocks.
 
-    python scripts/bench/bench_kv.py --before-dir /tmp/base                 # the issue's setup
-    python scripts/bench/bench_kv.py --before-dir /tmp/base --shape tiny --requests 64  # CPU
+    python scripts/bench/bench_kv.py --before-dir /tmp/base --before-time-limit 300  # 256 requests
+    python scripts/bench/bench_kv.py --before-dir /tmp/base --before-time-limit 180 --shape tiny
 
 The KV bytes are today's default (GENERATE_SLOTS=16 x GENERATE_MAX_SEQ_LEN=512 tokens, plus the
 spare slot) at GENERATE_MAX_SEQ_LEN=4096: contiguous slots then fit (bytes / 4096 tokens) - 1
@@ -11,6 +11,18 @@ tokens with max_new_tokens of 64-256 (seeded) all arrive together. Reported per 
 and mean running sequences (decode rows per step), tok/s, TTFT p50/p99, and for blocks the KV
 waste at steady state (allocated block positions holding no token, over the steps with at
 least half the peak rows), and preemptions.
+
+Method. Every request's stream is read as it arrives: tok/s is the tokens delivered over the
+measured window, TTFT a request's first token minus its submit time. Without a time limit the
+window ends when the last request has finished. The slot engine fits a single 4,096-token
+sequence in these bytes and would need hours for 256 requests on a CPU, so
+`--before-time-limit S` measures it over a fixed window of S seconds from the first submit
+instead: tokens delivered in the window / S, peak and mean running over the steps taken in
+the window, TTFT over the requests that got their first token in the window (`started`: how
+many did; the others would wait longer, so this TTFT flatters the slot engine), and
+`all_done_s`, the time all the requests would take at the window's rate (their new tokens /
+tok/s); then the engine is stopped and the rest are interrupted. The blocks engine always runs
+every request to its end.
 
 `--before-dir` runs the slot engine from that checkout (before this change) in a fresh
 process; this checkout's engine runs the blocks. Random weights, greedy, ignore_eos.
@@ -73,6 +85,35 @@ class Recorder:
         return lambda *args, **kwargs: None  # the other EngineObserver hooks
 
 
+class Stream:
+    """One request as its client sees it: tokens delivered, and when the first one came."""
+
+    def __init__(self, handle: Any) -> None:
+        self.submitted_s = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.tokens = 0
+        self.finished = False
+        self.reading = asyncio.create_task(self._read(handle))
+
+    async def _read(self, handle: Any) -> None:
+        async for delta in handle:
+            if delta.token_ids and self.first_token_s is None:
+                self.first_token_s = time.perf_counter()
+            self.tokens += len(delta.token_ids)
+        self.finished = True
+
+    def started_by(self, when_s: float) -> bool:
+        return self.first_token_s is not None and self.first_token_s <= when_s
+
+    @property
+    def ttft_s(self) -> float:
+        return (self.first_token_s or self.submitted_s) - self.submitted_s
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * share))]
+
+
 async def serve(args: argparse.Namespace) -> dict[str, Any]:
     from batching.generation.sampling import SamplingParams
 
@@ -93,7 +134,7 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     def make() -> Any:
         engine = build_engine(
             model, _NoText(), eos_token_ids=[], num_slots=rows, max_seq_len=args.max_seq_len,
-            max_queue=args.requests, timeout_s=3600.0, observer=recorder, **options,
+            max_queue=args.requests, timeout_s=36000.0, observer=recorder, **options,
         )  # fmt: skip
         engine.warm_up()
         return engine
@@ -103,34 +144,50 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     engine.start()
     work = workload(args.requests, vocab)
     started = time.perf_counter()
-    handles = [
-        await engine.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in work
-    ]
-    results = [await h.wait() for h in handles]
+    streams = []
+    for prompt, new_tokens in work:
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        streams.append(Stream(await engine.submit(prompt, params)))
+    await asyncio.wait([s.reading for s in streams], timeout=args.time_limit_s)
     seconds = time.perf_counter() - started
-    await engine.stop(1.0)
-    ttfts = sorted(r.timings.ttft_ms for r in results)
-    peak = max(recorder.rows)
-    steady = [w for rows_now, w in recorder.waste if rows_now >= peak / 2]
+    steps = list(recorder.rows)  # the window's steps
+    tokens = sum(s.tokens for s in streams)
+    finished = sum(s.finished for s in streams)
+    await engine.stop(0.0)  # a windowed run: the rest are interrupted
+    await asyncio.gather(*(s.reading for s in streams), return_exceptions=True)
+    window_end = started + seconds
+    first = [s.ttft_s for s in streams if s.started_by(window_end)]
+    ttfts = sorted(first) or [float("nan")]  # (nobody started within the window)
+    peak = max(steps)
+    steady = [w for rows_now, w in recorder.waste[: len(steps)] if rows_now >= peak / 2]
+    tok_s = tokens / seconds
+    all_done_s = seconds if finished == len(streams) else sum(n for _, n in work) / tok_s
     return {
         "engine": "blocks" if paged else "slots",
         "rows": rows,
         "kv_mib": round(engine.kv_cache_bytes / 2**20, 1),
+        "window_s": round(seconds, 1) if args.time_limit_s else "all",
+        "started": len(first),
+        "finished": finished,
         "peak_running": peak,
-        "mean_running": round(statistics.fmean(recorder.rows), 1),
-        "tok_s": round(sum(r.completion_tokens for r in results) / seconds, 1),
-        "ttft_p50_s": round(ttfts[len(ttfts) // 2] / 1000, 2),
-        "ttft_p99_s": round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] / 1000, 2),
-        "waste": round(statistics.fmean(steady), 4) if steady else None,
+        "mean_running": round(statistics.fmean(steps), 1),
+        "tok_s": round(tok_s, 1),
+        "ttft_p50_s": round(percentile(ttfts, 0.5), 2),
+        "ttft_p99_s": round(percentile(ttfts, 0.99), 2),
+        "waste": f"{statistics.fmean(steady):.1%}" if steady else "-",
         "preemptions": recorder.preemptions,
-        "seconds": round(seconds, 1),
+        "all_done_s": round(all_done_s, 1),
     }
 
 
-def run_side(args: argparse.Namespace, code_dir: Path) -> dict[str, Any]:
+def run_side(
+    args: argparse.Namespace, code_dir: Path, time_limit_s: float | None
+) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--worker", "--shape", args.shape, "--dtype", args.dtype]
     argv += ["--device", args.device, "--requests", str(args.requests)]
     argv += ["--rows", str(args.rows), "--max-seq-len", str(args.max_seq_len)]
+    if time_limit_s is not None:
+        argv += ["--time-limit-s", str(time_limit_s)]
     env = {**os.environ, "PYTHONPATH": str(code_dir)}
     out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -152,14 +209,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256, help="GENERATE_SLOTS of the blocks")
     parser.add_argument("--max-seq-len", type=int, default=4096)
     parser.add_argument("--before-dir", type=Path, default=None)
+    parser.add_argument(
+        "--before-time-limit", type=float, default=None, metavar="S",
+        help="measure the --before-dir engine over S seconds instead of to the end",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--time-limit-s", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(asyncio.run(serve(args))), flush=True)
         return
     here = Path(__file__).resolve().parents[2]
-    sides = ([args.before_dir.resolve()] if args.before_dir else []) + [here]
-    results = [run_side(args, side) for side in sides]
+    results = []
+    if args.before_dir:
+        results.append(run_side(args, args.before_dir.resolve(), args.before_time_limit))
+    results.append(run_side(args, here, None))
     print(markdown(results))
 
 
