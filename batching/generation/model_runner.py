@@ -75,6 +75,9 @@ from batching.generation.static_decode import (
 PAGED_FP32_TOLERANCE = 1e-3
 PAGED_TOLERANCE = 5e-2
 PAGED_PROBE_TOKENS = 64  # at least; past twice a sliding window or chunk, up to 512
+# A CPU decode step is split in two by length when that gathers at most this share of the K/V
+# positions the one step would (every row is gathered up to the longest row's length).
+SPLIT_DECODE_SHARE = 0.5
 
 
 class ModelRunner:
@@ -218,6 +221,9 @@ class ModelRunner:
         Runs at the (batch, KV length) bucket above (B, longest + 1). Returns float32 logits
         [B, V]: a view of the static output buffer, valid until the next decode step.
         """
+        groups = self._length_groups(lengths, riders)
+        if groups is not None:
+            return self._decode_in_groups(tokens, lengths, tables, riders, groups)
         counted = [n for row, n in enumerate(lengths) if row not in riders] or [0]
         shape = (
             pad_to_bucket(len(tokens), self.batch_buckets),
@@ -227,6 +233,52 @@ class ModelRunner:
         if not self._graphs.replay(shape):
             self._decode_bucket(*shape)
         return self.decode_buffers.logits[: len(tokens)]
+
+    def _length_groups(
+        self, lengths: list[int], riders: Collection[int]
+    ) -> tuple[list[int], list[int]] | None:
+        """(shorter rows, longer rows) when decoding them apart gathers at most
+        SPLIT_DECODE_SHARE of the K/V positions one step would; else None. CPU gather path
+        only: one long row among short ones (a long prompt that just finished its prefill)
+        would otherwise make every stream's step copy and attend over its length. On CUDA the
+        step replays graphs per bucket, and the in-place path reads each row's own length."""
+        if self.device.type != "cpu" or self.paged_attention.path == IN_PLACE or len(lengths) < 2:
+            return None
+        counted = [0 if row in riders else n for row, n in enumerate(lengths)]
+        order = sorted(range(len(lengths)), key=counted.__getitem__)
+
+        def kv(row: int) -> int:
+            return pad_to_bucket(counted[row] + 1, self.kv_buckets)
+
+        longest = kv(order[-1])
+        split, cost = min(
+            ((k, k * kv(order[k - 1]) + (len(order) - k) * longest) for k in range(1, len(order))),
+            key=lambda option: option[1],
+        )
+        if cost > SPLIT_DECODE_SHARE * len(order) * longest:
+            return None
+        return sorted(order[:split]), sorted(order[split:])
+
+    def _decode_in_groups(
+        self,
+        tokens: list[int],
+        lengths: list[int],
+        tables: list[list[int]],
+        riders: Collection[int],
+        groups: tuple[list[int], ...],
+    ) -> torch.Tensor:
+        """decode_step for each group of rows apart; logits [B, V] in row order."""
+        logits = self.decode_buffers.logits.new_empty(
+            (len(tokens), self.decode_buffers.logits.shape[1])
+        )
+        for rows in groups:
+            logits[rows] = self.decode_step(
+                [tokens[r] for r in rows],
+                [lengths[r] for r in rows],
+                [tables[r] for r in rows],
+                [i for i, r in enumerate(rows) if r in riders],
+            )
+        return logits
 
     def mixed_step(
         self,

@@ -13,6 +13,7 @@ import torch
 from tiny_models import decoder_config
 from transformers import LlamaForCausalLM
 
+from batching.generation import model_runner
 from batching.generation.handle import GenerationHandle
 from batching.generation.sampling import SamplingParams
 from tests.batching.conftest import (
@@ -25,6 +26,8 @@ from tests.batching.conftest import (
     MixedSteps,
     RecordingObserver,
     build_tiny_llama,
+    paged_runner,
+    row_tables,
 )
 from tests.batching.test_engine_matches_generate import reference
 
@@ -179,6 +182,28 @@ async def test_a_4000_token_prompt_is_served_while_short_requests_run(
         assert list(result.token_ids) == reference_ignoring_eos(model, prompt, 48)
     assert observer.prefill_chunks and max(observer.prefill_chunks) >= 8  # chunked
     assert mixed.count > 0  # some chunks ran in the streams' decode forward
+
+
+def test_a_decode_step_with_one_long_row_among_short_ones_gives_the_logits_of_one_step(
+    tiny_llama: LlamaForCausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU such a step is decoded as two (short rows, the long row), so the short rows do
+    not gather and attend over the long row's length; the logits must not change."""
+    prompts = [tokens(80, seed=90), *(tokens(4, seed=91 + i) for i in range(3))]
+    logits = {}
+    for share in (0.0, model_runner.SPLIT_DECODE_SHARE):  # 0.0: never split
+        monkeypatch.setattr(model_runner, "SPLIT_DECODE_SHARE", share)
+        runner = paged_runner(tiny_llama, 4, 96)
+        tables = row_tables(runner)
+        lengths = [len(p) for p in prompts]
+        split = runner._length_groups(lengths, ())
+        assert (split is not None) == (share > 0 and runner.device.type == "cpu")
+        with torch.inference_mode():
+            runner.prefill(tables, prompts)
+            step = runner.decode_step([p[-1] for p in prompts], lengths, tables)
+        logits[share] = step.clone()
+    whole, apart = logits.values()
+    torch.testing.assert_close(apart, whole, rtol=1e-4, atol=1e-4)
 
 
 def reference_ignoring_eos(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
