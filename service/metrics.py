@@ -126,9 +126,11 @@ class GenerateMetrics:
 
     def __init__(self, registry: CollectorRegistry, max_slots: int) -> None:
         self.vllm = VllmMetrics(registry)
-        self.slots_total = Gauge("generate_slots_total", "KV-cache slots", registry=registry)
+        self.slots_total = Gauge(
+            "generate_slots_total", "Batch rows (GENERATE_SLOTS)", registry=registry
+        )
         self.slots_in_use = Gauge(
-            "generate_slots_in_use", "Slots holding a running sequence", registry=registry
+            "generate_slots_in_use", "Rows holding a running sequence", registry=registry
         )
         self.waiting = Gauge(
             "generate_waiting_requests", "Requests waiting for a slot", registry=registry
